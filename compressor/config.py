@@ -1,0 +1,95 @@
+"""The compressor's config: everything that decides what ``safeexport compress`` produces."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.regularizers import REGULARIZERS
+from compressor.strategies import GROW, PRUNE
+from safeexport.attacks import ATTACKS
+from safeexport.config import StageConfig, opt
+from safeexport.data import DATASETS, dataset_names
+from safeexport.models import MODELS
+
+
+@dataclass
+class CompressConfig(StageConfig):
+    """Everything that decides what ``safeexport compress`` produces."""
+
+    model: str = opt("auto", "architecture; auto = cnn for images, mlp for tables, bert for text")
+    dataset: str = opt("digits", "dataset name, npz:PATH or folder:PATH")
+    data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
+    download: bool = opt(False, "fetch a public dataset (checksum-verified) into data_dir")
+    max_samples: int | None = opt(None, "use a class-stratified subset of this many samples")
+    sparsity: float = opt(0.05, "fraction of weights KEPT (Ω): 0.05 keeps 5%, 95% are zeros")
+    epochs: int = opt(40, "training budget of the target, in epochs over the members")
+    update_frequency: int = opt(40, "training iterations between two mask updates")
+    batch_size: int = opt(128, "target batch size")
+    lr: float = opt(0.05, "SGD learning rate (cosine-annealed to 0)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    regularizer: str = opt("none", "entropy regularizer added to the loss: none, re1, re2")
+    beta: float = opt(0.1, "weight β of the entropy regularizer")
+    lam: float = opt(1.0, "λ of TM-score = TaskAcc^λ / MIAAcc")
+    prune: list[str] = opt(["magnitude", "threshold"], "prune strategies of the candidates")
+    grow: list[str] = opt(["gradient", "random"], "grow strategies of the candidates")
+    prune_rate: float = opt(0.5, "initial prune rate, cosine-decayed towards 0 over training")
+    finetune_iters: int = opt(20, "iterations each candidate is fine-tuned before testing")
+    attack: str = opt("nasr", "simulated attacker of the safety test")
+    attack_epochs: int = opt(30, "epochs the attacker trains on each round's model")
+    attack_finetune_epochs: int = opt(5, "warm-start epochs of the attacker per candidate")
+    final_attack_epochs: int = opt(60, "epochs of the attacker in the final evaluation")
+    dense_reference: bool = opt(True, "also train and evaluate a dense model on the same budget")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    seed: int = opt(0, "seed of the split, initialisation, sampling and attacker")
+    pretrained: str | None = opt(None, "local folder of a pretrained BERT/RoBERTa + tokenizer")
+    max_length: int = opt(64, "token sequence length for text models")
+    vocab_size: int = opt(8000, "vocabulary of a tokenizer trained on the data")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, each with what is allowed (all reported at once)."""
+        p = []
+        if not (isinstance(self.sparsity, int | float) and 0 < self.sparsity <= 1):
+            p.append(f"--sparsity is the fraction of weights kept and must be in (0, 1], got "
+                     f"{self.sparsity}")
+        if self.model != "auto" and self.model not in MODELS:
+            p.append(f"unknown model {self.model!r}; known: auto, {', '.join(MODELS.names())}")
+        if not (self.dataset.startswith(("npz:", "folder:")) or self.dataset in DATASETS):
+            p.append(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
+        for name in ("epochs", "update_frequency", "batch_size", "attack_epochs",
+                     "final_attack_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                p.append(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("finetune_iters", "attack_finetune_epochs", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                p.append(f"{name} must be an integer >= 0, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            p.append(f"max_samples must be >= 1, got {self.max_samples}")
+        if not self.lr > 0:
+            p.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            p.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0 or self.beta < 0:
+            p.append("weight_decay and beta must be >= 0")
+        if not self.lam > 0:
+            p.append(f"lam (λ) must be > 0, got {self.lam}")
+        if not 0 < self.prune_rate < 1:
+            p.append(f"prune_rate must be in (0, 1), got {self.prune_rate}")
+        if self.regularizer not in REGULARIZERS:
+            p.append(f"unknown regularizer {self.regularizer!r}; known: "
+                     f"{', '.join(REGULARIZERS.names())}")
+        for kind, names, reg in (("prune", self.prune, PRUNE), ("grow", self.grow, GROW)):
+            if not names:
+                p.append(f"at least one {kind} strategy is needed")
+            for n in names:
+                if n not in reg:
+                    p.append(f"unknown {kind} strategy {n!r}; known: {', '.join(reg.names())}")
+        if self.attack not in ATTACKS:
+            p.append(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS.names())}")
+        if not (self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            p.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_length < 8 or self.vocab_size < 100:
+            p.append("max_length must be >= 8 and vocab_size >= 100")
+        if self.pretrained is not None and not Path(self.pretrained).is_dir():
+            p.append(f"--pretrained {self.pretrained} is not a folder")
+        return p

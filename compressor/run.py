@@ -1,0 +1,351 @@
+"""``compress(config, out)``: data → membership split → sparse init → SafeCompress loop →
+final evaluation (and a dense reference) → run directory."""
+
+import json
+import math
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import safeexport
+from compressor.config import CompressConfig
+from compressor.masking import Masking, init_masks, maskable
+from compressor.regularizers import REGULARIZERS
+from compressor.safecompress import SafetyTest, balanced, mask_update
+from compressor.train import (
+    BatchSampler,
+    TrainState,
+    cosine,
+    derive_seed,
+    generator,
+    make_optimizer,
+    predict_logits,
+    resolve_device,
+    seeded,
+    train_steps,
+)
+from safeexport.attacks import ATTACKS, evaluate_membership
+from safeexport.data import ArrayDataset, load_dataset
+from safeexport.data.splits import Splits, make_splits
+from safeexport.errors import ConfigError, DataError
+from safeexport.metrics import accuracy, tm_score
+from safeexport.models import DEFAULT_MODEL, build_model, check_compatible, image_kwargs
+from safeexport.plots import plot_curve, plot_roc
+from safeexport.rundir import RunDir, atomic_write, load_tensors, save_tensors, write_json
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"safeexport": safeexport.__version__, "torch": torch.__version__,
+            "numpy": np.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _check_out(run: RunDir, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs; nothing is deleted here (``--overwrite`` clears only after the new
+    run's inputs have been validated)."""
+    if resume:
+        if not run.is_run():
+            raise ConfigError(f"--resume: {run.path} holds no run to resume (no config.json)")
+        return
+    if run.is_run() and not overwrite:
+        cfg = run.read_config().get("config", {})
+        raise ConfigError(
+            f"{run.path} already holds a run ({cfg.get('model')} on {cfg.get('dataset')}, "
+            f"sparsity {cfg.get('sparsity')}); pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out")
+    if run.path.exists() and not run.is_run() and any(run.path.iterdir()):
+        raise ConfigError(f"{run.path} exists, is not empty and is not a run directory; "
+                          "choose another --out")
+
+
+def _prepare_text(cfg: CompressConfig, model_name: str, ds: ArrayDataset, splits: Splits,
+                  run: RunDir, resume: bool) -> tuple[ArrayDataset, dict]:
+    """Tokenize text with the pretrained folder's tokenizer, or one trained on the members."""
+    from tokenizers import Tokenizer
+
+    from safeexport.models.text import (
+        encode,
+        pad_id_of,
+        pretrained_tokenizer,
+        text_config,
+        train_tokenizer,
+    )
+
+    if resume:
+        tok = Tokenizer.from_file(str(run.tokenizer))
+    elif cfg.pretrained:
+        tok = pretrained_tokenizer(cfg.pretrained)
+    else:
+        tok = train_tokenizer(model_name, list(ds.x[splits.members]), cfg.vocab_size)
+    ids = encode(tok, ds.x, cfg.max_length)
+    pad = pad_id_of(tok)
+    if not resume:
+        data = tok.to_str().encode()
+        atomic_write(run.tokenizer, lambda f: f.write(data))
+    kwargs = {"config": text_config(model_name, tok.get_vocab_size(), ds.num_classes,
+                                    cfg.max_length, pad, cfg.pretrained), "pad_id": pad}
+    tokenized = ArrayDataset(ds.name, "text", ids, ds.y, ds.num_classes, ds.class_names)
+    tokenized.kind = "text"
+    return tokenized, kwargs
+
+
+def _save_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler, rnd: int, it: int,
+                     elapsed: float) -> None:
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    tensors.update({f"mask.{i}": m for i, m in enumerate(state.masking.masks)})
+    opt = state.optimizer.state_dict()
+    for i, st in opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v
+    sampler_tensors, pos = sampler.state()
+    tensors.update(sampler_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"round": rnd, "iteration": it, "sampler_pos": pos, "elapsed": elapsed,
+            "param_groups": opt["param_groups"]}
+    save_tensors(run.checkpoint, tensors, {"state": json.dumps(meta)})
+
+
+def _load_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler) -> dict:
+    from safetensors import safe_open
+
+    t = load_tensors(run.checkpoint)
+    try:
+        with safe_open(str(run.checkpoint), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        state.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        masks = [t[f"mask.{i}"] for i in range(len(state.masking.masks))]
+        opt_state: dict = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                opt_state.setdefault(int(i), {})[name] = v
+        state.optimizer.load_state_dict({"state": opt_state,
+                                         "param_groups": meta["param_groups"]})
+        sampler.load_state(t, meta["sampler_pos"])
+        torch.set_rng_state(t["rng.torch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"{run.checkpoint} is corrupt or from another model ({e}); delete "
+                          "it to restart, or start over with --overwrite") from e
+    state.masking.masks = [m.to(device=p.device, dtype=torch.bool)
+                           for m, p in zip(masks, state.masking.params, strict=True)]
+    return meta
+
+
+def final_evaluation(model: torch.nn.Module, ds: ArrayDataset, splits: Splits,
+                     cfg: CompressConfig, device: torch.device, tag: str):
+    """Task accuracy on the test split; the attacker trained on ALL known members/non-members
+    and measured on the BALANCED unknown members/non-members (SPEC §4-5)."""
+    safety = SafetyTest(ds, splits, device)
+    with seeded(derive_seed(cfg.seed, "final-attacker", tag), device):
+        attacker = ATTACKS.get(cfg.attack)(ds.num_classes, device)
+    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
+    res = evaluate_membership(
+        attacker, safety.signals(model, splits.known_members),
+        safety.signals(model, splits.known_nonmembers), safety.signals(model, um),
+        safety.signals(model, un), cfg.final_attack_epochs,
+        generator(cfg.seed, "final-attack", tag))
+    test = splits.test
+    task = accuracy(predict_logits(model, ds, test, device).numpy(), ds.y[test])
+    train = accuracy(predict_logits(model, ds, splits.members, device).numpy(),
+                     ds.y[splits.members])
+    metrics = {"task_acc": task, "train_acc": train, **res.metrics,
+               "tm_score": tm_score(task, res.metrics["mia_acc"], cfg.lam)}
+    return metrics, res
+
+
+def _layer_density_check(state: TrainState) -> None:
+    """Pruned entries must be exactly zero in what is saved."""
+    for name, p, m in zip(state.masking.names, state.masking.params, state.masking.masks,
+                          strict=True):
+        if bool((p.detach()[~m] != 0).any()):
+            raise AssertionError(f"{name}: pruned weights are not zero")
+
+
+def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
+             progress: bool | None = None,
+             on_round: Callable[[int], None] | None = None) -> RunDir:
+    """Run SafeCompress with ``cfg`` into the run directory ``out``.
+
+    ``resume`` continues a killed run from its last checkpoint (its config.json wins);
+    ``overwrite`` replaces a previous run there. ``progress`` None shows bars on a terminal only.
+    ``on_round(r)`` is called after every mask update (after its checkpoint is written).
+    """
+    run = RunDir(out)
+    _check_out(run, resume, overwrite)
+    if resume:
+        cfg = CompressConfig.from_dict(run.read_config()["config"])
+        if run.report.exists():
+            tqdm.write(f"{run.path} is already complete; nothing to resume")
+            return run
+    t_start = time.time()
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download,
+                      cfg.max_samples, cfg.seed)
+    fingerprint = ds.fingerprint()
+    if resume:
+        splits = Splits.load(run.splits)
+        if splits.fingerprint != fingerprint:
+            raise DataError(f"the data found for {cfg.dataset} differs from the data this run "
+                            f"was split on (fingerprint {fingerprint[:12]} vs "
+                            f"{splits.fingerprint[:12]}); point --data-dir at the original files")
+    else:
+        splits = make_splits(ds.y, fingerprint, cfg.seed)
+    model_name = DEFAULT_MODEL[ds.kind] if cfg.model == "auto" else cfg.model
+    check_compatible(model_name, ds.kind, cfg.dataset)
+    if cfg.pretrained and model_name not in ("bert", "roberta"):
+        raise ConfigError(f"--pretrained works with bert and roberta, not {model_name}")
+
+    if not resume:
+        if run.is_run():  # --overwrite, and the new run's inputs are valid: clear the old one
+            run.clear()
+        run.path.mkdir(parents=True, exist_ok=True)
+    if ds.kind == "text":
+        ds, model_kwargs = _prepare_text(cfg, model_name, ds, splits, run, resume)
+    else:
+        model_kwargs = image_kwargs(model_name, ds, splits.members)
+    if not resume:
+        write_json(run.config, {"config": cfg.to_dict(), "model": model_name,
+                                "dataset_fingerprint": fingerprint, "num_samples": len(ds),
+                                "num_classes": ds.num_classes, "input_shape": ds.input_shape(),
+                                "versions": _versions(), "device": str(device),
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        splits.save(run.splits)
+        write_json(run.model_json, {"name": model_name, "kwargs": model_kwargs})
+
+    loss_fn = REGULARIZERS.get(cfg.regularizer)
+    loss = lambda logits, y: loss_fn(logits, y, cfg.beta)  # noqa: E731
+    with seeded(derive_seed(cfg.seed, "init"), device):
+        model = build_model(model_name, model_kwargs)
+    if cfg.pretrained:
+        model.load_pretrained(cfg.pretrained)
+    model.to(device)
+    weights = [p for _, p in maskable(model)]
+    masks = init_masks(weights, cfg.sparsity, generator(cfg.seed, "mask"),
+                       by_magnitude=bool(cfg.pretrained))
+    state = TrainState(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay),
+                       Masking(model, masks))
+    state.masking.apply()
+    sampler = BatchSampler(splits.members, cfg.batch_size, generator(cfg.seed, "sampler"))
+    torch.manual_seed(derive_seed(cfg.seed, "train"))
+
+    ipe = sampler.iters_per_epoch()
+    total = cfg.epochs * ipe
+    n_rounds = 0 if cfg.sparsity >= 1 else max(0, math.ceil(total / cfg.update_frequency) - 1)
+    n_cands = len(cfg.prune) * len(cfg.grow)
+    it, rnd, elapsed0, history = 0, 0, 0.0, []
+    if resume and run.checkpoint.exists():
+        meta = _load_checkpoint(run, state, sampler)
+        it, rnd, elapsed0 = meta["iteration"], meta["round"], meta["elapsed"]
+        history = run.read_history()[:rnd]
+    masked = sum(m.numel() for m in state.masking.masks)
+    tqdm.write(f"{model_name} on {cfg.dataset} ({len(ds)} samples, {len(splits.members)} "
+               f"members): keeping {100 * state.masking.density():.1f}% of weights "
+               f"({sum(state.masking.counts()):,} of {masked:,} in {len(masks)} masked layers); "
+               f"{cfg.epochs} epochs = {total} iterations, {n_rounds} mask updates x "
+               f"{n_cands} candidates, on {device}")
+
+    bar = tqdm(total=total + n_rounds * n_cands * cfg.finetune_iters,
+               initial=it + rnd * n_cands * cfg.finetune_iters, unit="it",
+               desc="compress", disable=None if progress is None else not progress)
+    step = lambda: bar.update(1)  # noqa: E731
+    while it < total:
+        bar.set_postfix_str(f"round {rnd}/{n_rounds} training")
+        start = it
+        losses = train_steps(state, ds, sampler, min(cfg.update_frequency, total - it), loss,
+                             lambda i, s=start: cosine(cfg.lr, s + i, total), device, step)
+        it += len(losses)
+        if it >= total or rnd >= n_rounds:
+            continue
+        rnd += 1
+        rate = cosine(cfg.prune_rate, it, total)
+        state, row = mask_update(
+            cfg, ds, splits, state, rnd, rate, cosine(cfg.lr, it, total), loss, device,
+            lambda name, r=rnd: bar.set_postfix_str(f"round {r}/{n_rounds} candidate {name}"),
+            step)
+        row.update(iteration=it, epoch=round(it / ipe, 3), train_loss=float(np.mean(losses)),
+                   density=state.masking.density())
+        history.append(row)
+        run.write_history(history)
+        _save_checkpoint(run, state, sampler, rnd, it, elapsed0 + time.time() - t_start)
+        win = row["candidates"][row["winner"]]
+        tqdm.write(f"round {rnd}/{n_rounds} (epoch {row['epoch']:.1f}, prune rate {rate:.3f}): "
+                   f"winner {row['winner_pair']}  task {win['task_acc']:.3f}  "
+                   f"MIA {win['mia_acc']:.3f}  TM {win['tm_score']:.3f}")
+        if on_round is not None:
+            on_round(rnd)
+    bar.close()
+    _finish(cfg, run, ds, splits, state, model_name, model_kwargs, device, history, loss,
+            elapsed0 + time.time() - t_start, total)
+    return run
+
+
+def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
+            state: TrainState, model_name: str, model_kwargs: dict, device: torch.device,
+            history: list[dict], loss, compress_time: float, total: int) -> None:
+    """Save the model, evaluate it (and the dense reference), write report and plots."""
+    state.masking.apply()
+    _layer_density_check(state)
+    save_tensors(run.model, state.model.state_dict(),
+                 {"model": model_name, "density": str(state.masking.density())})
+    t0 = time.time()
+    compressed, res = final_evaluation(state.model, ds, splits, cfg, device, "compressed")
+    eval_time = time.time() - t0
+    save_tensors(run.attacker, res.attacker.state_dict())
+    compressed.update(density=state.masking.density(),
+                      nonzero_weights=sum(state.masking.counts()),
+                      masked_weights=sum(m.numel() for m in state.masking.masks),
+                      wall_time_s=round(compress_time, 1))
+    report = {"compressed": compressed, "layers": state.masking.report(),
+              "rounds": len(history),
+              "winners": {p: sum(h["winner_pair"] == p for h in history)
+                          for p in sorted({h["winner_pair"] for h in history})},
+              "final_eval_time_s": round(eval_time, 1)}
+    curves = {f"SafeCompress @{cfg.sparsity:g}": (*res.roc(), compressed["auc"])}
+    if cfg.dense_reference:
+        t0 = time.time()
+        with seeded(derive_seed(cfg.seed, "dense-init"), device):
+            dense_model = build_model(model_name, model_kwargs)
+        if cfg.pretrained:
+            dense_model.load_pretrained(cfg.pretrained)
+        dense_model.to(device)
+        dense = TrainState(dense_model, make_optimizer(dense_model, cfg.lr, cfg.momentum,
+                                                       cfg.weight_decay), None)
+        dense_sampler = BatchSampler(splits.members, cfg.batch_size,
+                                     generator(cfg.seed, "dense-sampler"))
+        plain = REGULARIZERS.get("none")
+        with seeded(derive_seed(cfg.seed, "dense-train"), device), \
+                tqdm(total=total, desc="dense reference", unit="it", disable=None) as bar:
+            train_steps(dense, ds, dense_sampler, total,
+                        lambda logits, y: plain(logits, y, 0.0),
+                        lambda i: cosine(cfg.lr, i, total), device, lambda: bar.update(1))
+        dense_time = time.time() - t0
+        dense_metrics, dres = final_evaluation(dense_model, ds, splits, cfg, device, "dense")
+        dense_metrics["wall_time_s"] = round(dense_time, 1)
+        save_tensors(run.dense_model, dense_model.state_dict())
+        report["dense"] = dense_metrics
+        curves["dense"] = (*dres.roc(), dense_metrics["auc"])
+    write_json(run.report, report)
+    title = f"{model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
+    plot_curve(history, run.curve_png, title)
+    plot_roc(curves, run.roc_png, f"final MIA (unknown members vs non-members)\n{title}")
+    shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
+    _print_summary(report)
+
+
+def _print_summary(report: dict) -> None:
+    rows = [("SafeCompress", report["compressed"])]
+    if "dense" in report:
+        rows.insert(0, ("dense", report["dense"]))
+    tqdm.write(f"{'':14}{'task acc':>9}{'MIA acc':>9}{'AUC':>7}{'TPR@1%':>8}{'TM':>7}")
+    for name, m in rows:
+        tqdm.write(f"{name:14}{m['task_acc']:9.4f}{m['mia_acc']:9.4f}{m['auc']:7.3f}"
+                   f"{m['tpr_at_1pct_fpr']:8.3f}{m['tm_score']:7.3f}")

@@ -1,0 +1,186 @@
+"""Training primitives shared by the SafeCompress loop and the dense reference: a resumable
+batch sampler, a cosine learning-rate schedule, masked SGD steps, inference and dense gradients."""
+
+import contextlib
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.masking import Masking
+from safeexport.data import ArrayDataset, to_tensor
+
+
+def derive_seed(seed: int, *tags: object) -> int:
+    """A 63-bit seed derived from ``seed`` and tags, so every consumer has its own stream and the
+    result does not depend on the order in which consumers run."""
+    digest = hashlib.sha256(repr((seed, *tags)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator(seed: int, *tags: object) -> torch.Generator:
+    """A CPU torch.Generator seeded with ``derive_seed(seed, *tags)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block on torch's global RNG seeded with ``seed``, restoring it afterwards (for
+    layer initialisation and dropout, which draw from the global RNG)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    from safeexport.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for CUDA but this torch build has no usable "
+                          "GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cosine(base: float, it: int, total: int) -> float:
+    """``base`` annealed along half a cosine from it=0 to it=total (0 at the end)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / max(total, 1)))
+
+
+class BatchSampler:
+    """Endless shuffled batches of ``indices`` (epochs without replacement, last partial batch
+    dropped); its whole state can be saved, so a resumed run draws the same batches."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, gen: torch.Generator) -> None:
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self.batch_size = min(batch_size, len(self.indices))
+        self.gen = gen
+        self.perm = torch.randperm(len(self.indices), generator=self.gen)
+        self.pos = 0
+
+    def iters_per_epoch(self) -> int:
+        """Batches per pass over the indices."""
+        return len(self.indices) // self.batch_size
+
+    def next(self) -> np.ndarray:
+        """The next batch of dataset indices."""
+        if self.pos + self.batch_size > len(self.perm):
+            self.perm = torch.randperm(len(self.indices), generator=self.gen)
+            self.pos = 0
+        batch = self.indices[self.perm[self.pos:self.pos + self.batch_size]]
+        self.pos += self.batch_size
+        return batch.numpy()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(tensors, position) to checkpoint."""
+        return {"sampler.perm": self.perm, "sampler.gen": self.gen.get_state()}, self.pos
+
+    def load_state(self, tensors: dict[str, torch.Tensor], pos: int) -> None:
+        """Restore what ``state`` returned."""
+        self.perm = tensors["sampler.perm"].clone()
+        self.gen.set_state(tensors["sampler.gen"])
+        self.pos = pos
+
+
+@dataclass
+class TrainState:
+    """A model being trained, its optimizer, and its masks (None for a dense model)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    masking: Masking | None
+
+    def clone(self) -> "TrainState":
+        """An independent copy: weights, optimizer state (momentum) and masks."""
+        model = copy.deepcopy(self.model)
+        opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
+        opt.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        masking = (Masking(model, [m.clone() for m in self.masking.masks])
+                   if self.masking is not None else None)
+        return TrainState(model, opt, masking)
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """SGD as in the paper (the learning rate is set every step by the schedule)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
+
+
+def batch_tensors(ds: ArrayDataset, idx: np.ndarray,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels of ``idx`` on ``device``."""
+    x = to_tensor(ds.x[idx]).to(device, non_blocking=True)
+    y = torch.from_numpy(ds.y[idx]).to(device, non_blocking=True)
+    return x, y
+
+
+def autocast(device: torch.device):
+    """bfloat16 mixed precision on CUDA; a no-op on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_steps(state: TrainState, ds: ArrayDataset, sampler: BatchSampler, n: int,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                lr: Callable[[int], float], device: torch.device,
+                on_step: Callable[[], None] | None = None) -> list[float]:
+    """``n`` SGD steps; ``lr(i)`` gives step i's learning rate. Masked weights stay exactly zero
+    (their gradient is masked before the step and the weights re-masked after it)."""
+    state.model.train()
+    losses = []
+    for i in range(n):
+        for g in state.optimizer.param_groups:
+            g["lr"] = lr(i)
+        x, y = batch_tensors(ds, sampler.next(), device)
+        with autocast(device):
+            logits = state.model(x)
+        loss = loss_fn(logits.float(), y)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if state.masking is not None:
+            state.masking.mask_grads()
+        state.optimizer.step()
+        if state.masking is not None:
+            state.masking.apply()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step()
+    return losses
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: ArrayDataset, idx: np.ndarray, device: torch.device,
+                   batch_size: int = 512) -> torch.Tensor:
+    """float32 CPU logits of ``model`` on samples ``idx`` (eval mode)."""
+    model.eval()
+    out = []
+    for s in range(0, len(idx), batch_size):
+        x, _ = batch_tensors(ds, idx[s:s + batch_size], device)
+        with autocast(device):
+            out.append(model(x).float().cpu())
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)
+
+
+def dense_grads(state: TrainState, ds: ArrayDataset, idx: np.ndarray,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                device: torch.device) -> list[torch.Tensor]:
+    """Gradient of the loss on one batch w.r.t. every masked weight, at ALL positions (RigL's
+    growth signal); weights and optimizer are untouched (BN running stats see one batch)."""
+    model = state.model
+    model.train()
+    x, y = batch_tensors(ds, idx, device)
+    params = state.masking.params
+    with autocast(device):
+        logits = model(x)
+    grads = torch.autograd.grad(loss_fn(logits.float(), y), params)
+    return [g.detach() for g in grads]

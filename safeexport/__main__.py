@@ -1,0 +1,5 @@
+"""``python -m safeexport`` is the ``safeexport`` command."""
+
+from safeexport.cli import main
+
+main()
