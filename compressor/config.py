@@ -3,12 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.regularizers import REGULARIZERS
-from compressor.strategies import GROW, PRUNE
-from safeexport.attacks import ATTACKS
 from safeexport.config import StageConfig, opt
-from safeexport.data import DATASETS, dataset_names
-from safeexport.models import MODELS
 
 
 @dataclass
@@ -24,7 +19,10 @@ class CompressConfig(StageConfig):
     epochs: int = opt(40, "training budget of the target, in epochs over the members")
     update_frequency: int = opt(40, "training iterations between two mask updates")
     batch_size: int = opt(128, "target batch size")
-    lr: float = opt(0.05, "SGD learning rate (cosine-annealed to 0)")
+    optimizer: str = opt("auto", "auto = sgd for images and tables (as in the paper), adamw for "
+                         "bert/roberta; or sgd, adamw")
+    lr: float | None = opt(None, "learning rate, cosine-annealed to 0 (default: 0.05 for sgd, "
+                           "1e-3 for adamw, 5e-5 for adamw on a --pretrained model)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
     regularizer: str = opt("none", "entropy regularizer added to the loss: none, re1, re2")
@@ -47,6 +45,14 @@ class CompressConfig(StageConfig):
 
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
+        # The registries import torch; importing them here keeps `safeexport --help` instant.
+        from compressor.regularizers import REGULARIZERS
+        from compressor.strategies import GROW, PRUNE
+        from compressor.train import OPTIMIZERS
+        from safeexport.attacks import ATTACKS
+        from safeexport.data import DATASETS, dataset_names
+        from safeexport.models import MODELS
+
         p = []
         if not (isinstance(self.sparsity, int | float) and 0 < self.sparsity <= 1):
             p.append(f"--sparsity is the fraction of weights kept and must be in (0, 1], got "
@@ -64,8 +70,11 @@ class CompressConfig(StageConfig):
                 p.append(f"{name} must be an integer >= 0, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples < 1:
             p.append(f"max_samples must be >= 1, got {self.max_samples}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             p.append(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("auto", *OPTIMIZERS):
+            p.append(f"unknown optimizer {self.optimizer!r}; known: auto, "
+                     f"{', '.join(OPTIMIZERS)}")
         if not 0 <= self.momentum < 1:
             p.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0 or self.beta < 0:

@@ -27,6 +27,7 @@ from compressor.train import (
     make_optimizer,
     predict_logits,
     resolve_device,
+    resolve_optimizer,
     seeded,
     train_steps,
 )
@@ -92,9 +93,7 @@ def _prepare_text(cfg: CompressConfig, model_name: str, ds: ArrayDataset, splits
         atomic_write(run.tokenizer, lambda f: f.write(data))
     kwargs = {"config": text_config(model_name, tok.get_vocab_size(), ds.num_classes,
                                     cfg.max_length, pad, cfg.pretrained), "pad_id": pad}
-    tokenized = ArrayDataset(ds.name, "text", ids, ds.y, ds.num_classes, ds.class_names)
-    tokenized.kind = "text"
-    return tokenized, kwargs
+    return ArrayDataset(ds.name, "text", ids, ds.y, ds.num_classes, ds.class_names), kwargs
 
 
 def _save_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler, rnd: int, it: int,
@@ -203,6 +202,7 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     check_compatible(model_name, ds.kind, cfg.dataset)
     if cfg.pretrained and model_name not in ("bert", "roberta"):
         raise ConfigError(f"--pretrained works with bert and roberta, not {model_name}")
+    opt_name, lr = resolve_optimizer(cfg.optimizer, model_name, cfg.lr, bool(cfg.pretrained))
 
     if not resume:
         if run.is_run():  # --overwrite, and the new run's inputs are valid: clear the old one
@@ -216,6 +216,7 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
         write_json(run.config, {"config": cfg.to_dict(), "model": model_name,
                                 "dataset_fingerprint": fingerprint, "num_samples": len(ds),
                                 "num_classes": ds.num_classes, "input_shape": ds.input_shape(),
+                                "optimizer": {"name": opt_name, "lr": lr},
                                 "versions": _versions(), "device": str(device),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         splits.save(run.splits)
@@ -231,8 +232,8 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     weights = [p for _, p in maskable(model)]
     masks = init_masks(weights, cfg.sparsity, generator(cfg.seed, "mask"),
                        by_magnitude=bool(cfg.pretrained))
-    state = TrainState(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay),
-                       Masking(model, masks))
+    state = TrainState(model, make_optimizer(model, opt_name, lr, cfg.momentum,
+                                             cfg.weight_decay), Masking(model, masks))
     state.masking.apply()
     sampler = BatchSampler(splits.members, cfg.batch_size, generator(cfg.seed, "sampler"))
     torch.manual_seed(derive_seed(cfg.seed, "train"))
@@ -261,14 +262,14 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
         bar.set_postfix_str(f"round {rnd}/{n_rounds} training")
         start = it
         losses = train_steps(state, ds, sampler, min(cfg.update_frequency, total - it), loss,
-                             lambda i, s=start: cosine(cfg.lr, s + i, total), device, step)
+                             lambda i, s=start: cosine(lr, s + i, total), device, step)
         it += len(losses)
         if it >= total or rnd >= n_rounds:
             continue
         rnd += 1
         rate = cosine(cfg.prune_rate, it, total)
         state, row = mask_update(
-            cfg, ds, splits, state, rnd, rate, cosine(cfg.lr, it, total), loss, device,
+            cfg, ds, splits, state, rnd, rate, cosine(lr, it, total), loss, device,
             lambda name, r=rnd: bar.set_postfix_str(f"round {r}/{n_rounds} candidate {name}"),
             step)
         row.update(iteration=it, epoch=round(it / ipe, 3), train_loss=float(np.mean(losses)),
@@ -283,14 +284,15 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
         if on_round is not None:
             on_round(rnd)
     bar.close()
-    _finish(cfg, run, ds, splits, state, model_name, model_kwargs, device, history, loss,
-            elapsed0 + time.time() - t_start, total)
+    _finish(cfg, run, ds, splits, state, model_name, model_kwargs, device, history,
+            (opt_name, lr), elapsed0 + time.time() - t_start, total)
     return run
 
 
 def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
             state: TrainState, model_name: str, model_kwargs: dict, device: torch.device,
-            history: list[dict], loss, compress_time: float, total: int) -> None:
+            history: list[dict], optimizer: tuple[str, float], compress_time: float,
+            total: int) -> None:
     """Save the model, evaluate it (and the dense reference), write report and plots."""
     state.masking.apply()
     _layer_density_check(state)
@@ -317,7 +319,8 @@ def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
         if cfg.pretrained:
             dense_model.load_pretrained(cfg.pretrained)
         dense_model.to(device)
-        dense = TrainState(dense_model, make_optimizer(dense_model, cfg.lr, cfg.momentum,
+        opt_name, lr = optimizer
+        dense = TrainState(dense_model, make_optimizer(dense_model, opt_name, lr, cfg.momentum,
                                                        cfg.weight_decay), None)
         dense_sampler = BatchSampler(splits.members, cfg.batch_size,
                                      generator(cfg.seed, "dense-sampler"))
@@ -326,7 +329,7 @@ def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
                 tqdm(total=total, desc="dense reference", unit="it", disable=None) as bar:
             train_steps(dense, ds, dense_sampler, total,
                         lambda logits, y: plain(logits, y, 0.0),
-                        lambda i: cosine(cfg.lr, i, total), device, lambda: bar.update(1))
+                        lambda i: cosine(lr, i, total), device, lambda: bar.update(1))
         dense_time = time.time() - t0
         dense_metrics, dres = final_evaluation(dense_model, ds, splits, cfg, device, "dense")
         dense_metrics["wall_time_s"] = round(dense_time, 1)

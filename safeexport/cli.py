@@ -11,15 +11,6 @@ import click
 
 from safeexport.errors import SafeExportError
 
-# Flags that describe the run (everything except where it goes and how it is resumed).
-COMPRESS_FIELDS = (
-    "model", "dataset", "data_dir", "download", "max_samples", "sparsity", "epochs",
-    "update_frequency", "batch_size", "lr", "momentum", "weight_decay", "regularizer", "beta",
-    "lam", "prune", "grow", "prune_rate", "finetune_iters", "attack", "attack_epochs",
-    "attack_finetune_epochs", "final_attack_epochs", "dense_reference", "device", "seed",
-    "pretrained", "max_length", "vocab_size",
-)
-
 
 def _split_list(ctx, param, value):
     if value is None:
@@ -87,7 +78,9 @@ def _help(name: str) -> str:
 @click.option("--update-frequency", type=int, default=40, show_default=True,
               help=_help("update_frequency") + " (paper: 4000).")
 @click.option("--batch-size", type=int, default=128, show_default=True, help=_help("batch_size"))
-@click.option("--lr", type=float, default=0.05, show_default=True, help=_help("lr"))
+@click.option("--optimizer", default="auto", show_default=True,
+              type=click.Choice(["auto", "sgd", "adamw"]), help=_help("optimizer"))
+@click.option("--lr", type=float, help=_help("lr"))
 @click.option("--momentum", type=float, default=0.9, show_default=True, help=_help("momentum"))
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True,
               help=_help("weight_decay"))
@@ -138,20 +131,23 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
     Writes config.json, splits.npz, model.safetensors, attacker.safetensors, history.jsonl,
     report.json, curve.png and roc.png into the run directory.
     """
+    import dataclasses
+
     from compressor import compress as run_compress
     from compressor.config import CompressConfig
 
+    fields = [f.name for f in dataclasses.fields(CompressConfig)]  # every flag but the run's own
     if resume:
         if out is None:
             raise click.UsageError("--resume needs --out RUN_DIR")
-        given = [f"--{k.replace('_', '-')}" for k in COMPRESS_FIELDS
+        given = [f"--{k.replace('_', '-')}" for k in fields
                  if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"--resume takes the configuration from {out}/config.json; "
                                    f"drop {', '.join(given)}")
         cfg = None
     else:
-        cfg = CompressConfig(**{k: flags[k] for k in COMPRESS_FIELDS})
+        cfg = CompressConfig(**{k: flags[k] for k in fields})
     if out is None:
         out = _default_out(cfg.dataset, cfg.model, cfg.sparsity)
     run = run_compress(cfg or CompressConfig(), out, resume=resume, overwrite=overwrite,

@@ -32,19 +32,19 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
     else:
         ep = [h["epoch"] for h in history]
         axes[0].plot(ep, [h["train_loss"] for h in history], "o-")
-        axes[0].set_ylabel("training loss")
-        for key, ax, label in (("task_acc", axes[1], "task acc (validation)"),
-                               ("mia_acc", axes[2], "MIA acc (held-out known split)")):
+        axes[0].set_title("training loss", fontsize=10)
+        for key, ax, label in (("task_acc", axes[1], "task accuracy (validation split)"),
+                               ("mia_acc", axes[2], "MIA accuracy (held-out known split)")):
             ax.plot(ep, [h["base"][key] for h in history], "o-", label="M_S before update")
             ax.plot(ep, [h["candidates"][h["winner"]][key] for h in history], "s--",
                     label="selected candidate")
-            ax.set_ylabel(label)
+            ax.set_title(label, fontsize=10)
             ax.legend(fontsize=8)
         axes[2].axhline(0.5, color="grey", lw=0.8, ls=":")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.02)
     _save(fig, path)
 
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny, fast compress config and the location of the real datasets."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from compressor.config import CompressConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> CompressConfig:
+    """A config that runs the whole method on the synthetic data in a few seconds."""
+    base = dict(dataset="synthetic", model="cnn", sparsity=0.2, epochs=4, update_frequency=6,
+                batch_size=32, finetune_iters=2, attack_epochs=2, attack_finetune_epochs=1,
+                final_attack_epochs=2, max_samples=400, device="cpu", seed=0)
+    base.update(overrides)
+    return CompressConfig(**base)
+
+
+def real_data_dir() -> Path | None:
+    """SAFEEXPORT_DATASETS, else ../shared/datasets beside the checkout, if present."""
+    env = os.environ.get("SAFEEXPORT_DATASETS")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "datasets"]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture
+def datasets_dir() -> Path:
+    d = real_data_dir()
+    if d is None:
+        pytest.skip("real datasets not found (set SAFEEXPORT_DATASETS or add ../shared/datasets)")
+    return d

@@ -1,0 +1,263 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor import compress
+from compressor.config import CompressConfig
+from compressor.masking import erk_counts, maskable
+from safeexport.errors import ConfigError
+from safeexport.models import build_model
+from tests.conftest import REPO, tiny_config
+
+TINY_FLAGS = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2",
+              "--batch-size", "32", "--finetune-iters", "2", "--attack-epochs", "2",
+              "--attack-finetune-epochs", "1", "--final-attack-epochs", "2", "--device", "cpu"]
+
+
+def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "safeexport", *map(str, args)], cwd=kw.pop(
+        "cwd", REPO), env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _rebuild(run: Path) -> torch.nn.Module:
+    spec = json.loads((run / "model.json").read_text())
+    model = build_model(spec["name"], spec["kwargs"])
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return model
+
+
+def test_cli_end_to_end_on_the_digits_default(tmp_path):
+    out = tmp_path / "run"
+    r = cli("compress", "--epochs", "5", "--update-frequency", "12", "--finetune-iters", "2",
+            "--attack-epochs", "2", "--final-attack-epochs", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "keeping 5.0% of weights" in r.stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "splits.npz", "model.safetensors", "model.json",
+            "attacker.safetensors", "history.jsonl", "report.json", "curve.png", "roc.png",
+            "dense.safetensors"} <= names
+    assert "checkpoint" not in names  # removed once the run is complete
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["dataset"] == "digits" and cfg["model"] == "cnn"
+    assert len(cfg["dataset_fingerprint"]) == 64 and cfg["versions"]["torch"].startswith("2.13")
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2  # 5 epochs x 7 iterations = 35: updates at 12 and 24
+    for row in history:
+        pairs = {(c["prune"], c["grow"]) for c in row["candidates"]}
+        assert pairs == {("magnitude", "gradient"), ("magnitude", "random"),
+                         ("threshold", "gradient"), ("threshold", "random")}
+        tms = [c["tm_score"] for c in row["candidates"]]
+        assert row["winner"] == int(np.argmax(tms))
+        for c in row["candidates"]:
+            assert c["tm_score"] == pytest.approx(c["task_acc"] / c["mia_acc"])
+            assert {"auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"} <= set(c)
+    report = json.loads((out / "report.json").read_text())
+    for key in ("compressed", "dense"):
+        m = report[key]
+        assert 0 <= m["task_acc"] <= 1 and 0 <= m["mia_acc"] <= 1
+        assert m["n_members"] == m["n_nonmembers"] > 0
+        assert m["tm_score"] == pytest.approx(m["task_acc"] / m["mia_acc"])
+    assert report["compressed"]["task_acc"] > 0.3  # chance is 0.1; 35 steps at 5% density
+    # pruned entries are exactly zero: at most Ω of the masked weights are non-zero
+    model = _rebuild(out)
+    weights = [p for _, p in maskable(model)]
+    target = sum(erk_counts([tuple(w.shape) for w in weights], 0.05))
+    nonzero = sum(int((w != 0).sum()) for w in weights)
+    assert 0.9 * target <= nonzero <= target
+    assert report["compressed"]["nonzero_weights"] == target
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_density_is_exact_after_every_update(tmp_path):
+    cfg = tiny_config()
+    seen = []
+
+    def check(rnd):
+        t = load_file(str(tmp_path / "r" / "checkpoint" / "state.safetensors"))
+        masks = [t[k] for k in sorted((k for k in t if k.startswith("mask.")),
+                                      key=lambda k: int(k.split(".")[1]))]
+        seen.append([int(m.sum()) for m in masks])
+
+    compress(cfg, tmp_path / "r", on_round=check)
+    history = [json.loads(x) for x in (tmp_path / "r" / "history.jsonl").read_text().split("\n")
+               if x]
+    assert len(seen) == len(history) >= 3
+    assert all(counts == seen[0] for counts in seen)
+    spec = json.loads((tmp_path / "r" / "model.json").read_text())
+    model = build_model(spec["name"], spec["kwargs"])
+    assert seen[0] == erk_counts([tuple(p.shape) for _, p in maskable(model)], 0.2)
+    assert all(c["changed"] > 0 for row in history for c in row["candidates"])
+
+
+def _tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
+    flags = [*TINY_FLAGS, "--epochs", "8", "--update-frequency", "4"]
+    ref = tmp_path / "ref"
+    assert cli("compress", *flags, "--out", ref).returncode == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "safeexport", "compress", *flags, "--out",
+                             str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint" / "state.safetensors"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists(), "the run finished before it could be killed"
+    rounds_before = len((killed / "history.jsonl").read_text().splitlines())
+    assert 1 <= rounds_before < 11
+    r = cli("compress", "--out", killed, "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = _tensors(ref / "model.safetensors"), _tensors(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((ref / "report.json").read_text())
+    rb = json.loads((killed / "report.json").read_text())
+    for part in ("compressed", "dense"):
+        ra[part].pop("wall_time_s")
+        rb[part].pop("wall_time_s")
+    ra.pop("final_eval_time_s")
+    rb.pop("final_eval_time_s")
+    assert ra == rb
+    assert (ref / "history.jsonl").read_text() == (killed / "history.jsonl").read_text()
+    # a finished run has nothing left to resume
+    again = cli("compress", "--out", killed, "--resume")
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def _one_line_error(r: subprocess.CompletedProcess, pattern: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--sparsity", "0"], r"must be in \(0, 1\]"),
+    (["--sparsity", "1.5"], r"must be in \(0, 1\]"),
+    (["--model", "lenet"], "unknown model 'lenet'; known: auto, cnn, mlp"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known: digits, synthetic"),
+    (["--dataset", "fashionmnist", "--data-dir", "{tmp}/empty"],
+     r"train-images-idx3-ubyte.* not found: expected .*--download"),
+    (["--dataset", "npz:{tmp}/small.npz"], "too few for the membership split"),
+    (["--dataset", "digits", "--model", "bert"], "takes text data but digits is image"),
+])
+def test_bad_inputs_give_one_clear_line(tmp_path, args, pattern):
+    np.savez(tmp_path / "small.npz", x=np.zeros((60, 8, 8), np.uint8), y=np.arange(60) % 3)
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = cli("compress", *args, "--out", tmp_path / "run")
+    _one_line_error(r, pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_refused_and_kept(tmp_path):
+    out = tmp_path / "run"
+    compress(tiny_config(epochs=1, dense_reference=False), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _one_line_error(cli("compress", *TINY_FLAGS, "--out", out),
+                    "already holds a run.*--resume.*--overwrite")
+    # --overwrite with an input that fails validation destroys nothing either
+    _one_line_error(cli("compress", *TINY_FLAGS, "--max-samples", "50", "--overwrite",
+                        "--out", out), "too few")
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = cli("compress", *TINY_FLAGS, "--epochs", "1", "--seed", "5", "--no-dense-reference",
+            "--overwrite", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 5
+    other = tmp_path / "notarun"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    _one_line_error(cli("compress", *TINY_FLAGS, "--overwrite", "--out", other),
+                    "not a run directory")
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_corrupt_checkpoint_and_resume_flag_misuse(tmp_path):
+    out = tmp_path / "run"
+
+    def stop(rnd):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(tiny_config(), out, on_round=stop)
+    ckpt = out / "checkpoint" / "state.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    _one_line_error(cli("compress", "--out", out, "--resume"), "checkpoint.*damaged|corrupt")
+    assert ckpt.exists()
+    r = cli("compress", "--out", out, "--resume", "--epochs", "3")
+    assert r.returncode == 2 and "drop --epochs" in r.stderr
+    _one_line_error(cli("compress", "--out", tmp_path / "none", "--resume"), "no run to resume")
+
+
+def test_resume_refuses_different_data(tmp_path):
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.integers(0, 255, (300, 8, 8), dtype=np.uint8), y=np.arange(300) % 3)
+    out = tmp_path / "run"
+
+    def stop(rnd):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(tiny_config(dataset=f"npz:{data}", max_samples=None), out, on_round=stop)
+    np.savez(data, x=rng.integers(0, 255, (300, 8, 8), dtype=np.uint8), y=np.arange(300) % 3)
+    _one_line_error(cli("compress", "--out", out, "--resume"), "differs from the data")
+
+
+def test_config_json_round_trip_and_all_problems_at_once():
+    cfg = tiny_config(regularizer="re2", prune=["magnitude"], lam=2.0)
+    assert CompressConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError) as e:
+        CompressConfig(sparsity=0, epochs=0, regularizer="re3", grow=["sideways"])
+    msg = str(e.value)
+    for part in ("--sparsity", "epochs must be", "regularizer 're3'", "grow strategy 'sideways'"):
+        assert part in msg
+    with pytest.raises(ConfigError, match="unknown config keys: sparsityy"):
+        CompressConfig.from_dict({"sparsityy": 0.1})
+
+
+def test_text_model_on_a_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    words = [["stocks", "market", "shares", "profit"], ["match", "goal", "team", "coach"]]
+    rows = [f'"{c + 1}","{" ".join(rng.choice(words[c], 6))}","news {i}"'
+            for i, c in enumerate(np.arange(400) % 2)]
+    (tmp_path / "ag_news").mkdir()
+    (tmp_path / "ag_news" / "train.csv").write_text("\n".join(rows))
+    cfg = tiny_config(dataset="agnews", model="bert", data_dir=str(tmp_path), max_samples=None,
+                      max_length=12, vocab_size=120, epochs=6, update_frequency=12,
+                      dense_reference=False)
+    run = compress(cfg, tmp_path / "run")
+    assert (run.path / "tokenizer.json").exists()
+    report = json.loads(run.report.read_text())
+    assert report["compressed"]["task_acc"] > 0.6
+    assert any(layer["name"].endswith("query.weight") for layer in report["layers"])
+
+
+def test_tabular_with_the_mlp_and_regularizer(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 4
+    x = (rng.random((400, 30)) < 0.2 + 0.15 * (np.arange(30) % 4 == y[:, None])).astype(
+        np.float32)
+    np.savez(tmp_path / "t.npz", x=x, y=y)
+    cfg = tiny_config(dataset=f"npz:{tmp_path / 't.npz'}", model="auto", regularizer="re2",
+                      dense_reference=False)
+    run = compress(cfg, tmp_path / "run")
+    assert json.loads(run.config.read_text())["model"] == "mlp"
