@@ -32,7 +32,8 @@ def generator(seed: int, *tags: object) -> torch.Generator:
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block on torch's global RNG seeded with ``seed``, restoring it afterwards (for
     layer initialisation and dropout, which draw from the global RNG)."""
-    devices = [device] if device.type == "cuda" else []
+    devices = ([device.index if device.index is not None else torch.cuda.current_device()]
+               if device.type == "cuda" else [])
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
