@@ -100,7 +100,8 @@ DATASETS.register("agnews", DatasetInfo(
 DATASETS.register("yelp5", DatasetInfo(
     lambda d, m, s: load_text_csv("yelp5", d, ["yelp_review_full_csv", "yelp5"], 5,
                                   [f"{i} stars" for i in range(1, 6)],
-                                  "get yelp_review_full_csv (train.csv, test.csv), pass --data-dir"),
+                                  "get yelp_review_full_csv (train.csv, test.csv), "
+                                  "pass --data-dir"),
     "text", "Yelp review full CSV (class, text), 5 classes"))
 
 

@@ -16,7 +16,8 @@ class ArrayDataset:
     """A whole dataset held in memory.
 
     ``x`` is uint8 N×C×H×W for images (0..255), float32 N×D for tabular data, and a 1-D array of
-    strings for text (token ids replace it once a tokenizer is fitted, see ``safeexport.data.text``).
+    strings for text (token ids replace it once a tokenizer is fitted; see
+    ``safeexport.data.text``).
     ``y`` holds int64 class indices in ``[0, num_classes)``.
     """
 

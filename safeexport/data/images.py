@@ -71,7 +71,8 @@ def find_file(candidates: Iterable[Path], what: str, hint: str) -> Path:
 
 def load_idx_dataset(name: str, folder: str, data_dir: Path, class_names: list[str],
                      hint: str) -> ArrayDataset:
-    """MNIST-layout idx files in ``data_dir/<folder>/raw`` (torchvision's layout) or ``data_dir``."""
+    """MNIST-layout idx files in ``data_dir/<folder>/raw`` (torchvision's layout) or
+    ``data_dir``."""
     roots = [data_dir / folder / "raw", data_dir / folder, data_dir]
     xs, ys = [], []
     for split in ("train", "t10k"):
