@@ -38,7 +38,14 @@ from safeexport.errors import ConfigError, DataError
 from safeexport.metrics import accuracy, tm_score
 from safeexport.models import DEFAULT_MODEL, build_model, check_compatible, image_kwargs
 from safeexport.plots import plot_curve, plot_roc
-from safeexport.rundir import RunDir, atomic_write, load_tensors, save_tensors, write_json
+from safeexport.rundir import (
+    RunDir,
+    atomic_write,
+    load_tensors,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
 
 
 def _versions() -> dict:
@@ -307,6 +314,7 @@ def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
                       masked_weights=sum(m.numel() for m in state.masking.masks),
                       wall_time_s=round(compress_time, 1))
     report = {"compressed": compressed, "layers": state.masking.report(),
+              "files": {run.model.name: sha256_file(run.model)},
               "rounds": len(history),
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},

@@ -96,12 +96,20 @@ class RunDir:
         """True when the folder holds a safeexport run (it has a config.json)."""
         return self.config.exists()
 
+    def read_json(self, path: Path) -> dict:
+        """One of the run's JSON files as a dict; an unreadable one raises ConfigError."""
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read it ({e})") from e
+
     def read_config(self) -> dict:
         """The run's config.json as a dict."""
-        try:
-            return json.loads(self.config.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{self.config}: cannot read the run's config ({e})") from e
+        return self.read_json(self.config)
+
+    def read_report(self) -> dict:
+        """The run's report.json as a dict."""
+        return self.read_json(self.report)
 
     def read_history(self) -> list[dict]:
         """Every line of history.jsonl (empty when there is none yet)."""
