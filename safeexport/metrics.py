@@ -64,3 +64,20 @@ def mia_metrics(scores: np.ndarray, is_member: np.ndarray, threshold: float = 0.
 def tm_score(task_acc: float, mia_acc: float, lam: float = 1.0) -> float:
     """SafeCompress's trade-off: (task accuracy)^λ / (MIA accuracy); higher is better."""
     return float(task_acc ** lam / max(mia_acc, 1e-12))
+
+
+def logit_parity(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """How closely an exported model's logits follow the reference model's on the same inputs:
+    largest |difference|, top-1 agreement, accuracy of both, and the signal-to-noise ratio of
+    the logits in dB (10·log10 of reference power over difference power; None when identical)."""
+    reference, logits = np.asarray(reference, np.float64), np.asarray(logits, np.float64)
+    if reference.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {reference.shape} vs {logits.shape}")
+    noise = float(((logits - reference) ** 2).sum())
+    signal = float((reference ** 2).sum())
+    return {"samples": int(len(labels)),
+            "max_abs_diff": float(np.abs(logits - reference).max()),
+            "max_abs_logit": float(np.abs(reference).max()),
+            "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+            "acc_before": accuracy(reference, labels), "acc_after": accuracy(logits, labels),
+            "snr_db": None if noise == 0 else 10 * float(np.log10(signal / noise))}

@@ -1,0 +1,107 @@
+"""Runtimes: callables ``logits = runtime(inputs)`` registered by model-file suffix.
+
+They live in the shared core because two stages run exported files: the exporters check every
+file in its own runtime, and device_eval re-runs the attacks through the same callables, so the
+figures of both stages come from one code path. A runtime takes a numpy batch of any size (it
+chunks and pads to the file's batch size), quantizes the input and dequantizes the output when
+the file's interface is integer, and returns float32 logits.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from safeexport.errors import DeviceError
+from safeexport.registry import Registry
+
+
+@dataclass
+class Runtime:
+    """A loaded model file: ``run(batch) -> logits`` for batches of exactly ``batch_size`` (None:
+    any size), plus what a report needs to say which engine produced the figures."""
+
+    name: str
+    version: str
+    threads: int
+    batch_size: int | None
+    run: Callable[[np.ndarray], np.ndarray]
+
+    def __call__(self, inputs: np.ndarray, chunk: int = 256,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """float32 logits for every row of ``inputs``."""
+        size = self.batch_size or chunk
+        out = []
+        for s in range(0, len(inputs), size):
+            batch = inputs[s:s + size]
+            n = len(batch)
+            if self.batch_size and n < size:  # fixed-batch file: pad the last batch
+                batch = np.concatenate([batch, np.repeat(batch[-1:], size - n, axis=0)])
+            out.append(np.asarray(self.run(batch), np.float32)[:n])
+            if progress is not None:
+                progress(n)
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+RUNTIMES: Registry[Callable[[Path, int], Runtime]] = Registry("runtime")
+
+
+def _threads(threads: int | None) -> int:
+    return threads or min(4, os.cpu_count() or 1)
+
+
+def _open_onnx(path: Path, threads: int) -> Runtime:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types on a bad file
+        raise DeviceError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
+    inp = sess.get_inputs()[0]
+    dim = inp.shape[0]
+    return Runtime("onnxruntime", ort.__version__, threads,
+                   dim if isinstance(dim, int) else None,
+                   lambda x: sess.run(None, {inp.name: x})[0])
+
+
+def _open_tflite(path: Path, threads: int) -> Runtime:
+    from importlib.metadata import version
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_path=str(path), num_threads=threads)
+        interp.allocate_tensors()
+    except Exception as e:  # the interpreter raises ValueError/RuntimeError on a bad file
+        raise DeviceError(f"LiteRT cannot load {path}: {str(e).splitlines()[0]}") from e
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        scale, zero = inp["quantization"]
+        if scale:  # integer interface (static int8): quantize on the host
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.rint(x / scale + zero), info.min, info.max)
+        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        interp.invoke()
+        y = interp.get_tensor(out["index"])
+        oscale, ozero = out["quantization"]
+        return (y.astype(np.float32) - ozero) * oscale if oscale else y
+
+    return Runtime("litert", version("ai-edge-litert"), threads, int(inp["shape"][0]), run)
+
+
+RUNTIMES.register(".onnx", _open_onnx)
+RUNTIMES.register(".tflite", _open_tflite)
+
+
+def open_runtime(path: Path, threads: int | None = None) -> Runtime:
+    """The runtime for a model file, chosen by its suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeviceError(f"model file {path} does not exist")
+    return RUNTIMES.get(path.suffix.lower())(path, _threads(threads))
