@@ -50,6 +50,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     \b
     safeexport compress   SafeCompress: sparse training with membership-inference-aware selection
+    safeexport export     quantize the run's model and convert it to ONNX or TFLite, checked
     """
     ctx.meta["debug"] = debug
 
@@ -58,6 +59,12 @@ def _help(name: str) -> str:
     from compressor.config import CompressConfig
 
     return CompressConfig.help_texts()[name]
+
+
+def _export_help(name: str) -> str:
+    from exporters.config import ExportConfig
+
+    return ExportConfig.help_texts()[name]
 
 
 @main.command()
@@ -153,6 +160,79 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
     run = run_compress(cfg or CompressConfig(), out, resume=resume, overwrite=overwrite,
                        progress=progress)
     click.echo(f"run directory: {run.path}")
+
+
+@main.command("export")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory from `safeexport compress` (default: the newest finished run "
+                   "under runs/).")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              type=click.Choice(["onnx", "tflite"]), help=_export_help("format"))
+@click.option("--bits", type=click.Choice(["32", "16", "8", "4", "3", "2"]), default="8",
+              show_default=True, help=_export_help("bits"))
+@click.option("--scheme", default="weight-only", show_default=True,
+              type=click.Choice(["weight-only", "dynamic", "static"]),
+              help=_export_help("scheme"))
+@click.option("--calibration", type=int, default=256, show_default=True,
+              help=_export_help("calibration"))
+@click.option("--keep-float", callback=_split_list, default="",
+              help="Comma-separated modules kept in float (e.g. features.0,classifier.2).")
+@click.option("--parity-samples", type=int, default=512, show_default=True,
+              help=_export_help("parity_samples"))
+@click.option("--min-agreement", type=float, default=0.9, show_default=True,
+              help=_export_help("min_agreement"))
+@click.option("--warn-only", is_flag=True, help=_export_help("warn_only"))
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help=_export_help("batch_size"))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run's dataset is now (default: the folder the run recorded).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default RUN/exports/model-<format>-w<bits>-<scheme>.<suffix>); "
+                   "its manifest is written beside it as .json.")
+@click.option("--all", "all_variants", is_flag=True,
+              help="Export every format x bit width (weight-only) and print one table.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar for --all (default: only on a terminal).")
+def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_variants: bool,
+               overwrite: bool, data_dir: Path | None, progress: bool | None, **flags) -> None:
+    """Quantize the run's model and convert it to ONNX or TFLite for phones.
+
+    Every file is run in its own runtime (onnxruntime, LiteRT) on the run's test split and
+    compared with the PyTorch model, then read back to verify the stored bit widths and that
+    pruned weights are still zero; the figures go into a manifest beside the file.
+    """
+    from exporters import export, export_all
+    from exporters.config import ExportConfig
+
+    cfg = ExportConfig(format=fmt, bits=int(bits), **flags)
+    if all_variants:
+        if out is not None:
+            raise click.UsageError("--all writes into RUN/exports/; drop --out")
+        rows = export_all(cfg, run_dir, overwrite, data_dir, progress)
+        _print_export_table(rows)
+        if any(r["status"] != "ok" for r in rows):
+            sys.exit(1)
+        return
+    res = export(cfg, run_dir, out, overwrite, data_dir)
+    from exporters.run import summary
+
+    _print_export_table([{"name": cfg.name(), "status": "ok", **summary(res.manifest)}])
+    for w in res.manifest["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"wrote {res.path} and {res.manifest_path.name}")
+
+
+def _print_export_table(rows: list[dict]) -> None:
+    click.echo(f"{'export':32}{'bytes':>10}{'gzip':>10}{'floor':>10}{'acc':>7}{'->':>7}"
+               f"{'agree':>7}{'SNR dB':>8}")
+    for r in rows:
+        if r["status"] != "ok":
+            click.echo(f"{r['name']:32}FAILED: {r['reason']}")
+            continue
+        snr = "exact" if r["snr_db"] is None else f"{r['snr_db']:.1f}"
+        click.echo(f"{r['name']:32}{r['bytes']:10,}{r['gzip_bytes']:10,}{r['floor_bytes']:10,}"
+                   f"{r['acc_before']:7.3f}{r['acc_after']:7.3f}{r['agreement']:7.3f}{snr:>8}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""The exporter's config: everything that decides what ``safeexport export`` writes."""
+
+from dataclasses import dataclass
+
+from safeexport.config import StageConfig, opt
+
+FORMATS = ("onnx", "tflite")
+BITS = (32, 16, 8, 4, 3, 2)
+SCHEMES = ("weight-only", "dynamic", "static")
+# (format, scheme) -> bit widths it can express. 32 and 16 are float storage (weight-only);
+# 3 and 2 bits are 7 and 3 levels stored in int4 containers.
+SUPPORTED = {
+    ("onnx", "weight-only"): (32, 16, 8, 4, 3, 2),
+    ("onnx", "static"): (8,),
+    ("tflite", "weight-only"): (32, 16, 8, 4, 3, 2),
+    ("tflite", "dynamic"): (8, 4, 3, 2),
+    ("tflite", "static"): (8,),
+}
+
+
+def supported_text() -> str:
+    """The supported combinations, for error messages and --help."""
+    return "; ".join(f"{f} {s}: {','.join(map(str, b))} bits" for (f, s), b in SUPPORTED.items())
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    """Everything that decides what ``safeexport export`` writes."""
+
+    format: str = opt("onnx", "onnx or tflite")
+    bits: int = opt(8, "weight bits: 32 (float32), 16 (float16), 8, 4 (int8/int4), 3 or 2 "
+                    "(7 or 3 levels in int4 containers)")
+    scheme: str = opt("weight-only", "weight-only (float activations), dynamic (activations "
+                      "quantized at run time, tflite) or static (int8 activations calibrated "
+                      "on training samples)")
+    calibration: int = opt(256, "training samples (known members) that calibrate a static "
+                           "export")
+    keep_float: list[str] = opt([], "modules kept in float, e.g. features.0 classifier.2 (the "
+                                "names of the run's report.json layers without .weight)")
+    parity_samples: int = opt(512, "test-split samples the exported file is checked on")
+    min_agreement: float = opt(0.9, "top-1 agreement with the PyTorch model below which a "
+                               "quantized export fails")
+    warn_only: bool = opt(False, "warn instead of failing when agreement is below the floor")
+    float_tolerance: float = opt(1e-3, "largest |logit difference| of a float32 export, "
+                                 "relative to max(1, max |logit|)")
+    batch_size: int = opt(1, "batch size of a TFLite file (litert-torch fixes it; ONNX files "
+                          "take any batch)")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, each with what is allowed (all reported at once)."""
+        out = []
+        if self.format not in FORMATS:
+            out.append(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.bits not in BITS:
+            out.append(f"bits {self.bits} is not one of {', '.join(map(str, BITS))}")
+        if self.scheme not in SCHEMES:
+            out.append(f"scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if not out and self.bits not in SUPPORTED.get((self.format, self.scheme), ()):
+            out.append(f"{self.format} cannot store {self.bits}-bit weights with the "
+                       f"{self.scheme} scheme; supported: {supported_text()}")
+        for name, lo in (("calibration", 1), ("parity_samples", 1), ("batch_size", 1)):
+            if getattr(self, name) < lo:
+                out.append(f"{name} must be at least {lo}")
+        if not 0 <= self.min_agreement <= 1:
+            out.append("min_agreement must be in [0, 1]")
+        if self.float_tolerance <= 0:
+            out.append("float_tolerance must be positive")
+        return out
+
+    def name(self) -> str:
+        """The export's file stem, e.g. ``model-tflite-w4-weight-only``."""
+        return f"model-{self.format}-w{self.bits}-{self.scheme}"

@@ -1,0 +1,192 @@
+"""ONNX: torch.onnx (dynamo, opset 21) export with a dynamic batch, then weight storage.
+
+- 32 bits: as exported (batch norm folded into the convolutions by the exporter).
+- 16 bits: every float initializer stored as float16, cast back to float32 in the graph.
+- 8/4/3/2 bits, weight-only: each conv/linear weight replaced by int8 (8 bits) or int4 (4, 3, 2
+  bits) levels from ``quantize_channels`` and a per-output-channel DequantizeLinear (opset 21
+  is the first with int4). Activations stay float.
+- 8 bits, static: onnxruntime's quantize_static (QDQ, int8 activations calibrated with min/max
+  on the calibration samples, int8 symmetric per-channel weights by its own min/max).
+"""
+
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from exporters.failures import conversion_error
+from exporters.quantize import quantize_channels
+from exporters.stored import StoredWeight, record
+from safeexport.errors import ExportError
+
+OPSET = 21
+SUFFIX = ".onnx"
+
+
+def _axis(node, weight: np.ndarray) -> int:
+    """The output-channel axis of a conv/linear weight."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return weight.ndim - 1
+    return 0  # Conv: [out, in, kh, kw]
+
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _module(init_name: str) -> str:
+    return init_name.removesuffix(".weight")
+
+
+def _float_export(model: torch.nn.Module, sample: np.ndarray):
+    import onnx
+
+    try:
+        program = torch.onnx.export(model, (torch.from_numpy(sample),), dynamo=True,
+                                    opset_version=OPSET, dynamic_shapes=({0: "batch"},),
+                                    verbose=False)
+        with tempfile.TemporaryDirectory() as d:
+            program.save(str(Path(d) / "m.onnx"))
+            return onnx.load(str(Path(d) / "m.onnx"))
+    except Exception as e:  # the exporter raises many types; its messages name the op
+        raise conversion_error("torch.onnx", model, sample, e) from e
+
+
+def _replace(graph, init, new_inits: list, node) -> None:
+    """Swap initializer ``init`` for ``new_inits`` and a decoding ``node`` that outputs the
+    original name, so consumers are unchanged."""
+    graph.initializer.remove(init)
+    graph.initializer.extend(new_inits)
+    graph.node.insert(0, node)
+
+
+def _weight_only(proto, bits: int, keep: set[str]) -> None:
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = set()
+    for node in list(graph.node):
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name not in inits or name in done or _module(name) in keep:
+            continue
+        w = numpy_helper.to_array(inits[name])
+        if w.ndim < 2:
+            continue
+        axis = _axis(node, w)
+        q, scale = quantize_channels(w, bits, axis)
+        dtype = np.int8 if bits == 8 else ml_dtypes.int4
+        zp = np.zeros(len(scale), dtype)
+        _replace(graph, inits[name],
+                 [numpy_helper.from_array(q.astype(dtype), f"{name}_q"),
+                  numpy_helper.from_array(scale, f"{name}_scale"),
+                  numpy_helper.from_array(zp, f"{name}_zero_point")],
+                 helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale",
+                                                       f"{name}_zero_point"], [name], axis=axis,
+                                  name=f"{name}_dequantize"))
+        done.add(name)
+
+
+def _float16(proto, keep: set[str]) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    for init in list(graph.initializer):
+        if init.data_type != TensorProto.FLOAT or _module(init.name) in keep:
+            continue
+        w = numpy_helper.to_array(init)
+        _replace(graph, init, [numpy_helper.from_array(w.astype(np.float16), f"{init.name}_fp16")],
+                 helper.make_node("Cast", [f"{init.name}_fp16"], [init.name],
+                                  to=TensorProto.FLOAT, name=f"{init.name}_cast"))
+
+
+def _static(proto, calibration: np.ndarray, keep: set[str], text: bool):
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: calibration[i:i + 32]}
+                                 for i in range(0, len(calibration), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    input_name = proto.graph.input[0].name
+    excluded = [n.name for n in proto.graph.node
+                if n.op_type in WEIGHT_OPS and len(n.input) > 1 and _module(n.input[1]) in keep]
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "f.onnx", Path(d) / "q.onnx"
+        onnx.save(proto, str(src))
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=excluded,
+                        # int8 attention softmax/layer-norm inputs ruin a transformer; its
+                        # matrix products alone quantize well
+                        op_types_to_quantize=["MatMul", "Gemm"] if text else None,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        return onnx.load(str(dst))
+
+
+def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
+            keep: set[str], calibration: np.ndarray | None) -> bytes:
+    """The ONNX file's bytes for ``model`` at ``bits`` with ``scheme``."""
+    proto = _float_export(model, sample)
+    if scheme == "static":
+        proto = _static(proto, calibration, keep, sample.dtype == np.int64)
+    elif bits == 16:
+        _float16(proto, keep)
+    elif bits < 16:
+        _weight_only(proto, bits, keep)
+    return proto.SerializeToString()
+
+
+def inspect(path: Path) -> list[StoredWeight]:
+    """Every conv/linear weight of the file as stored (following DequantizeLinear and Cast)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ExportError(f"{path} is not a valid ONNX file ({e})") from e
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    out, seen = [], set()
+    for node in graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name in seen:
+            continue
+        seen.add(name)
+        src = producer.get(name)
+        if name in inits:
+            w = numpy_helper.to_array(inits[name])
+            if w.ndim >= 2:
+                out.append(record(name, _module(name), w, "float32"))
+        elif src is not None and src.op_type == "Cast" and src.input[0] in inits:
+            w = numpy_helper.to_array(inits[src.input[0]])
+            out.append(record(name, _module(name), w, "float16"))
+        elif src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
+            x = inits[src.input[0]]
+            q = numpy_helper.to_array(x).astype(np.int8)
+            scale = numpy_helper.to_array(inits[src.input[1]])
+            axis = next((a.i for a in src.attribute if a.name == "axis"), 1)
+            storage = "int4" if x.data_type == TensorProto.INT4 else "int8"
+            out.append(record(name, _module(name), q, storage, axis % q.ndim, scale))
+    return out

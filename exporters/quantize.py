@@ -1,0 +1,90 @@
+"""Symmetric per-output-channel weight quantization that keeps pruned weights exactly zero.
+
+A k-bit weight takes one of the 2^k − 1 levels {−(2^(k−1)−1), …, 0, …, 2^(k−1)−1} times its
+channel's scale: zero is a level, so a pruned weight stays exactly zero and the sparsity
+survives. The scale of each channel is searched to minimise the squared error of the channel's
+weights (clipping the largest weights when that lowers the error), not only set from max |w|.
+A channel that is entirely zero (a pruned filter) gets scale 1, never 0: runtimes such as
+XNNPACK refuse a zero scale, and with all levels 0 the value is exact anyway.
+"""
+
+import math
+
+import numpy as np
+
+# Clip ratios tried per channel: scale = ratio * max|w| / qmax.
+_RATIOS = np.linspace(1.0, 0.2, 81, dtype=np.float64)
+
+
+def qmax(bits: int) -> int:
+    """Largest level of a symmetric ``bits``-bit code (2^(bits−1) − 1)."""
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_channels(w: np.ndarray, bits: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer levels (int8 array, same shape as ``w``) and float32 per-channel scales along
+    ``axis`` with ``w ≈ levels * scale``; zeros map to level 0 exactly."""
+    top = qmax(bits)
+    moved = np.moveaxis(np.asarray(w, np.float64), axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    amax = np.abs(flat).max(axis=1)
+    best_err = np.full(len(flat), np.inf)
+    best_scale = np.ones(len(flat))
+    for ratio in _RATIOS:
+        scale = np.where(amax > 0, ratio * amax / top, 1.0)
+        q = np.clip(np.rint(flat / scale[:, None]), -top, top)
+        err = ((q * scale[:, None] - flat) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err[better], best_scale[better] = err[better], scale[better]
+    scale = best_scale.astype(np.float32)
+    q = np.clip(np.rint(flat / scale[:, None].astype(np.float64)), -top, top).astype(np.int8)
+    return np.moveaxis(q.reshape(moved.shape), 0, axis), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """float32 weights from levels and per-channel scales along ``axis``."""
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    return (q.astype(np.float32) * scale.reshape(shape)).astype(np.float32)
+
+
+def levels_per_channel(q: np.ndarray, axis: int) -> int:
+    """The largest number of distinct levels any channel uses."""
+    moved = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
+    return max((len(np.unique(row)) for row in moved), default=0)
+
+
+def effective_bits(levels: int) -> int:
+    """Bits of the smallest symmetric code with at least ``levels`` levels (2^k − 1 ≥ levels)."""
+    return max(1, math.ceil(math.log2(levels + 1)))
+
+
+def pack_int4(q: np.ndarray) -> bytes:
+    """Two's-complement 4-bit values, two per byte, the first in the low nibble (TFLite's and
+    ONNX's layout); an odd count is padded with 0."""
+    flat = (q.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if len(flat) % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data: bytes | np.ndarray, count: int) -> np.ndarray:
+    """Inverse of ``pack_int4``: ``count`` int8 values."""
+    raw = np.frombuffer(bytes(data), np.uint8)
+    nib = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
+
+
+def floor_bytes(numel: int, nnz: int, value_bits: float) -> float:
+    """Information-theoretic size of a tensor with ``nnz`` non-zeros among ``numel`` positions
+    whose non-zero values each carry ``value_bits`` bits: log2 C(numel, nnz) bits for the
+    positions plus the values."""
+    positions = (math.lgamma(numel + 1) - math.lgamma(nnz + 1) - math.lgamma(numel - nnz + 1)) \
+        / math.log(2)
+    return (positions + nnz * value_bits) / 8
+
+
+def nonzero_value_bits(bits: int) -> float:
+    """Bits a non-zero level of a symmetric ``bits``-bit code carries (2^k − 2 choices);
+    float formats carry their full width."""
+    return float(bits) if bits >= 16 else math.log2(2 * qmax(bits))

@@ -1,0 +1,309 @@
+"""``export(run, config)``: the run's winner → quantized ONNX/TFLite file → checked in its own
+runtime and read back → file + manifest in ``RUN/exports/``.
+
+Nothing partial is left behind: the file is written under a hidden temporary name, checked, and
+only then renamed into place, followed by its manifest.
+"""
+
+import contextlib
+import gzip
+import os
+import platform
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from exporters import onnx_format, tflite_format
+from exporters.config import SUPPORTED, ExportConfig
+from exporters.quantize import floor_bytes, nonzero_value_bits
+from exporters.stored import StoredWeight
+from safeexport.errors import ConfigError, ExportError, SafeExportError
+from safeexport.metrics import logit_parity
+from safeexport.registry import Registry
+from safeexport.rundir import RunDir, sha256_file, write_json
+from safeexport.runio import inputs_of, load_data, load_model, open_run
+from safeexport.runtimes import open_runtime
+
+FORMATS: Registry[ModuleType] = Registry("export format")
+FORMATS.register("onnx", onnx_format)
+FORMATS.register("tflite", tflite_format)
+
+_PACKAGES = ("safeexport", "torch", "onnx", "onnxruntime", "onnxscript", "litert-torch",
+             "ai-edge-quantizer", "ai-edge-litert", "numpy")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+@dataclass
+class Source:
+    """What every export of one run needs, loaded once: the model, the data, the reference
+    logits of the parity sample."""
+
+    run: RunDir
+    model: torch.nn.Module
+    inputs: np.ndarray  # parity sample (test split)
+    labels: np.ndarray
+    reference: np.ndarray  # PyTorch logits of the parity sample
+    calibration: np.ndarray  # training samples (known members) for static schemes
+    layers: list[dict]  # the run's masked layers: name, size and nnz (its weights' non-zeros,
+    #                     which can be fewer than the mask's active count: a weight grown at
+    #                     the last update may still be exactly zero)
+    params: dict[str, int]  # parameter name -> count
+
+    @classmethod
+    def load(cls, run: Path | str | None, parity_samples: int, calibration: int,
+             data_dir: Path | None = None) -> "Source":
+        """Open and check the run, re-read its data, compute the reference logits."""
+        rd = open_run(run)
+        model = load_model(rd)
+        ds, splits = load_data(rd, data_dir)
+        test = splits.test[:parity_samples]
+        inputs = inputs_of(ds, test)
+        with torch.no_grad():
+            reference = torch.cat([model(torch.from_numpy(inputs[s:s + 256]))
+                                   for s in range(0, len(inputs), 256)]).numpy()
+        params = dict(model.named_parameters())
+        layers = [{"name": layer["name"], "size": layer["size"],
+                   "nnz": int(torch.count_nonzero(params[layer["name"]]))}
+                  for layer in rd.read_report()["layers"]]
+        return cls(rd, model, inputs, ds.y[test], reference,
+                   inputs_of(ds, splits.known_members[:calibration]), layers,
+                   {n: p.numel() for n, p in params.items()})
+
+
+@dataclass
+class ExportedModel:
+    """An exported file and its manifest."""
+
+    path: Path
+    manifest_path: Path
+    manifest: dict
+
+
+def _out_path(src: Source, cfg: ExportConfig, out: Path | None) -> Path:
+    suffix = FORMATS.get(cfg.format).SUFFIX
+    path = Path(out) if out else src.run.path / "exports" / f"{cfg.name()}{suffix}"
+    if path.suffix != suffix:
+        raise ConfigError(f"--out {path}: a {cfg.format} file must end in {suffix}")
+    return path
+
+
+def _check_keep(src: Source, keep: list[str]) -> set[str]:
+    known = [layer["name"].removesuffix(".weight") for layer in src.layers]
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise ConfigError(f"--keep-float {', '.join(unknown)}: no such layer; the run's layers "
+                          f"are {', '.join(known)}")
+    return set(keep)
+
+
+def _floor(src: Source, bits: int) -> float:
+    """Information-theoretic size of the run's model at ``bits``: positions and values of the
+    masked layers' non-zeros, plus the dense parameters at float width."""
+    masked = {layer["name"] for layer in src.layers}
+    total = sum(floor_bytes(layer["size"], layer["nnz"], nonzero_value_bits(bits))
+                for layer in src.layers)
+    dense_bits = 16 if bits == 16 else 32
+    return total + sum(n for k, n in src.params.items() if k not in masked) * dense_bits / 8
+
+
+def check_weights(stored: list[StoredWeight], layers: list[dict], cfg: ExportConfig,
+                  keep: set[str]) -> list[str]:
+    """Everything wrong with the weights as stored: bit widths above the request, zero scales,
+    nothing quantized at all, kept layers not in float, and densities that differ from the run's
+    (equal for float32; quantization may only round small weights to zero, never revive one)."""
+    problems = []
+    quantized = [w for w in stored if w.storage.startswith("int")]
+    for w in quantized:
+        if w.effective_bits > cfg.bits:
+            problems.append(f"{w.module} holds {w.levels} levels per channel, more than "
+                            f"{cfg.bits} bits allow")
+        if w.zero_scales:
+            problems.append(f"{w.module} has {w.zero_scales} channels with scale 0")
+    if cfg.bits <= 8 and not quantized:
+        problems.append("no weight is stored as an integer: the quantizer left the model in "
+                        "float")
+    if cfg.bits == 16 and not any(w.storage == "float16" for w in stored):
+        problems.append("no weight is stored as float16")
+    problems += [f"{w.module} was to stay float but is stored as {w.storage}"
+                 for w in quantized if w.module in keep]
+    by_size: dict[int, tuple[list[int], list[int]]] = {}
+    for layer in layers:
+        by_size.setdefault(layer["size"], ([], []))[0].append(layer["nnz"])
+    for w in stored:
+        if w.numel in by_size:
+            by_size[w.numel][1].append(w.nnz)
+    for size, (run_nnz, file_nnz) in by_size.items():
+        if len(file_nnz) != len(run_nnz):
+            problems.append(f"the run has {len(run_nnz)} weight tensors of {size} entries, "
+                            f"the file {len(file_nnz)}")
+            continue
+        for a, b in zip(sorted(run_nnz), sorted(file_nnz), strict=True):
+            if b > a or (cfg.bits == 32 and b != a):
+                problems.append(f"a weight tensor of {size} entries has {b} non-zeros in the "
+                                f"file, {a} in the run")
+    return problems
+
+
+def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
+    if cfg.bits == 32 and cfg.scheme == "weight-only":
+        limit = cfg.float_tolerance * max(1.0, parity["max_abs_logit"])
+        if parity["max_abs_diff"] > limit:
+            return [f"float32 logits differ from PyTorch by {parity['max_abs_diff']:.3g} "
+                    f"(tolerance {limit:.3g})"]
+        return []
+    if parity["agreement"] < cfg.min_agreement:
+        return [f"top-1 agreement with PyTorch is {parity['agreement']:.3f}, below the floor "
+                f"{cfg.min_agreement} (accuracy {parity['acc_before']:.3f} -> "
+                f"{parity['acc_after']:.3f}); --min-agreement lowers the floor, --warn-only "
+                "keeps the file"]
+    return []
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the converters' own chatter (progress lines, C++ logs on fd 1 and 2, warnings)
+    so the command prints its table and errors only."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "wb") as null, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _weight_quantizer(cfg: ExportConfig) -> str | None:
+    """Who chose the stored integer weights."""
+    if cfg.bits > 8:
+        return None
+    if cfg.scheme == "static":
+        return f"{'onnxruntime' if cfg.format == 'onnx' else 'ai-edge-quantizer'} min/max"
+    return "safeexport per-channel MSE scale"
+
+
+def export(cfg: ExportConfig, run: Path | str | None = None, out: Path | None = None,
+           overwrite: bool = False, data_dir: Path | None = None,
+           source: Source | None = None) -> ExportedModel:
+    """Export the run's model with ``cfg`` into ``out`` (default RUN/exports/<name>.<suffix>)
+    and its manifest beside it. ``source`` reuses a loaded run (as ``export_all`` does)."""
+    src = source or Source.load(run, cfg.parity_samples, cfg.calibration, data_dir)
+    keep = _check_keep(src, cfg.keep_float)
+    path = _out_path(src, cfg, out)
+    manifest_path = path.with_suffix(".json")
+    if not overwrite and (path.exists() or manifest_path.exists()):
+        raise ConfigError(f"{path} already exists; pass --overwrite to replace it or choose "
+                          "another --out")
+    fmt = FORMATS.get(cfg.format)
+    batch = cfg.batch_size if cfg.format == "tflite" else 2
+    sample = np.repeat(src.inputs[:1], batch, axis=0)
+    calibration = src.calibration if cfg.scheme == "static" else None
+    with quiet():
+        data = fmt.convert(src.model, sample, cfg.bits, cfg.scheme, keep, calibration)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        with quiet():
+            runtime = open_runtime(tmp)
+            logits = runtime(src.inputs)
+        parity = logit_parity(src.reference, logits, src.labels)
+        stored = fmt.inspect(tmp)
+        problems = check_weights(stored, src.layers, cfg, keep)
+        low = _parity_problems(parity, cfg)
+        if problems or (low and not cfg.warn_only):
+            raise ExportError(f"{cfg.name()}: " + "; ".join(problems + low))
+        manifest = {
+            "format": cfg.format, "bits": cfg.bits, "scheme": cfg.scheme,
+            "container_bits": max((w.container_bits for w in stored
+                                   if w.storage.startswith("int")), default=cfg.bits),
+            "effective_bits": max((w.effective_bits for w in stored
+                                   if w.storage.startswith("int")), default=cfg.bits),
+            "weight_quantizer": _weight_quantizer(cfg),
+            "file": path.name, "sha256": sha256_file(tmp),
+            "source": {"run": str(src.run.path.resolve()), "model": src.run.model.name,
+                       "model_sha256": sha256_file(src.run.model),
+                       "dataset_fingerprint": src.run.read_config()["dataset_fingerprint"]},
+            "input": {"shape": [batch if cfg.format == "tflite" else None,
+                                *src.inputs.shape[1:]], "dtype": str(src.inputs.dtype)},
+            "sizes": {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
+                      "floor_bytes": round(_floor(src, cfg.bits)),
+                      "torch_fp32_bytes": 4 * sum(src.params.values())},
+            "parity": {**parity, "split": "test", "runtime": runtime.name,
+                       "runtime_version": runtime.version, "threads": runtime.threads},
+            "warnings": low,
+            "calibration": ({"split": "known_members", "samples": len(calibration)}
+                            if calibration is not None else None),
+            "keep_float": sorted(keep),
+            "float_weights": [w.module for w in stored if not w.storage.startswith("int")]
+            if cfg.bits <= 8 else [],
+            "tensors": [w.to_dict() for w in stored],
+            "config": cfg.to_dict(), "versions": _versions(),
+        }
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        write_json(manifest_path, manifest)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ExportedModel(path, manifest_path, manifest)
+
+
+def export_all(base: ExportConfig, run: Path | str | None = None, overwrite: bool = False,
+               data_dir: Path | None = None, progress: bool | None = None) -> list[dict]:
+    """Every format × bit width with ``base``'s other settings (the weight-only scheme); a
+    variant that fails is a row with its reason, the rest still export."""
+    src = Source.load(run, base.parity_samples, base.calibration, data_dir)
+    rows = []
+    variants = [(f, b) for (f, s), bits in SUPPORTED.items() if s == "weight-only" for b in bits]
+    for fmt, bits in tqdm(variants, desc="export", unit="file",
+                          disable=None if progress is None else not progress):
+        cfg = replace(base, format=fmt, bits=bits, scheme="weight-only")
+        try:
+            res = export(cfg, out=None, overwrite=overwrite, source=src)
+            rows.append({"name": cfg.name(), "status": "ok", "path": str(res.path),
+                         **summary(res.manifest)})
+        except SafeExportError as e:
+            rows.append({"name": cfg.name(), "status": "FAILED", "reason": str(e),
+                         "format": fmt, "bits": bits, "scheme": "weight-only"})
+    return rows
+
+
+def summary(manifest: dict) -> dict:
+    """The figures of one export that a table shows."""
+    s, p = manifest["sizes"], manifest["parity"]
+    return {"format": manifest["format"], "bits": manifest["bits"], "scheme": manifest["scheme"],
+            "bytes": s["bytes"], "gzip_bytes": s["gzip_bytes"], "floor_bytes": s["floor_bytes"],
+            "acc_before": p["acc_before"], "acc_after": p["acc_after"],
+            "agreement": p["agreement"], "snr_db": p["snr_db"],
+            "max_abs_diff": p["max_abs_diff"]}

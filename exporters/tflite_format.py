@@ -1,0 +1,205 @@
+"""TFLite: litert-torch conversion (no TensorFlow) at a fixed batch size, then ai-edge-quantizer
+for the graph surgery, then the weights rewritten with safeexport's own quantizer.
+
+ai-edge-quantizer builds the right structure (int8/int4 weight tensors with per-channel
+quantization, DEQUANTIZE ops for weight-only, hybrid kernels for dynamic), but its min/max scales
+give an all-zero (pruned) channel scale 0, which XNNPACK refuses, and it ignores 3- and 2-bit
+requests. So for weight-only and dynamic schemes every quantized weight is rewritten from the
+float file: levels and scales from ``quantize_channels`` on the stored layout (batch norm already
+folded), 3 and 2 bits in int4 containers. Static int8 keeps the quantizer's own weights (their
+scales are tied to the int32 biases) and is checked like every export.
+"""
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporters.failures import conversion_error
+from exporters.quantize import pack_int4, quantize_channels, unpack_int4
+from exporters.stored import StoredWeight, record
+from safeexport.errors import ExportError
+
+SUFFIX = ".tflite"
+FLOAT32, FLOAT16, INT8, INT4 = 0, 1, 9, 17
+WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL",
+              "TRANSPOSE_CONV", "EMBEDDING_LOOKUP", "GATHER")
+
+
+def _read(data: bytes):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+
+
+def _opname(model, op) -> str:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) or ""
+
+
+def module_of(tensor_name: str) -> str:
+    """The PyTorch module path in a litert-torch tensor name: the attribute names after each
+    ``Class_attr`` scope segment (``…Sequential_features/…Conv2d_0;1`` → ``features.0``). Fused
+    names list several modules separated by ';'; the weight's own (conv/linear) one is last."""
+    paths = []
+    for part in tensor_name.split(";"):
+        segs = [s.rsplit(".", 1)[-1] for s in part.split("/")[1:]]
+        attrs = [s.split("_", 1)[1] for s in segs if "_" in s]
+        if attrs:
+            paths.append(".".join(attrs))
+    return paths[-1] if paths else tensor_name
+
+
+def _weights(model):
+    """(op name, weight tensor index, stored tensor index) per conv/linear/embedding weight:
+    the stored tensor is the constant itself or the input of the DEQUANTIZE feeding it."""
+    sg = model.subgraphs[0]
+    producer = {o: op for op in sg.operators for o in op.outputs}
+    out = []
+    for op in sg.operators:
+        name = _opname(model, op)
+        if name not in WEIGHT_OPS or len(op.inputs) < 2:
+            continue
+        idx = op.inputs[0] if name == "GATHER" else op.inputs[1]  # GATHER(params, indices)
+        src = producer.get(idx)
+        stored = src.inputs[0] if src is not None and _opname(model, src) == "DEQUANTIZE" else idx
+        if _has_data(model, stored):
+            out.append((op, idx, stored))
+    return out
+
+
+def _has_data(model, tensor_idx: int) -> bool:
+    buf = model.buffers[model.subgraphs[0].tensors[tensor_idx].buffer]
+    return buf.data is not None and len(buf.data) > 0
+
+
+def _float_tflite(model: torch.nn.Module, sample: np.ndarray) -> bytes:
+    import litert_torch
+
+    try:
+        edge = litert_torch.convert(model, (torch.from_numpy(sample),))
+        with tempfile.TemporaryDirectory() as d:
+            edge.export(str(Path(d) / "m.tflite"))
+            return (Path(d) / "m.tflite").read_bytes()
+    except Exception as e:  # the converter raises many types; its messages name the op
+        raise conversion_error("litert-torch", model, sample, e) from e
+
+
+def _quantizer(path: Path, bits: int, scheme: str):
+    """An ai-edge-quantizer for the file at ``path`` with the recipe for ``bits``/``scheme``."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe
+
+    if bits == 16:
+        q = quantizer.Quantizer(str(path))
+        q.update_quantization_recipe(
+            regex=".*", operation_name="*", algorithm_key="float_casting",
+            op_config=qtyping.OpQuantizationConfig(
+                weight_tensor_config=qtyping.TensorQuantizationConfig(
+                    num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+                compute_precision=qtyping.ComputePrecision.FLOAT, explicit_dequantize=True))
+        return q
+    container = 8 if bits == 8 else 4
+    if scheme == "static":
+        rec = recipe.static_wi8_ai8()
+    elif scheme == "dynamic":
+        rec = recipe.dynamic_wi8_afp32() if container == 8 else recipe.dynamic_wi4_afp32()
+    else:
+        rec = (recipe.weight_only_wi8_afp32() if container == 8
+               else recipe.weight_only_wi4_afp32())
+    return quantizer.Quantizer(str(path), rec)
+
+
+def _quantize(float_bytes: bytes, bits: int, scheme: str, keep: set[str],
+              calibration: np.ndarray | None) -> bytes:
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
+
+    fmodel = _read(float_bytes)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "f.tflite"
+        src.write_bytes(float_bytes)
+        q = _quantizer(src, bits, scheme)
+        tensors = fmodel.subgraphs[0].tensors
+        for op, idx, _ in _weights(fmodel):
+            if module_of(tensors[idx].name.decode()) in keep:
+                scope = tfl_flatbuffer_utils.get_op_scope(op, tensors)
+                q.update_quantization_recipe(regex=f"^{re.escape(scope)}$", operation_name="*",
+                                             algorithm_key="no_quantize")
+        result = None
+        if scheme == "static":
+            sig = fmodel.signatureDefs[0]
+            batch = int(tensors[sig.inputs[0].tensorIndex].shape[0])
+            n = len(calibration) // batch * batch
+            samples = [{sig.inputs[0].name.decode(): calibration[i:i + batch]}
+                       for i in range(0, n, batch)]
+            result = q.calibrate({sig.signatureKey.decode(): samples})
+        try:
+            return bytes(q.quantize(result).quantized_model)
+        except Exception as e:  # noqa: BLE001 - report the quantizer's own words
+            raise ExportError(f"ai-edge-quantizer failed for {bits}-bit {scheme}: {e}") from e
+
+
+def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int) -> bytes:
+    """Replace every int8/int4 weight's levels and scales by ``quantize_channels`` of the float
+    file's same tensor."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model, fmodel = _read(data), _read(float_bytes)
+    ftensors = {t.name: t for t in fmodel.subgraphs[0].tensors}
+    tensors = model.subgraphs[0].tensors
+    for _, _, stored in _weights(model):
+        t = tensors[stored]
+        if t.type not in (INT8, INT4) or t.name not in ftensors:
+            continue
+        ft = ftensors[t.name]
+        w = np.frombuffer(bytes(fmodel.buffers[ft.buffer].data), np.float32).reshape(ft.shape)
+        axis = t.quantization.quantizedDimension
+        levels, scale = quantize_channels(w, bits, axis)
+        model.buffers[t.buffer].data = np.frombuffer(
+            levels.tobytes() if t.type == INT8 else pack_int4(levels), np.uint8)
+        t.quantization.scale = scale.tolist()
+        t.quantization.zeroPoint = [0] * len(scale)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
+            keep: set[str], calibration: np.ndarray | None) -> bytes:
+    """The TFLite file's bytes for ``model`` (batch fixed to ``len(sample)``) at ``bits``."""
+    float_bytes = _float_tflite(model, sample)
+    if bits == 32:
+        return float_bytes
+    data = _quantize(float_bytes, bits, scheme, keep, calibration)
+    if bits <= 8 and scheme != "static":
+        data = _rewrite_weights(data, float_bytes, bits)
+    return data
+
+
+def inspect(path: Path) -> list[StoredWeight]:
+    """Every conv/linear/embedding weight of the file as stored."""
+    try:
+        model = _read(Path(path).read_bytes())
+        tensors = model.subgraphs[0].tensors
+    except Exception as e:  # flatbuffers raises assorted errors on garbage
+        raise ExportError(f"{path} is not a valid TFLite file ({e})") from e
+    out = []
+    for _, idx, stored in _weights(model):
+        t = tensors[stored]
+        raw = bytes(model.buffers[t.buffer].data)
+        shape = [int(s) for s in t.shape]
+        name = tensors[idx].name.decode()
+        if t.type == FLOAT32:
+            out.append(record(name, module_of(name), np.frombuffer(raw, np.float32)
+                              .reshape(shape), "float32"))
+        elif t.type == FLOAT16:
+            out.append(record(name, module_of(name), np.frombuffer(raw, np.float16)
+                              .reshape(shape), "float16"))
+        elif t.type in (INT8, INT4):
+            n = int(np.prod(shape))
+            q = (np.frombuffer(raw, np.int8) if t.type == INT8 else unpack_int4(raw, n))
+            out.append(record(name, module_of(name), q.reshape(shape),
+                              "int8" if t.type == INT8 else "int4",
+                              t.quantization.quantizedDimension,
+                              np.asarray(t.quantization.scale)))
+    return out
