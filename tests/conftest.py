@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compressor.config import CompressConfig
@@ -17,6 +18,25 @@ def tiny_config(**overrides) -> CompressConfig:
                 final_attack_epochs=2, max_samples=400, device="cpu", seed=0)
     base.update(overrides)
     return CompressConfig(**base)
+
+
+def write_agnews_csv(folder: Path, n: int = 400) -> None:
+    """A two-topic AG-News-layout train.csv in ``folder/ag_news`` that a tiny BERT learns."""
+    rng = np.random.default_rng(0)
+    words = [["stocks", "market", "shares", "profit"], ["match", "goal", "team", "coach"]]
+    rows = [f'"{c + 1}","{" ".join(rng.choice(words[c], 6))}","news {i}"'
+            for i, c in enumerate(np.arange(n) % 2)]
+    (folder / "ag_news").mkdir(parents=True, exist_ok=True)
+    (folder / "ag_news" / "train.csv").write_text("\n".join(rows))
+
+
+def write_tabular_npz(path: Path, n: int = 400) -> None:
+    """Binary features whose class shows in every fourth column (4 classes), as an npz."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 4
+    x = (rng.random((n, 30)) < 0.2 + 0.15 * (np.arange(30) % 4 == y[:, None])).astype(
+        np.float32)
+    np.savez(path, x=x, y=y)
 
 
 def real_data_dir() -> Path | None:

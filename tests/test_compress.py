@@ -16,7 +16,7 @@ from compressor.config import CompressConfig
 from compressor.masking import erk_counts, maskable
 from safeexport.errors import ConfigError
 from safeexport.models import build_model
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config, write_agnews_csv, write_tabular_npz
 
 TINY_FLAGS = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2",
               "--batch-size", "32", "--finetune-iters", "2", "--attack-epochs", "2",
@@ -235,12 +235,7 @@ def test_config_json_round_trip_and_all_problems_at_once():
 
 
 def test_text_model_on_a_csv(tmp_path):
-    rng = np.random.default_rng(0)
-    words = [["stocks", "market", "shares", "profit"], ["match", "goal", "team", "coach"]]
-    rows = [f'"{c + 1}","{" ".join(rng.choice(words[c], 6))}","news {i}"'
-            for i, c in enumerate(np.arange(400) % 2)]
-    (tmp_path / "ag_news").mkdir()
-    (tmp_path / "ag_news" / "train.csv").write_text("\n".join(rows))
+    write_agnews_csv(tmp_path)
     cfg = tiny_config(dataset="agnews", model="bert", data_dir=str(tmp_path), max_samples=None,
                       max_length=12, vocab_size=120, epochs=6, update_frequency=12,
                       dense_reference=False)
@@ -252,11 +247,7 @@ def test_text_model_on_a_csv(tmp_path):
 
 
 def test_tabular_with_the_mlp_and_regularizer(tmp_path):
-    rng = np.random.default_rng(0)
-    y = np.arange(400) % 4
-    x = (rng.random((400, 30)) < 0.2 + 0.15 * (np.arange(30) % 4 == y[:, None])).astype(
-        np.float32)
-    np.savez(tmp_path / "t.npz", x=x, y=y)
+    write_tabular_npz(tmp_path / "t.npz")
     cfg = tiny_config(dataset=f"npz:{tmp_path / 't.npz'}", model="auto", regularizer="re2",
                       dense_reference=False)
     run = compress(cfg, tmp_path / "run")

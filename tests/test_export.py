@@ -1,0 +1,264 @@
+"""The exporters: quantizer properties, every format × bit width on tiny CNN/MLP/BERT runs (file
+loads in its runtime, parity, manifest, stored bits and densities read back), zero channels
+through int4, static schemes, kept-float layers and every bad input."""
+
+import json
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import compress
+from exporters import export, onnx_format, tflite_format
+from exporters.config import ExportConfig
+from exporters.quantize import pack_int4, qmax, quantize_channels, unpack_int4
+from safeexport.data.splits import Splits
+from safeexport.errors import ConfigError, ExportError
+from safeexport.rundir import RunDir, load_tensors, save_tensors, sha256_file, write_json
+from safeexport.runtimes import open_runtime
+from tests.conftest import tiny_config, write_agnews_csv, write_tabular_npz
+from tests.test_compress import cli
+
+INSPECT = {"onnx": onnx_format.inspect, "tflite": tflite_format.inspect}
+FAST = dict(parity_samples=64, calibration=32, min_agreement=0.0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Finished tiny runs of a CNN, the MLP and a BERT (each a few seconds)."""
+    root = tmp_path_factory.mktemp("runs")
+    write_tabular_npz(root / "t.npz")
+    write_agnews_csv(root)
+    cfgs = {"cnn": tiny_config(dense_reference=False),
+            "mlp": tiny_config(dataset=f"npz:{root / 't.npz'}", model="mlp",
+                               dense_reference=False),
+            "bert": tiny_config(dataset="agnews", model="bert", data_dir=str(root),
+                                max_samples=None, max_length=12, vocab_size=120, epochs=6,
+                                update_frequency=12, dense_reference=False)}
+    return {name: compress(cfg, root / name).path for name, cfg in cfgs.items()}
+
+
+# ---------------------------------------------------------------- quantizer
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_quantizer_keeps_zeros_levels_and_beats_max_abs(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_t(3, (16, 8, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0  # 90% pruned
+    w[5] = 0  # a pruned filter
+    q, scale = quantize_channels(w, bits, axis=0)
+    assert q.dtype == np.int8 and np.abs(q).max() <= qmax(bits)
+    assert np.all(q[w == 0] == 0), "a pruned weight became non-zero"
+    assert np.all(scale > 0) and scale[5] == 1.0
+    for c in range(16):
+        assert len(np.unique(q[c])) <= 2 ** bits - 1
+    err = ((q * scale[:, None, None, None] - w) ** 2).sum()
+    amax = np.abs(w).reshape(16, -1).max(1)
+    s_max = np.where(amax > 0, amax / qmax(bits), 1.0)[:, None, None, None]
+    err_max = ((np.clip(np.rint(w / s_max), -qmax(bits), qmax(bits)) * s_max - w) ** 2).sum()
+    assert err <= err_max + 1e-12
+
+
+def test_quantizer_axis_and_int4_packing():
+    w = np.arange(-12, 12, dtype=np.float32).reshape(4, 6)
+    q0, s0 = quantize_channels(w, 4, axis=1)
+    assert s0.shape == (6,)
+    assert np.array_equal(quantize_channels(w.T.copy(), 4, axis=0)[0], q0.T)
+    vals = np.array([-7, -1, 0, 3, 7, -8, 5], np.int8)
+    assert np.array_equal(unpack_int4(pack_int4(vals), len(vals)), vals)
+    assert pack_int4(np.array([1, 2], np.int8)) == bytes([0x21])  # first value, low nibble
+
+
+def test_config_rejects_what_a_format_cannot_store():
+    with pytest.raises(ConfigError, match="onnx cannot store 4-bit weights with the dynamic "
+                                          "scheme; supported: .*tflite dynamic: 8,4,3,2"):
+        ExportConfig(format="onnx", bits=4, scheme="dynamic")
+    with pytest.raises(ConfigError, match="static"):
+        ExportConfig(format="tflite", bits=4, scheme="static")
+    with pytest.raises(ConfigError, match="format 'pt' .*; bits 5 "):
+        ExportConfig(format="pt", bits=5)
+    cfg = ExportConfig(format="tflite", bits=3, scheme="dynamic", keep_float=["a"])
+    assert ExportConfig.from_json(cfg.to_json()) == cfg
+
+
+# ---------------------------------------------------------------- every format × bits
+
+
+def _check_export(res, run: Path, cfg: ExportConfig) -> None:
+    m = res.manifest
+    assert res.path.exists() and json.loads(res.manifest_path.read_text()) == m
+    assert m["sha256"] == sha256_file(res.path)
+    assert m["sizes"]["bytes"] == res.path.stat().st_size
+    assert m["source"]["model_sha256"] == sha256_file(run / "model.safetensors")
+    assert (m["bits"], m["format"], m["scheme"]) == (cfg.bits, cfg.format, cfg.scheme)
+    stored = INSPECT[cfg.format](res.path)
+    assert [w["name"] for w in m["tensors"]] == [w.name for w in stored]
+    ints = [w for w in stored if w.storage.startswith("int")]
+    run_nnz = {}
+    for name, t in load_tensors(run / "model.safetensors").items():
+        if name in {layer["name"] for layer in json.loads((run / "report.json")
+                                                          .read_text())["layers"]}:
+            run_nnz.setdefault(t.numel(), []).append(int(torch.count_nonzero(t)))
+    if cfg.bits == 32:
+        assert not ints and m["parity"]["max_abs_diff"] <= 1e-3 * max(
+            1, m["parity"]["max_abs_logit"])
+        assert m["parity"]["agreement"] == 1.0
+        file_nnz = {}
+        for w in stored:
+            file_nnz.setdefault(w.numel, []).append(w.nnz)
+        for size, nnz in run_nnz.items():  # float32 keeps every non-zero, nothing more
+            assert sorted(file_nnz[size]) == sorted(nnz)
+    elif cfg.bits == 16:
+        assert not ints and {w.storage for w in stored} == {"float16"}
+        assert m["parity"]["agreement"] >= 0.95
+    else:
+        assert ints, "nothing was quantized"
+        container = 8 if cfg.bits == 8 else 4
+        assert {w.storage for w in ints} == {f"int{container}"}
+        assert m["container_bits"] == container and m["effective_bits"] <= cfg.bits
+        for w in ints:
+            assert w.levels <= 2 ** cfg.bits - 1 and w.zero_scales == 0
+        for w in stored:  # quantization may round weights to zero, never revive one
+            if w.numel in run_nnz:
+                assert w.nnz <= max(run_nnz[w.numel])
+        assert m["sizes"]["floor_bytes"] < m["sizes"]["torch_fp32_bytes"]
+    assert 0 <= m["parity"]["agreement"] <= 1 and m["parity"]["samples"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+@pytest.mark.parametrize("model", ["cnn", "mlp", "bert"])
+def test_every_bit_width_exports_loads_and_reads_back(runs, model, fmt, tmp_path):
+    sizes = {}
+    for bits in (32, 16, 8, 4, 3, 2):
+        cfg = ExportConfig(format=fmt, bits=bits, **FAST)
+        res = export(cfg, runs[model], out=tmp_path / f"m{bits}.{fmt}")
+        _check_export(res, runs[model], cfg)
+        sizes[bits] = res.manifest["sizes"]["bytes"]
+    assert sizes[32] > sizes[16] > sizes[8] > sizes[4]
+
+
+def test_zero_channels_survive_int4(runs, tmp_path):
+    """A conv filter and a linear row pruned entirely get scale 1, stay zero, and XNNPACK (and
+    onnxruntime) run the int4 file."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["cnn"], run)
+    rd = RunDir(run)
+    state = load_tensors(rd.model)
+    state["features.4.weight"][3] = 0
+    state["classifier.0.weight"][7] = 0
+    save_tensors(rd.model, state)
+    report = rd.read_report()
+    report["files"]["model.safetensors"] = sha256_file(rd.model)
+    write_json(rd.report, report)
+    for fmt, scheme in (("tflite", "weight-only"), ("tflite", "dynamic"),
+                        ("onnx", "weight-only")):
+        res = export(ExportConfig(format=fmt, bits=4, scheme=scheme, **FAST), run,
+                     out=tmp_path / f"z-{fmt}-{scheme}.{fmt}")
+        stored = {w.module: w for w in INSPECT[fmt](res.path)}
+        assert all(w.zero_scales == 0 for w in stored.values())
+        # the runtime ran the whole parity sample (the test split has 50 samples)
+        assert res.manifest["parity"]["samples"] == min(64, len(Splits.load(rd.splits).test))
+    from onnx import load, numpy_helper
+
+    proto = load(str(tmp_path / "z-onnx-weight-only.onnx"))
+    q = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert not q["features.4.weight_q"].astype(np.int8)[3].any()
+    assert q["features.4.weight_scale"][3] == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_static_int8_and_kept_float_layers(runs, fmt, tmp_path):
+    cfg = ExportConfig(format=fmt, bits=8, scheme="static", **FAST)
+    res = export(cfg, runs["cnn"], out=tmp_path / f"s.{fmt}")
+    _check_export(res, runs["cnn"], cfg)
+    assert res.manifest["calibration"] == {"split": "known_members", "samples": 32}
+    assert res.manifest["parity"]["agreement"] >= 0.9
+    keep = ExportConfig(format=fmt, bits=4, keep_float=["classifier.2"], **FAST)
+    res = export(keep, runs["cnn"], out=tmp_path / f"k.{fmt}")
+    stored = {w.module: w.storage for w in INSPECT[fmt](res.path)}
+    assert stored["classifier.2"] == "float32" and stored["classifier.0"] == "int4"
+
+
+def test_runtime_pads_a_fixed_batch_file(runs, tmp_path):
+    res = export(ExportConfig(format="tflite", bits=32, batch_size=4, **FAST), runs["mlp"],
+                 out=tmp_path / "b4.tflite")
+    rt = open_runtime(res.path)
+    assert rt.batch_size == 4 and rt.name == "litert"
+    x = np.random.default_rng(0).random((7, 30)).astype(np.float32)
+    onnx_res = export(ExportConfig(format="onnx", bits=32, **FAST), runs["mlp"],
+                      out=tmp_path / "b.onnx")
+    assert np.allclose(rt(x), open_runtime(onnx_res.path)(x), atol=1e-4)
+
+
+def test_agreement_floor_fails_or_warns(runs, tmp_path):
+    cfg = ExportConfig(format="onnx", bits=2, parity_samples=64, min_agreement=1.0)
+    out = tmp_path / "exports" / "x.onnx"
+    with pytest.raises(ExportError, match="agreement with PyTorch is .* below the floor 1.0"):
+        export(cfg, runs["bert"], out=out)
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # nothing left behind
+    res = export(replace(cfg, warn_only=True), runs["bert"], out=out)
+    assert res.manifest["warnings"] and out.exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _one_line(r, pattern: str) -> None:
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_bad_inputs_give_one_clear_line(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp"], run)
+    _one_line(cli("export", "--run", tmp_path / "nope"), "does not exist")
+    _one_line(cli("export", "--run", run, "--format", "onnx", "--bits", "4", "--scheme",
+                  "dynamic"), "onnx cannot store 4-bit weights .*supported:")
+    _one_line(cli("export", "--run", run, "--keep-float", "conv9"),
+              "no such layer; the run's layers are net.1, net.3")
+    _one_line(cli("export", "--run", run, "--out", tmp_path / "x.tflite"), "must end in .onnx")
+    existing = tmp_path / "e.onnx"
+    existing.write_bytes(b"keep me")
+    _one_line(cli("export", "--run", run, "--out", existing), "already exists; pass --overwrite")
+    assert existing.read_bytes() == b"keep me"
+    # a model file that is not the one the run recorded
+    data = bytearray((run / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (run / "model.safetensors").write_bytes(bytes(data))
+    _one_line(cli("export", "--run", run), "does not match its record in report.json")
+    (run / "report.json").unlink()
+    _one_line(cli("export", "--run", run), "not a finished run \\(missing report.json\\)")
+    assert not (run / "exports").exists()  # nothing partial anywhere
+
+
+def test_converter_rejections_name_the_op(tmp_path):
+    class Eigen(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigh(x @ x.transpose(-1, -2))[0]
+
+    model = torch.nn.Sequential(torch.nn.Identity(), Eigen())
+    x = np.random.default_rng(0).random((2, 3, 3)).astype(np.float32)
+    for fmt in (onnx_format, tflite_format):
+        with pytest.raises(ExportError, match="cannot convert Sequential: operator "
+                                              "aten._?linalg_eigh in layer 1 is not supported"):
+            fmt.convert(model, x, 32, "weight-only", set(), None)
+
+
+def test_cli_all_prints_every_variant(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp"], run)
+    r = cli("export", "--run", run, "--all", "--parity-samples", "32", "--min-agreement",
+            "0.99", timeout=600)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("model-")]
+    assert len(rows) == 12, r.stdout + r.stderr
+    failed = [line for line in rows if "FAILED" in line]
+    assert r.returncode == (1 if failed else 0)
+    assert len(list((run / "exports").glob("*.json"))) == 12 - len(failed)
+    assert all("agreement" in line for line in failed)
