@@ -182,6 +182,8 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
 @click.option("--min-agreement", type=float, default=0.9, show_default=True,
               help=_export_help("min_agreement"))
 @click.option("--warn-only", is_flag=True, help=_export_help("warn_only"))
+@click.option("--float-tolerance", type=float, default=1e-3, show_default=True,
+              help=_export_help("float_tolerance"))
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help=_export_help("batch_size"))
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
