@@ -94,9 +94,10 @@ class Masking:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every inactive weight."""
+        """Zero every inactive weight (+0.0: multiplying by the mask would leave -0.0 where a
+        weight was negative, so identical weights could be saved as different bytes)."""
         for p, m in zip(self.params, self.masks, strict=True):
-            p.mul_(m)
+            p.masked_fill_(~m, 0.0)
 
     @torch.no_grad()
     def mask_grads(self) -> None:
