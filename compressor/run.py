@@ -17,21 +17,18 @@ import safeexport
 from compressor.config import CompressConfig
 from compressor.masking import Masking, init_masks, maskable
 from compressor.regularizers import REGULARIZERS
-from compressor.safecompress import SafetyTest, balanced, mask_update
+from compressor.safecompress import mask_update
 from compressor.train import (
     BatchSampler,
     TrainState,
     cosine,
-    derive_seed,
-    generator,
     make_optimizer,
     predict_logits,
     resolve_device,
     resolve_optimizer,
-    seeded,
     train_steps,
 )
-from safeexport.attacks import ATTACKS, evaluate_membership
+from safeexport.attacks.final import final_membership
 from safeexport.data import ArrayDataset, load_dataset
 from safeexport.data.splits import Splits, make_splits
 from safeexport.errors import ConfigError, DataError
@@ -46,6 +43,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
+from safeexport.seeding import derive_seed, generator, seeded
 
 
 def _versions() -> dict:
@@ -150,21 +148,16 @@ def final_evaluation(model: torch.nn.Module, ds: ArrayDataset, splits: Splits,
                      cfg: CompressConfig, device: torch.device, tag: str):
     """Task accuracy on the test split; the attacker trained on ALL known members/non-members
     and measured on the BALANCED unknown members/non-members (SPEC §4-5)."""
-    safety = SafetyTest(ds, splits, device)
-    with seeded(derive_seed(cfg.seed, "final-attacker", tag), device):
-        attacker = ATTACKS.get(cfg.attack)(ds.num_classes, device)
-    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
-    res = evaluate_membership(
-        attacker, safety.signals(model, splits.known_members),
-        safety.signals(model, splits.known_nonmembers), safety.signals(model, um),
-        safety.signals(model, un), cfg.final_attack_epochs,
-        generator(cfg.seed, "final-attack", tag))
+    res = final_membership(lambda idx: predict_logits(model, ds, idx, device).numpy(), ds.y,
+                           splits, ds.num_classes, cfg.attack, cfg.final_attack_epochs,
+                           cfg.seed, tag, device)
     test = splits.test
     task = accuracy(predict_logits(model, ds, test, device).numpy(), ds.y[test])
     train = accuracy(predict_logits(model, ds, splits.members, device).numpy(),
                      ds.y[splits.members])
     metrics = {"task_acc": task, "train_acc": train, **res.metrics,
-               "tm_score": tm_score(task, res.metrics["mia_acc"], cfg.lam)}
+               "tm_score": tm_score(task, res.metrics["mia_acc"], cfg.lam),
+               "threshold_attacks": res.threshold}
     return metrics, res
 
 

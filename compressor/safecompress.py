@@ -23,22 +23,14 @@ from compressor.train import (
     BatchSampler,
     TrainState,
     dense_grads,
-    derive_seed,
-    generator,
     predict_logits,
-    seeded,
     train_steps,
 )
 from safeexport.attacks import ATTACKS, Attack, Signals
 from safeexport.data import ArrayDataset
-from safeexport.data.splits import Splits
+from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import accuracy, mia_metrics, tm_score
-
-
-def balanced(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Equal numbers of members and non-members (the first k of each shuffled part)."""
-    k = min(len(members), len(nonmembers))
-    return members[:k], nonmembers[:k]
+from safeexport.seeding import derive_seed, generator, seeded
 
 
 @dataclass

@@ -1,11 +1,9 @@
 """Training primitives shared by the SafeCompress loop and the dense reference: a resumable
 batch sampler, a cosine learning-rate schedule, masked SGD steps, inference and dense gradients."""
 
-import contextlib
 import copy
-import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,29 +12,6 @@ from torch import nn
 
 from compressor.masking import Masking
 from safeexport.data import ArrayDataset, to_tensor
-
-
-def derive_seed(seed: int, *tags: object) -> int:
-    """A 63-bit seed derived from ``seed`` and tags, so every consumer has its own stream and the
-    result does not depend on the order in which consumers run."""
-    digest = hashlib.sha256(repr((seed, *tags)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def generator(seed: int, *tags: object) -> torch.Generator:
-    """A CPU torch.Generator seeded with ``derive_seed(seed, *tags)``."""
-    return torch.Generator().manual_seed(derive_seed(seed, *tags))
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block on torch's global RNG seeded with ``seed``, restoring it afterwards (for
-    layer initialisation and dropout, which draw from the global RNG)."""
-    devices = ([device.index if device.index is not None else torch.cuda.current_device()]
-               if device.type == "cuda" else [])
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def resolve_device(name: str) -> torch.device:

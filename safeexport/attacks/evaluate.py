@@ -1,7 +1,7 @@
 """The final membership evaluation on signals alone (no model): the same code runs on the
 PyTorch model's outputs in the compressor and on an exported file's outputs later."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,12 +12,14 @@ from safeexport.metrics import mia_metrics, roc_curve
 
 @dataclass
 class MembershipResult:
-    """Metrics, per-sample scores and ROC of one attack evaluation, and the trained attacker."""
+    """Metrics, per-sample scores and ROC of one attack evaluation, and the trained attacker;
+    ``threshold`` holds the threshold attacks' metrics on the same signals when computed."""
 
     metrics: dict
     scores: np.ndarray
     is_member: np.ndarray
     attacker: Attack
+    threshold: dict = field(default_factory=dict)
 
     def roc(self) -> tuple[np.ndarray, np.ndarray]:
         """(fpr, tpr)."""

@@ -86,6 +86,13 @@ class Splits:
             raise DataError(f"{path}: not a valid splits file ({e})") from e
 
 
+def balanced(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equal numbers of members and non-members (the first k of each part, which keep the
+    stratified order)."""
+    k = min(len(members), len(nonmembers))
+    return members[:k], nonmembers[:k]
+
+
 def make_splits(y: np.ndarray, fingerprint: str, seed: int) -> Splits:
     """Cut the pool into the six parts, stratified by class and reproducible from ``seed``."""
     n = len(y)
