@@ -21,7 +21,8 @@ import torch
 
 from exporters import export
 from exporters.config import SUPPORTED, ExportConfig
-from exporters.run import Source, quiet
+from exporters.run import Source
+from safeexport.console import quiet
 from safeexport.runtimes import open_runtime
 
 
@@ -64,11 +65,11 @@ def main() -> None:
                 res = export(cfg, out=Path(d) / f"{cfg.name()}{suffix}", source=src)
                 s = res.manifest["sizes"]
                 with quiet():
-                    rt1 = open_runtime(res.path, threads)
+                    rt1 = open_runtime(res.path, threads=threads)
                     if fmt == "tflite":  # fixed batch: a second file at batch 256
                         big = export(replace(cfg, batch_size=256),
                                      out=Path(d) / f"{cfg.name()}-b256{suffix}", source=src)
-                        rt256 = open_runtime(big.path, threads)
+                        rt256 = open_runtime(big.path, threads=threads)
                     else:
                         rt256 = rt1
                     t1 = _best(lambda rt=rt1: rt(x1), args.repeats)

@@ -5,13 +5,10 @@ Nothing partial is left behind: the file is written under a hidden temporary nam
 only then renamed into place, followed by its manifest.
 """
 
-import contextlib
 import gzip
 import os
 import platform
-import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +22,7 @@ from exporters import onnx_format, tflite_format
 from exporters.config import SUPPORTED, ExportConfig
 from exporters.quantize import floor_bytes, nonzero_value_bits
 from exporters.stored import StoredWeight
+from safeexport.console import quiet
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
 from safeexport.registry import Registry
@@ -174,28 +172,6 @@ def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
                 f"{parity['acc_after']:.3f}); --min-agreement lowers the floor, --warn-only "
                 "keeps the file"]
     return []
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the converters' own chatter (progress lines, C++ logs on fd 1 and 2, warnings)
-    so the command prints its table and errors only."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "wb") as null, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        os.dup2(null.fileno(), 1)
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
 
 
 def _weight_quantizer(cfg: ExportConfig) -> str | None:

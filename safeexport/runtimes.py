@@ -1,4 +1,6 @@
-"""Runtimes: callables ``logits = runtime(inputs)`` registered by model-file suffix.
+"""Runtimes: callables ``logits = runtime(inputs)``, registered by name with the model-file
+suffixes they run (``auto`` picks by suffix: torch for a run's .safetensors, onnxruntime for
+.onnx, the LiteRT interpreter for .tflite; device_eval adds ``adb`` for a phone).
 
 They live in the shared core because two stages run exported files: the exporters check every
 file in its own runtime, and device_eval re-runs the attacks through the same callables, so the
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safeexport.console import quiet
 from safeexport.errors import DeviceError
 from safeexport.registry import Registry
 
@@ -28,6 +31,13 @@ class Runtime:
     threads: int
     batch_size: int | None
     run: Callable[[np.ndarray], np.ndarray]
+    close: Callable[[], None] = lambda: None  # release what the runtime holds (a phone's files)
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __call__(self, inputs: np.ndarray, chunk: int = 256,
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -45,7 +55,15 @@ class Runtime:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-RUNTIMES: Registry[Callable[[Path, int], Runtime]] = Registry("runtime")
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """How to open a model file (``open(path, threads, **options)``) and which suffixes."""
+
+    open: Callable[..., Runtime]
+    suffixes: tuple[str, ...]
+
+
+RUNTIMES: Registry[RuntimeInfo] = Registry("runtime")
 
 
 def _threads(threads: int | None) -> int:
@@ -75,8 +93,9 @@ def _open_tflite(path: Path, threads: int) -> Runtime:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interp = Interpreter(model_path=str(path), num_threads=threads)
-        interp.allocate_tensors()
+        with quiet():  # LiteRT logs its delegate choice on stderr
+            interp = Interpreter(model_path=str(path), num_threads=threads)
+            interp.allocate_tensors()
     except Exception as e:  # the interpreter raises ValueError/RuntimeError on a bad file
         raise DeviceError(f"LiteRT cannot load {path}: {str(e).splitlines()[0]}") from e
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
@@ -95,13 +114,43 @@ def _open_tflite(path: Path, threads: int) -> Runtime:
     return Runtime("litert", version("ai-edge-litert"), threads, int(inp["shape"][0]), run)
 
 
-RUNTIMES.register(".onnx", _open_onnx)
-RUNTIMES.register(".tflite", _open_tflite)
+def _open_torch(path: Path, threads: int) -> Runtime:
+    """A run's own PyTorch model (the architecture from model.json beside the weights)."""
+    import torch
+
+    from safeexport.rundir import RunDir
+    from safeexport.runio import load_model
+
+    model = load_model(RunDir(path.parent), path)
+
+    @torch.no_grad()
+    def run(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x)).float().numpy()
+
+    return Runtime("torch", torch.__version__, torch.get_num_threads(), None, run)
 
 
-def open_runtime(path: Path, threads: int | None = None) -> Runtime:
-    """The runtime for a model file, chosen by its suffix."""
+RUNTIMES.register("torch", RuntimeInfo(_open_torch, (".safetensors",)))
+RUNTIMES.register("onnxruntime", RuntimeInfo(_open_onnx, (".onnx",)))
+RUNTIMES.register("tflite", RuntimeInfo(_open_tflite, (".tflite",)))
+
+
+def open_runtime(path: Path, runtime: str = "auto", threads: int | None = None,
+                 **options) -> Runtime:
+    """Open a model file in ``runtime`` (``auto``: the first registered for its suffix)."""
     path = Path(path)
     if not path.is_file():
         raise DeviceError(f"model file {path} does not exist")
-    return RUNTIMES.get(path.suffix.lower())(path, _threads(threads))
+    suffix = path.suffix.lower()
+    if runtime == "auto":
+        names = [n for n in RUNTIMES.names() if suffix in RUNTIMES.get(n).suffixes]
+        if not names:
+            known = sorted({s for n in RUNTIMES.names() for s in RUNTIMES.get(n).suffixes})
+            raise DeviceError(f"no runtime runs {suffix or 'suffix-less'} files ({path}); "
+                              f"model files end in {', '.join(known)}")
+        runtime = names[0]
+    info = RUNTIMES.get(runtime)
+    if suffix not in info.suffixes:
+        raise DeviceError(f"runtime {runtime} runs {', '.join(info.suffixes)} files, not "
+                          f"{path.name}")
+    return info.open(path, _threads(threads), **options)
