@@ -51,6 +51,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     \b
     safeexport compress   SafeCompress: sparse training with membership-inference-aware selection
     safeexport export     quantize the run's model and convert it to ONNX or TFLite, checked
+    safeexport evaluate   re-run task test and membership attacks on the exported file: verdict
     """
     ctx.meta["debug"] = debug
 
@@ -235,6 +236,75 @@ def _print_export_table(rows: list[dict]) -> None:
         snr = "exact" if r["snr_db"] is None else f"{r['snr_db']:.1f}"
         click.echo(f"{r['name']:32}{r['bytes']:10,}{r['gzip_bytes']:10,}{r['floor_bytes']:10,}"
                    f"{r['acc_before']:7.3f}{r['acc_after']:7.3f}{r['agreement']:7.3f}{snr:>8}")
+
+
+def _eval_help(name: str) -> str:
+    from device_eval.config import EvalConfig
+
+    return EvalConfig.help_texts()[name]
+
+
+@main.command("evaluate")
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default: the run recorded in the file's manifest).")
+@click.option("--runtime", default="auto", show_default=True,
+              type=click.Choice(["auto", "torch", "onnxruntime", "tflite", "adb"]),
+              help=_eval_help("runtime"))
+@click.option("--serial", help=_eval_help("serial"))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the JSON report (default RUN/evals/<file>-<runtime>.json; "
+                   "the ROC plot goes beside it as .png).")
+@click.option("--max-mia-rise", type=float, default=0.01, show_default=True,
+              help=_eval_help("max_mia_rise"))
+@click.option("--max-task-drop", type=float, default=0.02, show_default=True,
+              help=_eval_help("max_task_drop"))
+@click.option("--threads", type=int, help=_eval_help("threads"))
+@click.option("--attack-epochs", type=int, help=_eval_help("attack_epochs"))
+@click.option("--adb", default="adb", show_default=True, help=_eval_help("adb"))
+@click.option("--runner", default="benchmark_model", show_default=True,
+              type=click.Choice(["benchmark_model", "python"]), help=_eval_help("runner"))
+@click.option("--runner-path", help=_eval_help("runner_path"))
+@click.option("--runner-binary", type=click.Path(dir_okay=False),
+              help=_eval_help("runner_binary"))
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help=_eval_help("timeout"))
+@click.option("--chunk", type=int, default=256, show_default=True, help=_eval_help("chunk"))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run's dataset is now (default: the folder the run recorded).")
+def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
+                 data_dir: Path | None, **flags) -> None:
+    """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
+    `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
+    same figures for the run's PyTorch model, and say whether safety survived.
+
+    Exit status: 0 when MIA accuracy rose by at most --max-mia-rise and task accuracy fell by
+    at most --max-task-drop, 1 when not, 2 for an error.
+    """
+    from device_eval import evaluate
+    from device_eval.config import EvalConfig
+
+    res = evaluate(model_file, EvalConfig(**flags), run_dir, json_out, data_dir)
+    r = res.report
+    click.echo(f"{model_file.name} on {r['runtime']['name']} ({r['runtime']['version']}), "
+               f"{r['samples']['eval_members']}+{r['samples']['eval_nonmembers']} unknown "
+               f"members/non-members, {r['samples']['test']} test samples")
+    click.echo(f"{'':10}{'task acc':>9}{'MIA acc':>9}{'AUC':>7}{'TPR@1%':>8}{'TPR@.1%':>8}"
+               f"{'TM':>7}{'best thr.':>10}")
+    for label, key in (("PyTorch", "before"), ("exported", "after"), ("delta", "delta")):
+        m = r[key]
+        thr = ("" if key == "delta" else
+               f"{max(a['mia_acc'] for a in m['threshold_attacks'].values()):10.4f}")
+        click.echo(f"{label:10}{m['task_acc']:9.4f}{m['mia_acc']:9.4f}{m['auc']:7.3f}"
+                   f"{m['tpr_at_1pct_fpr']:8.3f}{m['tpr_at_0.1pct_fpr']:8.3f}"
+                   f"{m['tm_score']:7.3f}{thr}")
+    click.echo(f"top-1 agreement {r['parity']['agreement']:.4f}; report {res.json_path}, "
+               f"ROC {res.plot_path.name}")
+    if res.passed:
+        click.echo("PASS: privacy and accuracy survived export")
+    else:
+        click.echo("FAIL: " + "; ".join(r["verdict"]["reasons"]))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

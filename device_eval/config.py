@@ -1,0 +1,54 @@
+"""device_eval's config: everything that decides how an exported file is evaluated."""
+
+from dataclasses import dataclass
+
+from safeexport.config import StageConfig, opt
+
+RUNTIME_NAMES = ("auto", "torch", "onnxruntime", "tflite", "adb")
+RUNNERS = ("benchmark_model", "python")
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    """Everything that decides how ``safeexport evaluate`` measures an exported file."""
+
+    runtime: str = opt("auto", "auto (by file suffix: torch .safetensors, onnxruntime .onnx, "
+                       "tflite .tflite), or adb to run on an Android phone")
+    threads: int | None = opt(None, "threads of a host runtime (default min(4, CPUs))")
+    max_mia_rise: float = opt(0.01, "largest allowed rise of MIA accuracy from the PyTorch "
+                              "model to the exported file (0.01 = 1 point)")
+    max_task_drop: float = opt(0.02, "largest allowed fall of task accuracy (0.02 = 2 points)")
+    attack: str | None = opt(None, "trained attack (default: the run's)")
+    attack_epochs: int | None = opt(None, "epochs of the attacker (default: the run's "
+                                    "final_attack_epochs, so the figures compare)")
+    serial: str | None = opt(None, "adb: the device's serial (needed when several are "
+                             "connected)")
+    adb: str = opt("adb", "adb: the adb client to run (a name on PATH or a path)")
+    runner: str = opt("benchmark_model", "adb: device-side runner, benchmark_model (LiteRT's "
+                      "binary, .tflite only) or python (python3 with ai-edge-litert or "
+                      "onnxruntime on the phone, e.g. Termux)")
+    runner_path: str | None = opt(None, "adb: the runner on the device (default "
+                                  "/data/local/tmp/benchmark_model, or python3)")
+    runner_binary: str | None = opt(None, "adb: a benchmark_model binary on this machine to "
+                                    "push (its ABI is checked against the phone's)")
+    timeout: float = opt(300.0, "adb: seconds each step may take before it is killed")
+    chunk: int = opt(256, "samples per batch of inputs sent to the runtime")
+
+    def problems(self) -> list[str]:
+        """Every invalid value, each with what is allowed (all reported at once)."""
+        out = []
+        if self.runtime not in RUNTIME_NAMES:
+            out.append(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIME_NAMES)}")
+        if self.runner not in RUNNERS:
+            out.append(f"runner {self.runner!r} is not one of {', '.join(RUNNERS)}")
+        for name in ("max_mia_rise", "max_task_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append(f"{name} must be in [0, 1]")
+        for name in ("timeout", "chunk"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive")
+        if self.threads is not None and self.threads < 1:
+            out.append("threads must be at least 1")
+        if self.attack_epochs is not None and self.attack_epochs < 1:
+            out.append("attack_epochs must be at least 1")
+        return out

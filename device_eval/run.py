@@ -1,0 +1,164 @@
+"""``evaluate(model_file, config)``: the task test and the membership-inference attacks re-run
+on an exported file, in its runtime, beside the same figures for the run's PyTorch model, and a
+verdict on whether privacy and accuracy survived export.
+
+Both models go through ``final_membership`` with the run's seed, attack and epochs, so the
+attacker starts from the same weights and sees the same batches: the figures differ only by
+the outputs the two models give.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import device_eval.adb  # noqa: F401 - registers the adb runtime
+from device_eval.config import EvalConfig
+from safeexport.attacks.final import final_membership
+from safeexport.data.splits import balanced
+from safeexport.errors import ConfigError
+from safeexport.metrics import accuracy, logit_parity, tm_score
+from safeexport.plots import plot_roc
+from safeexport.rundir import RunDir, sha256_file, write_json
+from safeexport.runio import inputs_of, load_data, open_run
+from safeexport.runtimes import Runtime, open_runtime
+
+TAG = "compressed"  # the compressor's tag for its final evaluation of model.safetensors
+
+
+@dataclass
+class EvalReport:
+    """The evaluation's figures and verdict, and where they were written."""
+
+    report: dict
+    json_path: Path
+    plot_path: Path
+
+    @property
+    def passed(self) -> bool:
+        return self.report["verdict"]["passed"]
+
+
+def _manifest(model_file: Path) -> dict | None:
+    """The export manifest beside an .onnx/.tflite file, checked against the file."""
+    if model_file.suffix == ".safetensors":
+        return None
+    path = model_file.with_suffix(".json")
+    if not path.exists():
+        raise ConfigError(f"{model_file} has no manifest ({path.name}) beside it; evaluate "
+                          "files written by `safeexport export`")
+    manifest = RunDir(model_file.parent).read_json(path)
+    actual = sha256_file(model_file)
+    if actual != manifest.get("sha256"):
+        raise ConfigError(f"{model_file} does not match its manifest (sha256 {actual[:12]} vs "
+                          f"{str(manifest.get('sha256'))[:12]}): the file was changed or "
+                          "replaced after export")
+    return manifest
+
+
+def _logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.ndarray:
+    with tqdm(total=len(inputs), desc=desc, unit="sample", disable=None) as bar:
+        return rt(inputs, chunk=chunk, progress=bar.update)
+
+
+def _figures(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
+             attack: str, epochs: int, seed: int, lam: float):
+    def of(idx: np.ndarray) -> np.ndarray:
+        return logits[[pos[i] for i in idx]]
+
+    res = final_membership(of, y, splits, num_classes, attack, epochs, seed, TAG,
+                           torch.device("cpu"))
+    task = accuracy(of(splits.test), y[splits.test])
+    figures = {"task_acc": task, **res.metrics,
+               "tm_score": tm_score(task, res.metrics["mia_acc"], lam),
+               "threshold_attacks": res.threshold}
+    return figures, res
+
+
+def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,
+             json_out: Path | None = None, data_dir: Path | None = None) -> EvalReport:
+    """Evaluate ``model_file`` (an export, or a run's model.safetensors) against its run."""
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise ConfigError(f"model file {model_file} does not exist")
+    manifest = _manifest(model_file)
+    if run is None:
+        run = manifest["source"]["run"] if manifest else model_file.parent
+    rd = open_run(run)
+    if manifest and manifest["source"]["model_sha256"] != sha256_file(rd.model):
+        raise ConfigError(f"{model_file.name} was exported from another model than "
+                          f"{rd.model} (sha256 differs); pass the --run it came from")
+    ds, splits = load_data(rd, data_dir)
+    rc = rd.read_config()["config"]
+    attack = cfg.attack or rc["attack"]
+    epochs = cfg.attack_epochs or rc["final_attack_epochs"]
+    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
+    needed = np.unique(np.concatenate([splits.test, splits.known_members,
+                                       splits.known_nonmembers, um, un]))
+    pos = {int(i): k for k, i in enumerate(needed)}
+    inputs = inputs_of(ds, needed)
+    if manifest:
+        want = [d for d in manifest["input"]["shape"][1:]]
+        if list(inputs.shape[1:]) != want or str(inputs.dtype) != manifest["input"]["dtype"]:
+            raise ConfigError(f"{model_file.name} takes {manifest['input']['dtype']} inputs of "
+                              f"shape {want}, the run's data is {inputs.dtype} "
+                              f"{list(inputs.shape[1:])}")
+
+    options = ({"serial": cfg.serial, "adb": cfg.adb, "runner": cfg.runner,
+                "runner_path": cfg.runner_path, "runner_binary": cfg.runner_binary,
+                "timeout": cfg.timeout} if cfg.runtime == "adb" else {})
+    with open_runtime(model_file, cfg.runtime, cfg.threads, **options) as rt:
+        probe = rt(inputs[:1])
+        if probe.ndim != 2 or probe.shape[1] != ds.num_classes:
+            raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}, the "
+                              f"run has {ds.num_classes} classes")
+        after_logits = _logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
+        runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads,
+                   **({"serial": cfg.serial} if cfg.runtime == "adb" else {})}
+    with open_runtime(rd.model, "torch") as ref:
+        before_logits = _logits(ref, inputs, cfg.chunk, "torch model.safetensors")
+    if not np.isfinite(after_logits).all():
+        raise ConfigError(f"{model_file.name} produced non-finite logits in {rt.name}")
+
+    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"])
+    before, bres = _figures(before_logits, *args)
+    after, ares = _figures(after_logits, *args)
+    test_rows = [pos[i] for i in splits.test]
+    parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
+    mia_rise = after["mia_acc"] - before["mia_acc"]
+    task_drop = before["task_acc"] - after["task_acc"]
+    reasons = []
+    if mia_rise > cfg.max_mia_rise:
+        reasons.append(f"MIA accuracy rose by {100 * mia_rise:.2f} points (allowed "
+                       f"{100 * cfg.max_mia_rise:g})")
+    if task_drop > cfg.max_task_drop:
+        reasons.append(f"task accuracy fell by {100 * task_drop:.2f} points (allowed "
+                       f"{100 * cfg.max_task_drop:g})")
+    keys = ("task_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tm_score")
+    report = {
+        "model_file": str(model_file.resolve()), "sha256": sha256_file(model_file),
+        "export": ({k: manifest[k] for k in ("format", "bits", "scheme")} if manifest
+                   else {"format": "pytorch", "bits": 32, "scheme": None}),
+        "run": str(rd.path.resolve()), "runtime": runtime,
+        "attack": {"name": attack, "epochs": epochs, "seed": rc["seed"]},
+        "samples": {"test": len(splits.test), "known_members": len(splits.known_members),
+                    "known_nonmembers": len(splits.known_nonmembers),
+                    "eval_members": len(um), "eval_nonmembers": len(un)},
+        "before": before, "after": after,
+        "delta": {k: after[k] - before[k] for k in keys},
+        "parity": parity,
+        "verdict": {"passed": not reasons, "reasons": reasons, "mia_rise": mia_rise,
+                    "task_drop": task_drop, "max_mia_rise": cfg.max_mia_rise,
+                    "max_task_drop": cfg.max_task_drop},
+        "config": cfg.to_dict(),
+    }
+    stem = f"{model_file.stem}-{rt.name}"
+    json_path = Path(json_out) if json_out else rd.path / "evals" / f"{stem}.json"
+    plot_path = json_path.with_suffix(".png")
+    write_json(json_path, report)
+    plot_roc({"PyTorch (before export)": (*bres.roc(), before["auc"]),
+              f"{model_file.name} on {rt.name}": (*ares.roc(), after["auc"])},
+             plot_path, f"MIA before and after export\n{model_file.name}")
+    return EvalReport(report, json_path, plot_path)
