@@ -1,0 +1,289 @@
+"""device_eval: the shared MIA path, runtimes against PyTorch, the verdict and exit codes, bad
+inputs, and the adb runtime driven through a stand-in adb (tests/device/fake_adb.py) plus the
+real adb client where one is installed."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor import compress
+from device_eval import evaluate
+from device_eval.config import EvalConfig
+from exporters import export
+from exporters.config import ExportConfig
+from safeexport.errors import ConfigError, DataError, DeviceError
+from safeexport.rundir import RunDir, sha256_file, write_json
+from safeexport.runio import inputs_of, load_data
+from safeexport.runtimes import open_runtime
+from tests.conftest import tiny_config
+from tests.test_compress import cli
+from tests.test_export import _one_line
+
+DEVICE = Path(__file__).parent / "device"
+FAST = dict(parity_samples=64, calibration=32, min_agreement=0.0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny CNN run on the synthetic images, and its exports."""
+    root = tmp_path_factory.mktemp("eval")
+    path = compress(tiny_config(dense_reference=False), root / "run").path
+    for fmt, bits, scheme in (("onnx", 32, "weight-only"), ("tflite", 32, "weight-only"),
+                              ("onnx", 8, "weight-only"), ("tflite", 8, "static"),
+                              ("tflite", 2, "weight-only")):
+        export(ExportConfig(format=fmt, bits=bits, scheme=scheme, **FAST), path)
+    return path
+
+
+def _exp(run: Path, name: str) -> Path:
+    return run / "exports" / name
+
+
+# ---------------------------------------------------------------- shared path and runtimes
+
+
+def test_torch_runtime_reproduces_the_compressors_figures(run, tmp_path):
+    """Same outputs → same figures: the compressor's final evaluation and device_eval share the
+    membership code path (attacker seed, batches, threshold attacks)."""
+    res = evaluate(run / "model.safetensors", EvalConfig(runtime="torch"), run,
+                   json_out=tmp_path / "e.json")
+    reported = json.loads((run / "report.json").read_text())["compressed"]
+    for key in ("task_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+                "tm_score", "threshold_attacks"):
+        assert res.report["after"][key] == reported[key], key
+        assert res.report["before"][key] == reported[key], key
+    assert set(reported["threshold_attacks"]) == {"loss", "confidence", "entropy",
+                                                  "modified_entropy"}
+
+
+@pytest.mark.parametrize("name", ["model-onnx-w32-weight-only.onnx",
+                                  "model-tflite-w32-weight-only.tflite"])
+def test_float_exports_give_pytorch_logits(run, name, tmp_path):
+    ds, splits = load_data(RunDir(run))
+    x = inputs_of(ds, splits.test)
+    with open_runtime(_exp(run, name)) as rt, open_runtime(run / "model.safetensors") as ref:
+        assert rt.name in ("onnxruntime", "litert") and ref.name == "torch"
+        assert np.abs(rt(x) - ref(x)).max() < 1e-4
+    res = evaluate(_exp(run, name), EvalConfig(), json_out=tmp_path / "f.json")
+    assert res.report["parity"]["agreement"] == 1.0
+    assert res.report["parity"]["max_abs_diff"] < 1e-4
+    assert res.report["sha256"] == sha256_file(_exp(run, name))
+    assert res.plot_path.exists() and res.json_path.exists()
+
+
+def test_verdict_and_exit_codes(run, tmp_path):
+    two_bit = _exp(run, "model-tflite-w2-weight-only.tflite")
+    r = cli("evaluate", two_bit, "--json", tmp_path / "a.json", "--max-task-drop", "0")
+    report = json.loads((tmp_path / "a.json").read_text())
+    drop = report["verdict"]["task_drop"]
+    assert drop == pytest.approx(report["before"]["task_acc"] - report["after"]["task_acc"])
+    assert r.returncode == (1 if drop > 0 or report["verdict"]["mia_rise"] > 0.01 else 0)
+    r = cli("evaluate", two_bit, "--json", tmp_path / "b.json", "--max-task-drop", "1",
+            "--max-mia-rise", "1")
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    r = cli("evaluate", two_bit, "--json", tmp_path / "c.json", "--max-task-drop", "1",
+            "--max-mia-rise", "0")
+    rise = json.loads((tmp_path / "c.json").read_text())["verdict"]["mia_rise"]
+    assert r.returncode == (1 if rise > 0 else 0)
+    # the same command through the module entry point
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    m = subprocess.run([sys.executable, "-m", "device_eval", str(two_bit), "--json",
+                        str(tmp_path / "d.json"), "--max-task-drop", "1", "--max-mia-rise",
+                        "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert m.returncode == 0 and "PASS" in m.stdout, m.stderr
+
+
+def test_verdict_logic_on_known_deltas(run, tmp_path):
+    res = evaluate(_exp(run, "model-tflite-w8-static.tflite"),
+                   EvalConfig(max_mia_rise=1.0, max_task_drop=1.0), json_out=tmp_path / "s.json")
+    r = res.report
+    assert res.passed and r["export"] == {"format": "tflite", "bits": 8, "scheme": "static"}
+    assert r["delta"]["mia_acc"] == pytest.approx(r["after"]["mia_acc"] - r["before"]["mia_acc"])
+    strict = EvalConfig(max_mia_rise=0.0, max_task_drop=0.0)
+    res = evaluate(_exp(run, "model-tflite-w8-static.tflite"), strict,
+                   json_out=tmp_path / "t.json")
+    expected = r["verdict"]["mia_rise"] <= 0 and r["verdict"]["task_drop"] <= 0
+    assert res.passed == expected
+    assert len(res.report["verdict"]["reasons"]) == (r["verdict"]["mia_rise"] > 0) + (
+        r["verdict"]["task_drop"] > 0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_give_one_clear_line_and_write_nothing(run, tmp_path):
+    evals = tmp_path / "evals"
+    onnx = _exp(run, "model-onnx-w8-weight-only.onnx")
+    # not a valid model file (its manifest matches it, so the runtime is what refuses it)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    manifest = json.loads(onnx.with_suffix(".json").read_text())
+    write_json(bad.with_suffix(".json"), {**manifest, "sha256": sha256_file(bad)})
+    _one_line(cli("evaluate", bad, "--json", evals / "x.json"), "onnxruntime cannot load")
+    # a file that differs from its manifest
+    changed = tmp_path / "changed.onnx"
+    changed.write_bytes(onnx.read_bytes() + b"\0")
+    shutil.copy(onnx.with_suffix(".json"), changed.with_suffix(".json"))
+    _one_line(cli("evaluate", changed, "--json", evals / "x.json"),
+              "does not match its manifest")
+    # no manifest, and a missing file
+    lone = tmp_path / "lone.onnx"
+    shutil.copy(onnx, lone)
+    _one_line(cli("evaluate", lone), "has no manifest")
+    _one_line(cli("evaluate", tmp_path / "none.onnx"), "does not exist")
+    # an input shape that does not match the run's data
+    shaped = tmp_path / "shaped.onnx"
+    shutil.copy(onnx, shaped)
+    write_json(shaped.with_suffix(".json"), {**manifest, "input": {"shape": [None, 3, 8, 8],
+                                                                   "dtype": "float32"}})
+    _one_line(cli("evaluate", shaped, "--json", evals / "x.json"),
+              "takes float32 inputs of shape \\[3, 8, 8\\]")
+    assert not evals.exists()
+
+
+def test_data_and_class_mismatches(run, tmp_path):
+    # a run whose data changed after the split
+    npz = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x=rng.integers(0, 255, (400, 1, 8, 8), dtype=np.uint8), y=np.arange(400) % 4)
+    other = compress(tiny_config(dataset=f"npz:{npz}", max_samples=None, epochs=1,
+                                 dense_reference=False), tmp_path / "other").path
+    np.savez(npz, x=rng.integers(0, 255, (400, 1, 8, 8), dtype=np.uint8), y=np.arange(400) % 4)
+    with pytest.raises(DataError, match="differs from the data"):
+        evaluate(other / "model.safetensors", EvalConfig(), other)
+    # a 4-class export evaluated against a 10-class run (digits, same 8x8 inputs), its manifest
+    # edited to claim that run's model
+    digits = compress(tiny_config(dataset="digits", max_samples=None, epochs=1,
+                                  dense_reference=False), tmp_path / "digits").path
+    onnx = tmp_path / "four.onnx"
+    shutil.copy(_exp(run, "model-onnx-w32-weight-only.onnx"), onnx)
+    manifest = json.loads(_exp(run, "model-onnx-w32-weight-only.json").read_text())
+    manifest["source"]["model_sha256"] = sha256_file(digits / "model.safetensors")
+    write_json(onnx.with_suffix(".json"), manifest)
+    with pytest.raises(ConfigError, match="outputs shape \\[4\\], the run has 10 classes"):
+        evaluate(onnx, EvalConfig(), digits, json_out=tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+    # and without the edit, the model mismatch is caught first
+    shutil.copy(_exp(run, "model-onnx-w32-weight-only.json"), onnx.with_suffix(".json"))
+    with pytest.raises(ConfigError, match="exported from another model"):
+        evaluate(onnx, EvalConfig(), digits)
+
+
+# ---------------------------------------------------------------- adb
+
+
+@pytest.fixture
+def phone(tmp_path, monkeypatch) -> Path:
+    """A fake phone with one authorized arm64 device, python3 and benchmark_model installed."""
+    root = tmp_path / "phone"
+    (root / "fs" / "data" / "local" / "tmp").mkdir(parents=True)
+    (root / "bin").mkdir()
+    (root / "devices").write_text("emulator-5554 device\n")
+    adb = tmp_path / "adb"
+    adb.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.path.insert(0, "
+                   f"{str(DEVICE)!r})\nrunpy.run_path({str(DEVICE / 'fake_adb.py')!r}, "
+                   "run_name='__main__')\n")
+    bench = root / "fs" / "data" / "local" / "tmp" / "benchmark_model"
+    bench.write_text(f"#!{sys.executable}\nimport runpy\nrunpy.run_path("
+                     f"{str(DEVICE / 'fake_benchmark_model.py')!r}, run_name='__main__')\n")
+    py = root / "bin" / "python3"
+    py.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    for f in (adb, bench, py):
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
+    return root
+
+
+def _adb_cfg(phone: Path, **kw) -> EvalConfig:
+    return EvalConfig(**{"runtime": "adb", "adb": str(phone.parent / "adb"), "timeout": 60,
+                         "chunk": 64, **kw})
+
+
+def _no_workdirs(phone: Path) -> bool:
+    return not list((phone / "fs" / "data" / "local" / "tmp").glob("safeexport-*"))
+
+
+@pytest.mark.parametrize("name,runner", [
+    ("model-onnx-w8-weight-only.onnx", "python"),
+    ("model-tflite-w32-weight-only.tflite", "python"),
+    ("model-tflite-w32-weight-only.tflite", "benchmark_model"),
+    ("model-tflite-w8-static.tflite", "benchmark_model"),
+])
+def test_adb_runs_the_file_and_matches_the_host(run, phone, name, runner, tmp_path):
+    host = evaluate(_exp(run, name), EvalConfig(), json_out=tmp_path / "host.json")
+    res = evaluate(_exp(run, name), _adb_cfg(phone, runner=runner),
+                   json_out=tmp_path / "adb.json")
+    assert res.report["runtime"]["name"] == "adb"
+    assert "device emulator-5554" in res.report["runtime"]["version"]
+    # same file, same kernels here: the logits agree and so do all membership decisions
+    assert res.report["after"] == host.report["after"]
+    assert _no_workdirs(phone)
+
+
+def _adb_error(run: Path, phone: Path, pattern: str, **kw) -> None:
+    with pytest.raises(DeviceError, match=pattern):
+        evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"), _adb_cfg(phone, **kw), run)
+    assert _no_workdirs(phone)
+
+
+def test_adb_device_selection_errors(run, phone):
+    with pytest.raises(DeviceError, match="adb is not installed .*--adb"):
+        evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"),
+                 EvalConfig(runtime="adb", adb="no-such-adb"), run)
+    (phone / "devices").write_text("")
+    _adb_error(run, phone, "no Android device is connected")
+    (phone / "devices").write_text("R58M unauthorized\n")
+    _adb_error(run, phone, "R58M is unauthorized: .*Allow USB debugging")
+    (phone / "devices").write_text("R58M offline\n")
+    _adb_error(run, phone, "R58M is offline")
+    (phone / "devices").write_text("R58M device\nemulator-5554 device\n")
+    _adb_error(run, phone, "several devices are connected \\(R58M, emulator-5554\\); .*--serial")
+    _adb_error(run, phone, "device nope is not connected", serial="nope")
+
+
+def test_adb_device_state_errors(run, phone):
+    (phone / "free_kb").write_text("100")
+    _adb_error(run, phone, "no space left on device emulator-5554: 0 MiB free")
+    (phone / "free_kb").unlink()
+    (phone / "full").write_text("")
+    _adb_error(run, phone, "no space left on device emulator-5554 .*remote No space")
+    (phone / "full").unlink()
+    _adb_error(run, phone, "wrong ABI: .* is built for x86_64, device emulator-5554 runs "
+               "arm64-v8a", runner_binary="/bin/ls")
+    (phone / "fs" / "data" / "local" / "tmp" / "benchmark_model").unlink()
+    _adb_error(run, phone, "runner missing: no executable /data/local/tmp/benchmark_model")
+    _adb_error(run, phone, "runner missing: nothing-here with numpy", runner="python",
+               runner_path="nothing-here")
+    with pytest.raises(DeviceError, match="benchmark_model runs .tflite files"):
+        evaluate(_exp(run, "model-onnx-w8-weight-only.onnx"), _adb_cfg(phone), run)
+
+
+def test_adb_timeout_kills_the_runner_and_cleans_up(run, phone):
+    (phone / "hang").write_text("")
+    cfg = _adb_cfg(phone, runner="python", timeout=3)
+    with pytest.raises(DeviceError, match="did not finish within 3s.*killed on the device"):
+        evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"), cfg, run)
+    assert _no_workdirs(phone)
+    leftover = subprocess.run(["pgrep", "-f", str(phone / "fs")], capture_output=True)
+    assert leftover.returncode == 1, "a runner survived on the fake phone"
+
+
+@pytest.mark.skipif(shutil.which("adb") is None, reason="the real adb client is not installed")
+def test_real_adb_client_without_a_device(run, tmp_path):
+    """The real client (Debian's adb) with its own server on a private port and no device."""
+    env = {"ANDROID_ADB_SERVER_PORT": "5199"}
+    os.environ.update(env)
+    try:
+        with pytest.raises(DeviceError, match="no Android device is connected"):
+            evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"),
+                     EvalConfig(runtime="adb"), run)
+    finally:
+        subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30)
+        os.environ.pop("ANDROID_ADB_SERVER_PORT")
