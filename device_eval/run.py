@@ -100,7 +100,7 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     pos = {int(i): k for k, i in enumerate(needed)}
     inputs = inputs_of(ds, needed)
     if manifest:
-        want = [d for d in manifest["input"]["shape"][1:]]
+        want = manifest["input"]["shape"][1:]
         if list(inputs.shape[1:]) != want or str(inputs.dtype) != manifest["input"]["dtype"]:
             raise ConfigError(f"{model_file.name} takes {manifest['input']['dtype']} inputs of "
                               f"shape {want}, the run's data is {inputs.dtype} "
@@ -115,8 +115,7 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
             raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}, the "
                               f"run has {ds.num_classes} classes")
         after_logits = _logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
-        runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads,
-                   **({"serial": cfg.serial} if cfg.runtime == "adb" else {})}
+        runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads}
     with open_runtime(rd.model, "torch") as ref:
         before_logits = _logits(ref, inputs, cfg.chunk, "torch model.safetensors")
     if not np.isfinite(after_logits).all():
