@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from safeexport.errors import DeviceError
-from safeexport.runtimes import RUNTIMES, Runtime, RuntimeInfo
+from safeexport.runtimes import RUNTIMES, Runtime, RuntimeInfo, from_interface, to_interface
 
 REMOTE_ROOT = "/data/local/tmp"
 RUNNER_SCRIPT = Path(__file__).with_name("device_runner.py")
@@ -234,11 +234,7 @@ class AdbSession:
         n = len(x)
         if n % batch:
             x = np.concatenate([x, np.repeat(x[-1:], batch - n % batch, axis=0)])
-        scale, zero = inp["quantization"]
-        if scale:  # integer interface: quantize on the host as the host runtime does
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.rint(x / scale + zero), info.min, info.max)
-        x = x.astype(inp["dtype"])
+        x = to_interface(x, inp)
         (tmp / "in").mkdir()
         names = [f"{i:06d}.bin" for i in range(len(x) // batch)]
         for i, name in enumerate(names):
@@ -259,9 +255,7 @@ class AdbSession:
             if y.size != per:
                 raise DeviceError(f"benchmark_model wrote {y.size} values for {name}, "
                                   f"expected {per} ({list(out['shape'])})")
-            oscale, ozero = out["quantization"]
-            y = (y.astype(np.float32) - ozero) * oscale if oscale else y.astype(np.float32)
-            rows.append(y.reshape(out["shape"]))
+            rows.append(from_interface(y, out).reshape(out["shape"]))
         return _check_logits(np.concatenate(rows)[:n], n)
 
     def _kill(self) -> None:

@@ -87,6 +87,22 @@ def _open_onnx(path: Path, threads: int) -> Runtime:
                    lambda x: sess.run(None, {inp.name: x})[0])
 
 
+def to_interface(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Inputs in a TFLite input's dtype; an integer interface (static int8) is quantized with
+    the tensor's scale and zero point."""
+    scale, zero = detail["quantization"]
+    if scale:
+        info = np.iinfo(detail["dtype"])
+        x = np.clip(np.rint(x / scale + zero), info.min, info.max)
+    return x.astype(detail["dtype"])
+
+
+def from_interface(y: np.ndarray, detail: dict) -> np.ndarray:
+    """float32 values of a TFLite output (dequantized when its interface is integer)."""
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale if scale else y.astype(np.float32)
+
+
 def _open_tflite(path: Path, threads: int) -> Runtime:
     from importlib.metadata import version
 
@@ -101,15 +117,9 @@ def _open_tflite(path: Path, threads: int) -> Runtime:
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
 
     def run(x: np.ndarray) -> np.ndarray:
-        scale, zero = inp["quantization"]
-        if scale:  # integer interface (static int8): quantize on the host
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.rint(x / scale + zero), info.min, info.max)
-        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        interp.set_tensor(inp["index"], to_interface(x, inp))
         interp.invoke()
-        y = interp.get_tensor(out["index"])
-        oscale, ozero = out["quantization"]
-        return (y.astype(np.float32) - ozero) * oscale if oscale else y
+        return from_interface(interp.get_tensor(out["index"]), out)
 
     return Runtime("litert", version("ai-edge-litert"), threads, int(inp["shape"][0]), run)
 
