@@ -38,7 +38,8 @@ def run(tmp_path_factory) -> Path:
     for fmt, bits, scheme in (("onnx", 32, "weight-only"), ("tflite", 32, "weight-only"),
                               ("onnx", 8, "weight-only"), ("tflite", 8, "static"),
                               ("tflite", 2, "weight-only")):
-        export(ExportConfig(format=fmt, bits=bits, scheme=scheme, **FAST), path)
+        # a batch of 25 keeps benchmark_model invocations (one per batch) few
+        export(ExportConfig(format=fmt, bits=bits, scheme=scheme, batch_size=25, **FAST), path)
     return path
 
 
@@ -287,3 +288,24 @@ def test_real_adb_client_without_a_device(run, tmp_path):
     finally:
         subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30)
         os.environ.pop("ANDROID_ADB_SERVER_PORT")
+
+
+def test_cli_compress_export_evaluate_on_the_digits_default(tmp_path):
+    """The three stages through the command line on the embedded default dataset."""
+    out = tmp_path / "run"
+    r = cli("compress", "--out", out, "--epochs", "6", "--update-frequency", "20",
+            "--final-attack-epochs", "20", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for fmt in ("onnx", "tflite"):
+        for bits in ("8", "4"):
+            r = cli("export", "--run", out, "--format", fmt, "--bits", bits, "--min-agreement",
+                    "0.5", "--parity-samples", "128")
+            assert r.returncode == 0, r.stderr
+            name = f"model-{fmt}-w{bits}-weight-only"
+            model = out / "exports" / f"{name}.{fmt}"
+            r = cli("evaluate", model, "--json", tmp_path / f"{name}.json")
+            assert r.returncode in (0, 1), r.stderr
+            report = json.loads((tmp_path / f"{name}.json").read_text())
+            assert ("PASS" in r.stdout) == report["verdict"]["passed"] == (r.returncode == 0)
+            assert report["samples"]["eval_members"] == report["samples"]["eval_nonmembers"]
+            assert report["before"]["task_acc"] > 0.5  # 10 classes: chance is 0.1
