@@ -1,7 +1,6 @@
 """``compress(config, out)``: data → membership split → sparse init → SafeCompress loop →
 final evaluation (and a dense reference) → run directory."""
 
-import json
 import math
 import platform
 import shutil
@@ -38,6 +37,7 @@ from safeexport.plots import plot_curve, plot_roc
 from safeexport.rundir import (
     RunDir,
     atomic_write,
+    load_metadata,
     load_tensors,
     save_tensors,
     sha256_file,
@@ -115,16 +115,13 @@ def _save_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler, rnd:
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"round": rnd, "iteration": it, "sampler_pos": pos, "elapsed": elapsed,
             "param_groups": opt["param_groups"]}
-    save_tensors(run.checkpoint, tensors, {"state": json.dumps(meta)})
+    save_tensors(run.checkpoint, tensors, meta)
 
 
 def _load_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler) -> dict:
-    from safetensors import safe_open
-
     t = load_tensors(run.checkpoint)
+    meta = load_metadata(run.checkpoint)
     try:
-        with safe_open(str(run.checkpoint), "pt") as f:
-            meta = json.loads(f.metadata()["state"])
         state.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         masks = [t[f"mask.{i}"] for i in range(len(state.masking.masks))]
         opt_state: dict = {}
@@ -297,7 +294,7 @@ def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
     state.masking.apply()
     _layer_density_check(state)
     save_tensors(run.model, state.model.state_dict(),
-                 {"model": model_name, "density": str(state.masking.density())})
+                 {"model": model_name, "density": state.masking.density()})
     t0 = time.time()
     compressed, res = final_evaluation(state.model, ds, splits, cfg, device, "compressed")
     eval_time = time.time() - t0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from safeexport.errors import ConfigError
@@ -49,11 +49,26 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+METADATA_KEY = "safeexport"
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, str] | None = None) -> None:
-    """Atomically write tensors (made contiguous, on CPU) as safetensors."""
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+                 metadata: dict | None = None) -> None:
+    """Atomically write tensors (made contiguous, on CPU) as safetensors, with ``metadata`` as
+    one sorted JSON string: safetensors writes a metadata map in hash order, so several keys
+    would make the same content different bytes (and a different sha256) from run to run."""
+    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
     atomic_write(path, lambda f: f.write(data))
+
+
+def load_metadata(path: Path) -> dict:
+    """The metadata ``save_tensors`` wrote ({} when there is none)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path} is damaged or not a safetensors file ({e})") from e
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
