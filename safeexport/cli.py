@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
+from compressor.config import CompressConfig
+from device_eval.config import EvalConfig
+from exporters.config import ExportConfig
 from safeexport.errors import SafeExportError
+
+# Option help comes from the stage configs' field docs (the configs are torch-free).
+COMPRESS_HELP = CompressConfig.help_texts()
+EXPORT_HELP = ExportConfig.help_texts()
+EVAL_HELP = EvalConfig.help_texts()
 
 
 def _split_list(ctx, param, value):
@@ -56,16 +64,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.meta["debug"] = debug
 
 
-def _help(name: str) -> str:
-    from compressor.config import CompressConfig
-
-    return CompressConfig.help_texts()[name]
-
-
-def _export_help(name: str) -> str:
-    from exporters.config import ExportConfig
-
-    return ExportConfig.help_texts()[name]
 
 
 @main.command()
@@ -76,51 +74,54 @@ def _export_help(name: str) -> str:
               help="digits (embedded, no download), synthetic, fashionmnist, mnist, cifar10, "
                    "cifar100, tinyimagenet, purchase100, texas100, agnews, yelp5, npz:PATH "
                    "(arrays x, y) or folder:PATH (PATH/<class>/<image>).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help=_help("data_dir"))
-@click.option("--download", is_flag=True, help=_help("download"))
-@click.option("--max-samples", type=click.IntRange(min=1), help=_help("max_samples"))
+@click.option("--data-dir", type=click.Path(file_okay=False), help=COMPRESS_HELP["data_dir"])
+@click.option("--download", is_flag=True, help=COMPRESS_HELP["download"])
+@click.option("--max-samples", type=click.IntRange(min=1), help=COMPRESS_HELP["max_samples"])
 @click.option("--sparsity", type=float, default=0.05, show_default=True,
               help="Fraction of weights KEPT (the paper's Ω): 0.05 keeps 5% of the weights "
                    "and sets 95% to zero. Must be in (0, 1].")
-@click.option("--epochs", type=int, default=40, show_default=True, help=_help("epochs"))
+@click.option("--epochs", type=int, default=40, show_default=True, help=COMPRESS_HELP["epochs"])
 @click.option("--update-frequency", type=int, default=40, show_default=True,
-              help=_help("update_frequency") + " (paper: 4000).")
-@click.option("--batch-size", type=int, default=128, show_default=True, help=_help("batch_size"))
+              help=COMPRESS_HELP["update_frequency"] + " (paper: 4000).")
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help=COMPRESS_HELP["batch_size"])
 @click.option("--optimizer", default="auto", show_default=True,
-              type=click.Choice(["auto", "sgd", "adamw"]), help=_help("optimizer"))
-@click.option("--lr", type=float, help=_help("lr"))
-@click.option("--momentum", type=float, default=0.9, show_default=True, help=_help("momentum"))
+              type=click.Choice(["auto", "sgd", "adamw"]), help=COMPRESS_HELP["optimizer"])
+@click.option("--lr", type=float, help=COMPRESS_HELP["lr"])
+@click.option("--momentum", type=float, default=0.9, show_default=True,
+              help=COMPRESS_HELP["momentum"])
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True,
-              help=_help("weight_decay"))
+              help=COMPRESS_HELP["weight_decay"])
 @click.option("--regularizer", default="none", show_default=True,
               type=click.Choice(["none", "re1", "re2"]),
               help="Entropy regularizer: re1 rewards output entropy on the whole batch, re2 on "
                    "misclassified samples only (the paper's best).")
-@click.option("--beta", type=float, default=0.1, show_default=True, help=_help("beta"))
-@click.option("--lam", type=float, default=1.0, show_default=True, help=_help("lam"))
+@click.option("--beta", type=float, default=0.1, show_default=True, help=COMPRESS_HELP["beta"])
+@click.option("--lam", type=float, default=1.0, show_default=True, help=COMPRESS_HELP["lam"])
 @click.option("--prune", default="magnitude,threshold", show_default=True, callback=_split_list,
               help="Comma-separated prune strategies (candidates = prune x grow).")
 @click.option("--grow", default="gradient,random", show_default=True, callback=_split_list,
               help="Comma-separated grow strategies.")
 @click.option("--prune-rate", type=float, default=0.5, show_default=True,
-              help=_help("prune_rate"))
+              help=COMPRESS_HELP["prune_rate"])
 @click.option("--finetune-iters", type=int, default=20, show_default=True,
-              help=_help("finetune_iters"))
-@click.option("--attack", default="nasr", show_default=True, help=_help("attack"))
+              help=COMPRESS_HELP["finetune_iters"])
+@click.option("--attack", default="nasr", show_default=True, help=COMPRESS_HELP["attack"])
 @click.option("--attack-epochs", type=int, default=30, show_default=True,
-              help=_help("attack_epochs"))
+              help=COMPRESS_HELP["attack_epochs"])
 @click.option("--attack-finetune-epochs", type=int, default=5, show_default=True,
-              help=_help("attack_finetune_epochs"))
+              help=COMPRESS_HELP["attack_finetune_epochs"])
 @click.option("--final-attack-epochs", type=int, default=60, show_default=True,
-              help=_help("final_attack_epochs"))
+              help=COMPRESS_HELP["final_attack_epochs"])
 @click.option("--dense-reference/--no-dense-reference", default=True, show_default=True,
-              help=_help("dense_reference"))
-@click.option("--device", default="auto", show_default=True, help=_help("device"))
-@click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
-@click.option("--pretrained", type=click.Path(file_okay=False), help=_help("pretrained"))
-@click.option("--max-length", type=int, default=64, show_default=True, help=_help("max_length"))
+              help=COMPRESS_HELP["dense_reference"])
+@click.option("--device", default="auto", show_default=True, help=COMPRESS_HELP["device"])
+@click.option("--seed", type=int, default=0, show_default=True, help=COMPRESS_HELP["seed"])
+@click.option("--pretrained", type=click.Path(file_okay=False), help=COMPRESS_HELP["pretrained"])
+@click.option("--max-length", type=int, default=64, show_default=True,
+              help=COMPRESS_HELP["max_length"])
 @click.option("--vocab-size", type=int, default=8000, show_default=True,
-              help=_help("vocab_size"))
+              help=COMPRESS_HELP["vocab_size"])
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default runs/<dataset>-<model>-s<sparsity>-<time>).")
 @click.option("--resume", is_flag=True,
@@ -142,7 +143,6 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
     import dataclasses
 
     from compressor import compress as run_compress
-    from compressor.config import CompressConfig
 
     fields = [f.name for f in dataclasses.fields(CompressConfig)]  # every flag but the run's own
     if resume:
@@ -168,25 +168,25 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
               help="Run directory from `safeexport compress` (default: the newest finished run "
                    "under runs/).")
 @click.option("--format", "fmt", default="onnx", show_default=True,
-              type=click.Choice(["onnx", "tflite"]), help=_export_help("format"))
+              type=click.Choice(["onnx", "tflite"]), help=EXPORT_HELP["format"])
 @click.option("--bits", type=click.Choice(["32", "16", "8", "4", "3", "2"]), default="8",
-              show_default=True, help=_export_help("bits"))
+              show_default=True, help=EXPORT_HELP["bits"])
 @click.option("--scheme", default="weight-only", show_default=True,
               type=click.Choice(["weight-only", "dynamic", "static"]),
-              help=_export_help("scheme"))
+              help=EXPORT_HELP["scheme"])
 @click.option("--calibration", type=int, default=256, show_default=True,
-              help=_export_help("calibration"))
+              help=EXPORT_HELP["calibration"])
 @click.option("--keep-float", callback=_split_list, default="",
               help="Comma-separated modules kept in float (e.g. features.0,classifier.2).")
 @click.option("--parity-samples", type=int, default=512, show_default=True,
-              help=_export_help("parity_samples"))
+              help=EXPORT_HELP["parity_samples"])
 @click.option("--min-agreement", type=float, default=0.9, show_default=True,
-              help=_export_help("min_agreement"))
-@click.option("--warn-only", is_flag=True, help=_export_help("warn_only"))
+              help=EXPORT_HELP["min_agreement"])
+@click.option("--warn-only", is_flag=True, help=EXPORT_HELP["warn_only"])
 @click.option("--float-tolerance", type=float, default=1e-3, show_default=True,
-              help=_export_help("float_tolerance"))
+              help=EXPORT_HELP["float_tolerance"])
 @click.option("--batch-size", type=int, default=1, show_default=True,
-              help=_export_help("batch_size"))
+              help=EXPORT_HELP["batch_size"])
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the run's dataset is now (default: the folder the run recorded).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -206,7 +206,6 @@ def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_
     pruned weights are still zero; the figures go into a manifest beside the file.
     """
     from exporters import export, export_all
-    from exporters.config import ExportConfig
 
     cfg = ExportConfig(format=fmt, bits=int(bits), **flags)
     if all_variants:
@@ -238,11 +237,6 @@ def _print_export_table(rows: list[dict]) -> None:
                    f"{r['acc_before']:7.3f}{r['acc_after']:7.3f}{r['agreement']:7.3f}{snr:>8}")
 
 
-def _eval_help(name: str) -> str:
-    from device_eval.config import EvalConfig
-
-    return EvalConfig.help_texts()[name]
-
 
 @main.command("evaluate")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
@@ -250,26 +244,26 @@ def _eval_help(name: str) -> str:
               help="Run directory (default: the run recorded in the file's manifest).")
 @click.option("--runtime", default="auto", show_default=True,
               type=click.Choice(["auto", "torch", "onnxruntime", "tflite", "adb"]),
-              help=_eval_help("runtime"))
-@click.option("--serial", help=_eval_help("serial"))
+              help=EVAL_HELP["runtime"])
+@click.option("--serial", help=EVAL_HELP["serial"])
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the JSON report (default RUN/evals/<file>-<runtime>.json; "
                    "the ROC plot goes beside it as .png).")
 @click.option("--max-mia-rise", type=float, default=0.01, show_default=True,
-              help=_eval_help("max_mia_rise"))
+              help=EVAL_HELP["max_mia_rise"])
 @click.option("--max-task-drop", type=float, default=0.02, show_default=True,
-              help=_eval_help("max_task_drop"))
-@click.option("--threads", type=int, help=_eval_help("threads"))
-@click.option("--attack-epochs", type=int, help=_eval_help("attack_epochs"))
-@click.option("--adb", default="adb", show_default=True, help=_eval_help("adb"))
+              help=EVAL_HELP["max_task_drop"])
+@click.option("--threads", type=int, help=EVAL_HELP["threads"])
+@click.option("--attack-epochs", type=int, help=EVAL_HELP["attack_epochs"])
+@click.option("--adb", default="adb", show_default=True, help=EVAL_HELP["adb"])
 @click.option("--runner", default="benchmark_model", show_default=True,
-              type=click.Choice(["benchmark_model", "python"]), help=_eval_help("runner"))
-@click.option("--runner-path", help=_eval_help("runner_path"))
+              type=click.Choice(["benchmark_model", "python"]), help=EVAL_HELP["runner"])
+@click.option("--runner-path", help=EVAL_HELP["runner_path"])
 @click.option("--runner-binary", type=click.Path(dir_okay=False),
-              help=_eval_help("runner_binary"))
+              help=EVAL_HELP["runner_binary"])
 @click.option("--timeout", type=float, default=300.0, show_default=True,
-              help=_eval_help("timeout"))
-@click.option("--chunk", type=int, default=256, show_default=True, help=_eval_help("chunk"))
+              help=EVAL_HELP["timeout"])
+@click.option("--chunk", type=int, default=256, show_default=True, help=EVAL_HELP["chunk"])
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the run's dataset is now (default: the folder the run recorded).")
 def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
@@ -282,7 +276,6 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     at most --max-task-drop, 1 when not, 2 for an error.
     """
     from device_eval import evaluate
-    from device_eval.config import EvalConfig
 
     res = evaluate(model_file, EvalConfig(**flags), run_dir, json_out, data_dir)
     r = res.report
