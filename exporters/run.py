@@ -28,7 +28,7 @@ from safeexport.metrics import logit_parity
 from safeexport.registry import Registry
 from safeexport.rundir import RunDir, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data, load_model, open_run
-from safeexport.runtimes import open_runtime
+from safeexport.runtimes import open_runtime, torch_runtime
 
 FORMATS: Registry[ModuleType] = Registry("export format")
 FORMATS.register("onnx", onnx_format)
@@ -73,9 +73,7 @@ class Source:
         ds, splits = load_data(rd, data_dir)
         test = splits.test[:parity_samples]
         inputs = inputs_of(ds, test)
-        with torch.no_grad():
-            reference = torch.cat([model(torch.from_numpy(inputs[s:s + 256]))
-                                   for s in range(0, len(inputs), 256)]).numpy()
+        reference = torch_runtime(model)(inputs)
         params = dict(model.named_parameters())
         layers = [{"name": layer["name"], "size": layer["size"],
                    "nnz": int(torch.count_nonzero(params[layer["name"]]))}

@@ -126,12 +126,15 @@ def _open_tflite(path: Path, threads: int) -> Runtime:
 
 def _open_torch(path: Path, threads: int) -> Runtime:
     """A run's own PyTorch model (the architecture from model.json beside the weights)."""
-    import torch
-
     from safeexport.rundir import RunDir
     from safeexport.runio import load_model
 
-    model = load_model(RunDir(path.parent), path)
+    return torch_runtime(load_model(RunDir(path.parent), path))
+
+
+def torch_runtime(model) -> Runtime:
+    """A loaded PyTorch model (eval mode, CPU) as a runtime."""
+    import torch
 
     @torch.no_grad()
     def run(x: np.ndarray) -> np.ndarray:
