@@ -66,8 +66,9 @@ class Adb:
             raise AdbTimeout(f"adb {args[0]} did not finish within {timeout or self.timeout:g}s "
                              "(raise --timeout for a slow phone)") from e
         if r.returncode != 0:
-            said = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()
-            text = said[-1]
+            # adb prints some errors on stdout, followed by a summary ("0 files pushed")
+            said = f"{r.stderr}\n{r.stdout}".strip().splitlines() or [f"exit {r.returncode}"]
+            text = next((line for line in reversed(said) if "error" in line.lower()), said[-1])
             if "No space left" in r.stderr + r.stdout:
                 raise DeviceError(f"no space left on device {self.serial} ({text}); free space "
                                   f"in {REMOTE_ROOT} or lower --chunk")
