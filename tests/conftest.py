@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny, fast compress config and the location of the real datasets."""
+"""Shared fixtures: a tiny, fast compress config, a finished tiny run with its exports, and the
+location of the real datasets."""
 
 import os
 from pathlib import Path
@@ -6,9 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compressor import compress
 from compressor.config import CompressConfig
+from exporters import export
+from exporters.config import ExportConfig
 
 REPO = Path(__file__).resolve().parents[1]
+FAST_EXPORT = dict(parity_samples=64, calibration=32, min_agreement=0.0)
 
 
 def tiny_config(**overrides) -> CompressConfig:
@@ -54,3 +59,18 @@ def datasets_dir() -> Path:
     if d is None:
         pytest.skip("real datasets not found (set SAFEEXPORT_DATASETS or add ../shared/datasets)")
     return d
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory) -> Path:
+    """A tiny CNN run on the synthetic images, and its exports (ONNX and TFLite, float and
+    int8, and a 2-bit TFLite)."""
+    root = tmp_path_factory.mktemp("exported-run")
+    path = compress(tiny_config(dense_reference=False), root / "run").path
+    for fmt, bits, scheme in (("onnx", 32, "weight-only"), ("tflite", 32, "weight-only"),
+                              ("onnx", 8, "weight-only"), ("tflite", 8, "static"),
+                              ("tflite", 2, "weight-only")):
+        # a batch of 25 keeps benchmark_model invocations (one per batch) few
+        export(ExportConfig(format=fmt, bits=bits, scheme=scheme, batch_size=25, **FAST_EXPORT),
+               path)
+    return path

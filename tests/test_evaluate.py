@@ -1,11 +1,10 @@
-"""device_eval: the shared MIA path, runtimes against PyTorch, the verdict and exit codes, bad
-inputs, and the adb runtime driven through a stand-in adb (tests/device/fake_adb.py) plus the
-real adb client where one is installed."""
+"""device_eval on the host: the shared MIA path, runtimes against PyTorch, the verdict and exit
+codes, bad inputs, and the three stages through the CLI. The adb runtime is tested against the
+emulated arm64 phone in tests/device/."""
 
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,31 +15,13 @@ import pytest
 from compressor import compress
 from device_eval import evaluate
 from device_eval.config import EvalConfig
-from exporters import export
-from exporters.config import ExportConfig
-from safeexport.errors import ConfigError, DataError, DeviceError
+from safeexport.errors import ConfigError, DataError
 from safeexport.rundir import RunDir, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data
 from safeexport.runtimes import open_runtime
 from tests.conftest import tiny_config
 from tests.test_compress import cli
 from tests.test_export import _one_line
-
-DEVICE = Path(__file__).parent / "device"
-FAST = dict(parity_samples=64, calibration=32, min_agreement=0.0)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A tiny CNN run on the synthetic images, and its exports."""
-    root = tmp_path_factory.mktemp("eval")
-    path = compress(tiny_config(dense_reference=False), root / "run").path
-    for fmt, bits, scheme in (("onnx", 32, "weight-only"), ("tflite", 32, "weight-only"),
-                              ("onnx", 8, "weight-only"), ("tflite", 8, "static"),
-                              ("tflite", 2, "weight-only")):
-        # a batch of 25 keeps benchmark_model invocations (one per batch) few
-        export(ExportConfig(format=fmt, bits=bits, scheme=scheme, batch_size=25, **FAST), path)
-    return path
 
 
 def _exp(run: Path, name: str) -> Path:
@@ -175,119 +156,6 @@ def test_data_and_class_mismatches(run, tmp_path):
     shutil.copy(_exp(run, "model-onnx-w32-weight-only.json"), onnx.with_suffix(".json"))
     with pytest.raises(ConfigError, match="exported from another model"):
         evaluate(onnx, EvalConfig(), digits)
-
-
-# ---------------------------------------------------------------- adb
-
-
-@pytest.fixture
-def phone(tmp_path, monkeypatch) -> Path:
-    """A fake phone with one authorized arm64 device, python3 and benchmark_model installed."""
-    root = tmp_path / "phone"
-    (root / "fs" / "data" / "local" / "tmp").mkdir(parents=True)
-    (root / "bin").mkdir()
-    (root / "devices").write_text("emulator-5554 device\n")
-    adb = tmp_path / "adb"
-    adb.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.path.insert(0, "
-                   f"{str(DEVICE)!r})\nrunpy.run_path({str(DEVICE / 'fake_adb.py')!r}, "
-                   "run_name='__main__')\n")
-    bench = root / "fs" / "data" / "local" / "tmp" / "benchmark_model"
-    bench.write_text(f"#!{sys.executable}\nimport runpy\nrunpy.run_path("
-                     f"{str(DEVICE / 'fake_benchmark_model.py')!r}, run_name='__main__')\n")
-    py = root / "bin" / "python3"
-    py.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-    for f in (adb, bench, py):
-        f.chmod(f.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
-    return root
-
-
-def _adb_cfg(phone: Path, **kw) -> EvalConfig:
-    return EvalConfig(**{"runtime": "adb", "adb": str(phone.parent / "adb"), "timeout": 60,
-                         "chunk": 64, **kw})
-
-
-def _no_workdirs(phone: Path) -> bool:
-    return not list((phone / "fs" / "data" / "local" / "tmp").glob("safeexport-*"))
-
-
-@pytest.mark.parametrize("name,runner", [
-    ("model-onnx-w8-weight-only.onnx", "python"),
-    ("model-tflite-w32-weight-only.tflite", "python"),
-    ("model-tflite-w32-weight-only.tflite", "benchmark_model"),
-    ("model-tflite-w8-static.tflite", "benchmark_model"),
-])
-def test_adb_runs_the_file_and_matches_the_host(run, phone, name, runner, tmp_path):
-    host = evaluate(_exp(run, name), EvalConfig(), json_out=tmp_path / "host.json")
-    res = evaluate(_exp(run, name), _adb_cfg(phone, runner=runner),
-                   json_out=tmp_path / "adb.json")
-    assert res.report["runtime"]["name"] == "adb"
-    assert "device emulator-5554" in res.report["runtime"]["version"]
-    # same file, same kernels here: the logits agree and so do all membership decisions
-    assert res.report["after"] == host.report["after"]
-    assert _no_workdirs(phone)
-
-
-def _adb_error(run: Path, phone: Path, pattern: str, **kw) -> None:
-    with pytest.raises(DeviceError, match=pattern):
-        evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"), _adb_cfg(phone, **kw), run)
-    assert _no_workdirs(phone)
-
-
-def test_adb_device_selection_errors(run, phone):
-    with pytest.raises(DeviceError, match="adb is not installed .*--adb"):
-        evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"),
-                 EvalConfig(runtime="adb", adb="no-such-adb"), run)
-    (phone / "devices").write_text("")
-    _adb_error(run, phone, "no Android device is connected")
-    (phone / "devices").write_text("R58M unauthorized\n")
-    _adb_error(run, phone, "R58M is unauthorized: .*Allow USB debugging")
-    (phone / "devices").write_text("R58M offline\n")
-    _adb_error(run, phone, "R58M is offline")
-    (phone / "devices").write_text("R58M device\nemulator-5554 device\n")
-    _adb_error(run, phone, "several devices are connected \\(R58M, emulator-5554\\); .*--serial")
-    _adb_error(run, phone, "device nope is not connected", serial="nope")
-
-
-def test_adb_device_state_errors(run, phone):
-    (phone / "free_kb").write_text("100")
-    _adb_error(run, phone, "no space left on device emulator-5554: 0 MiB free")
-    (phone / "free_kb").unlink()
-    (phone / "full").write_text("")
-    _adb_error(run, phone, "no space left on device emulator-5554 .*remote No space")
-    (phone / "full").unlink()
-    _adb_error(run, phone, "wrong ABI: .* is built for x86_64, device emulator-5554 runs "
-               "arm64-v8a", runner_binary="/bin/ls")
-    (phone / "fs" / "data" / "local" / "tmp" / "benchmark_model").unlink()
-    _adb_error(run, phone, "runner missing: no executable /data/local/tmp/benchmark_model")
-    _adb_error(run, phone, "runner missing: nothing-here with numpy", runner="python",
-               runner_path="nothing-here")
-    with pytest.raises(DeviceError, match="benchmark_model runs .tflite files"):
-        evaluate(_exp(run, "model-onnx-w8-weight-only.onnx"), _adb_cfg(phone), run)
-
-
-def test_adb_timeout_kills_the_runner_and_cleans_up(run, phone):
-    (phone / "hang").write_text("")
-    cfg = _adb_cfg(phone, runner="python", timeout=3)
-    with pytest.raises(DeviceError, match="did not finish within 3s.*killed on the device"):
-        evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"), cfg, run)
-    assert _no_workdirs(phone)
-    leftover = subprocess.run(["pgrep", "-f", str(phone / "fs")], capture_output=True)
-    assert leftover.returncode == 1, "a runner survived on the fake phone"
-
-
-@pytest.mark.skipif(shutil.which("adb") is None, reason="the real adb client is not installed")
-def test_real_adb_client_without_a_device(run, tmp_path):
-    """The real client (Debian's adb) with its own server on a private port and no device."""
-    env = {"ANDROID_ADB_SERVER_PORT": "5199"}
-    os.environ.update(env)
-    try:
-        with pytest.raises(DeviceError, match="no Android device is connected"):
-            evaluate(_exp(run, "model-tflite-w32-weight-only.tflite"),
-                     EvalConfig(runtime="adb"), run)
-    finally:
-        subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30)
-        os.environ.pop("ANDROID_ADB_SERVER_PORT")
 
 
 def test_cli_compress_export_evaluate_on_the_digits_default(tmp_path):

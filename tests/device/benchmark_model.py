@@ -1,7 +1,9 @@
-"""A stand-in for LiteRT's benchmark_model on the fake phone: the flags device_eval passes
-(--graph, --input_layer, --input_layer_shape, --input_layer_value_files, --output_filepath,
---num_runs), run with the host's LiteRT interpreter. It proves the flag and file handling of the
-benchmark_model runner, not the real binary."""
+#!/usr/bin/env python3
+"""A stand-in for LiteRT's benchmark_model binary, pushed to the emulated phone as
+/data/local/tmp/benchmark_model: it takes the flags device_eval passes (--graph, --input_layer,
+--input_layer_shape, --input_layer_value_files, --output_filepath, --num_runs) and runs the
+graph with the phone's arm64 LiteRT interpreter. It proves the benchmark_model runner's flags,
+files and shell loop on the device, not the real binary (none is built for this rig)."""
 
 import sys
 
