@@ -10,6 +10,8 @@ from safeexport.config import StageConfig, opt
 class CompressConfig(StageConfig):
     """Everything that decides what ``safeexport compress`` produces."""
 
+    method: str = opt("safecompress", "safecompress, or a baseline: dense (no compression), "
+                      "prune (train dense, magnitude-prune, fine-tune)")
     model: str = opt("auto", "architecture; auto = cnn for images, mlp for tables, bert for text")
     dataset: str = opt("digits", "dataset name, npz:PATH or folder:PATH")
     data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
@@ -32,6 +34,7 @@ class CompressConfig(StageConfig):
     grow: list[str] = opt(["gradient", "random"], "grow strategies of the candidates")
     prune_rate: float = opt(0.5, "initial prune rate, cosine-decayed towards 0 over training")
     finetune_iters: int = opt(20, "iterations each candidate is fine-tuned before testing")
+    retrain_epochs: int = opt(10, "prune baselines: epochs of fine-tuning after pruning")
     attack: str = opt("nasr", "simulated attacker of the safety test")
     attack_epochs: int = opt(30, "epochs the attacker trains on each round's model")
     attack_finetune_epochs: int = opt(5, "warm-start epochs of the attacker per candidate")
@@ -46,6 +49,7 @@ class CompressConfig(StageConfig):
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
         # The registries import torch; importing them here keeps `safeexport --help` instant.
+        from compressor.baselines import METHODS
         from compressor.regularizers import REGULARIZERS
         from compressor.strategies import GROW, PRUNE
         from compressor.train import OPTIMIZERS
@@ -54,6 +58,9 @@ class CompressConfig(StageConfig):
         from safeexport.models import MODELS
 
         p = []
+        if self.method != "safecompress" and self.method not in METHODS:
+            p.append(f"unknown method {self.method!r}; known: safecompress, "
+                     f"{', '.join(METHODS.names())}")
         if not (isinstance(self.sparsity, int | float) and 0 < self.sparsity <= 1):
             p.append(f"--sparsity is the fraction of weights kept and must be in (0, 1], got "
                      f"{self.sparsity}")
@@ -65,7 +72,7 @@ class CompressConfig(StageConfig):
                      "final_attack_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 p.append(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("finetune_iters", "attack_finetune_epochs", "seed"):
+        for name in ("finetune_iters", "attack_finetune_epochs", "seed", "retrain_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 p.append(f"{name} must be an integer >= 0, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples < 1:

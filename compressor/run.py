@@ -6,6 +6,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -166,23 +167,69 @@ def _layer_density_check(state: TrainState) -> None:
             raise AssertionError(f"{name}: pruned weights are not zero")
 
 
-def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
-             progress: bool | None = None,
-             on_round: Callable[[int], None] | None = None) -> RunDir:
-    """Run SafeCompress with ``cfg`` into the run directory ``out``.
+@dataclass
+class Setup:
+    """What every method starts from, all fixed by the config and seed: the run directory, the
+    data and its membership split, the architecture and the optimizer. Every method of one seed
+    sees the same members, non-members and test samples."""
 
-    ``resume`` continues a killed run from its last checkpoint (its config.json wins);
-    ``overwrite`` replaces a previous run there. ``progress`` None shows bars on a terminal only.
-    ``on_round(r)`` is called after every mask update (after its checkpoint is written).
-    """
+    cfg: CompressConfig
+    run: RunDir
+    ds: ArrayDataset
+    splits: Splits
+    device: torch.device
+    model_name: str
+    model_kwargs: dict
+    opt_name: str
+    lr: float
+    progress: bool | None
+
+    @property
+    def total(self) -> int:
+        """The training budget in iterations (epochs over the members)."""
+        return self.cfg.epochs * BatchSampler(self.splits.members, self.cfg.batch_size,
+                                              torch.Generator()).iters_per_epoch()
+
+    def new_model(self, seed_tag: str) -> torch.nn.Module:
+        """A freshly initialised model (from the pretrained folder when given), on the device."""
+        with seeded(derive_seed(self.cfg.seed, seed_tag), self.device):
+            model = build_model(self.model_name, self.model_kwargs)
+        if self.cfg.pretrained:
+            model.load_pretrained(self.cfg.pretrained)
+        return model.to(self.device)
+
+    def new_state(self, model: torch.nn.Module,
+                  masks: list[torch.Tensor] | None = None) -> TrainState:
+        optimizer = make_optimizer(model, self.opt_name, self.lr, self.cfg.momentum,
+                                   self.cfg.weight_decay)
+        return TrainState(model, optimizer, Masking(model, masks) if masks is not None else None)
+
+    def train(self, state: TrainState, tag: str, iters: int, lr: float, desc: str) -> None:
+        """``iters`` cross-entropy steps over the members, the rate cosine-annealed from ``lr``
+        to 0; ``tag`` seeds the batch order and dropout."""
+        sampler = BatchSampler(self.splits.members, self.cfg.batch_size,
+                               generator(self.cfg.seed, f"{tag}-sampler"))
+        plain = REGULARIZERS.get("none")
+        with seeded(derive_seed(self.cfg.seed, f"{tag}-train"), self.device), \
+                tqdm(total=iters, desc=desc, unit="it", disable=self._hide_bars()) as bar:
+            train_steps(state, self.ds, sampler, iters, lambda logits, y: plain(logits, y, 0.0),
+                        lambda i: cosine(lr, i, iters), self.device, lambda: bar.update(1))
+
+    def _hide_bars(self) -> bool | None:
+        return None if self.progress is None else not self.progress
+
+
+def _setup(cfg: CompressConfig, out: Path | str, resume: bool, overwrite: bool,
+           progress: bool | None) -> tuple[CompressConfig, Setup | None]:
+    """Validate, load the data, split it and write config.json, splits.npz and model.json;
+    None when ``resume`` finds the run already complete."""
     run = RunDir(out)
     _check_out(run, resume, overwrite)
     if resume:
         cfg = CompressConfig.from_dict(run.read_config()["config"])
         if run.report.exists():
             tqdm.write(f"{run.path} is already complete; nothing to resume")
-            return run
-    t_start = time.time()
+            return cfg, None
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download,
                       cfg.max_samples, cfg.seed)
@@ -218,19 +265,48 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         splits.save(run.splits)
         write_json(run.model_json, {"name": model_name, "kwargs": model_kwargs})
+    return cfg, Setup(cfg, run, ds, splits, device, model_name, model_kwargs, opt_name, lr,
+                      progress)
 
+
+def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
+             progress: bool | None = None,
+             on_round: Callable[[int], None] | None = None) -> RunDir:
+    """Run ``cfg.method`` (SafeCompress by default) with ``cfg`` into the run directory ``out``.
+
+    ``resume`` continues a killed run from its last checkpoint (its config.json wins; methods
+    other than SafeCompress keep no checkpoint and start over); ``overwrite`` replaces a
+    previous run there. ``progress`` None shows bars on a terminal only. ``on_round(r)`` is
+    called after every mask update (after its checkpoint is written).
+    """
+    t_start = time.time()
+    cfg, setup = _setup(cfg, out, resume, overwrite, progress)
+    if setup is None:
+        return RunDir(out)
+    if cfg.method == "safecompress":
+        state, history, elapsed = _safecompress(setup, resume, on_round, t_start)
+        _finish(setup, state, history, elapsed)
+        return setup.run
+    from compressor.baselines import METHODS
+
+    result = METHODS.get(cfg.method)(setup)
+    _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra)
+    return setup.run
+
+
+def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | None,
+                  t_start: float) -> tuple[TrainState, list[dict], float]:
+    """The SafeCompress loop: train, and every ``update_frequency`` iterations a mask update
+    that keeps the candidate with the best TM-score (checkpointed after each)."""
+    cfg, run, ds, splits, device = setup.cfg, setup.run, setup.ds, setup.splits, setup.device
+    lr = setup.lr
     loss_fn = REGULARIZERS.get(cfg.regularizer)
     loss = lambda logits, y: loss_fn(logits, y, cfg.beta)  # noqa: E731
-    with seeded(derive_seed(cfg.seed, "init"), device):
-        model = build_model(model_name, model_kwargs)
-    if cfg.pretrained:
-        model.load_pretrained(cfg.pretrained)
-    model.to(device)
+    model = setup.new_model("init")
     weights = [p for _, p in maskable(model)]
     masks = init_masks(weights, cfg.sparsity, generator(cfg.seed, "mask"),
                        by_magnitude=bool(cfg.pretrained))
-    state = TrainState(model, make_optimizer(model, opt_name, lr, cfg.momentum,
-                                             cfg.weight_decay), Masking(model, masks))
+    state = setup.new_state(model, masks)
     state.masking.apply()
     sampler = BatchSampler(splits.members, cfg.batch_size, generator(cfg.seed, "sampler"))
     torch.manual_seed(derive_seed(cfg.seed, "train"))
@@ -245,7 +321,7 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
         it, rnd, elapsed0 = meta["iteration"], meta["round"], meta["elapsed"]
         history = run.read_history()[:rnd]
     masked = sum(m.numel() for m in state.masking.masks)
-    tqdm.write(f"{model_name} on {cfg.dataset} ({len(ds)} samples, {len(splits.members)} "
+    tqdm.write(f"{setup.model_name} on {cfg.dataset} ({len(ds)} samples, {len(splits.members)} "
                f"members): keeping {100 * state.masking.density():.1f}% of weights "
                f"({sum(state.masking.counts()):,} of {masked:,} in {len(masks)} masked layers); "
                f"{cfg.epochs} epochs = {total} iterations, {n_rounds} mask updates x "
@@ -253,7 +329,7 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
 
     bar = tqdm(total=total + n_rounds * n_cands * cfg.finetune_iters,
                initial=it + rnd * n_cands * cfg.finetune_iters, unit="it",
-               desc="compress", disable=None if progress is None else not progress)
+               desc="compress", disable=setup._hide_bars())
     step = lambda: bar.update(1)  # noqa: E731
     while it < total:
         bar.set_postfix_str(f"round {rnd}/{n_rounds} training")
@@ -281,69 +357,73 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
         if on_round is not None:
             on_round(rnd)
     bar.close()
-    _finish(cfg, run, ds, splits, state, model_name, model_kwargs, device, history,
-            (opt_name, lr), elapsed0 + time.time() - t_start, total)
-    return run
+    return state, history, elapsed0 + time.time() - t_start
 
 
-def _finish(cfg: CompressConfig, run: RunDir, ds: ArrayDataset, splits: Splits,
-            state: TrainState, model_name: str, model_kwargs: dict, device: torch.device,
-            history: list[dict], optimizer: tuple[str, float], compress_time: float,
-            total: int) -> None:
-    """Save the model, evaluate it (and the dense reference), write report and plots."""
+def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time: float,
+            dense: tuple[TrainState, float] | None = None, extra: dict | None = None) -> None:
+    """Save the model, evaluate it (and the dense reference: ``dense`` when the method trained
+    one already, with its wall time), write report and plots."""
+    cfg, run = setup.cfg, setup.run
+    if state.masking is None:  # a dense method: all-ones masks keep the report uniform
+        state.masking = Masking(state.model, [torch.ones_like(p, dtype=torch.bool)
+                                              for _, p in maskable(state.model)])
     state.masking.apply()
     _layer_density_check(state)
     save_tensors(run.model, state.model.state_dict(),
-                 {"model": model_name, "density": state.masking.density()})
+                 {"model": setup.model_name, "density": state.masking.density()})
     t0 = time.time()
-    compressed, res = final_evaluation(state.model, ds, splits, cfg, device, "compressed")
+    compressed, res = final_evaluation(state.model, setup.ds, setup.splits, cfg, setup.device,
+                                       "compressed")
     eval_time = time.time() - t0
     save_tensors(run.attacker, res.attacker.state_dict())
     compressed.update(density=state.masking.density(),
                       nonzero_weights=sum(state.masking.counts()),
                       masked_weights=sum(m.numel() for m in state.masking.masks),
                       wall_time_s=round(compress_time, 1))
-    report = {"compressed": compressed, "layers": state.masking.report(),
+    label = method_label(cfg.method)
+    report = {"method": cfg.method, "compressed": compressed, **(extra or {}),
+              "layers": state.masking.report(),
               "files": {run.model.name: sha256_file(run.model)},
               "rounds": len(history),
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
               "final_eval_time_s": round(eval_time, 1)}
-    curves = {f"SafeCompress @{cfg.sparsity:g}": (*res.roc(), compressed["auc"])}
-    if cfg.dense_reference:
-        t0 = time.time()
-        with seeded(derive_seed(cfg.seed, "dense-init"), device):
-            dense_model = build_model(model_name, model_kwargs)
-        if cfg.pretrained:
-            dense_model.load_pretrained(cfg.pretrained)
-        dense_model.to(device)
-        opt_name, lr = optimizer
-        dense = TrainState(dense_model, make_optimizer(dense_model, opt_name, lr, cfg.momentum,
-                                                       cfg.weight_decay), None)
-        dense_sampler = BatchSampler(splits.members, cfg.batch_size,
-                                     generator(cfg.seed, "dense-sampler"))
-        plain = REGULARIZERS.get("none")
-        with seeded(derive_seed(cfg.seed, "dense-train"), device), \
-                tqdm(total=total, desc="dense reference", unit="it", disable=None) as bar:
-            train_steps(dense, ds, dense_sampler, total,
-                        lambda logits, y: plain(logits, y, 0.0),
-                        lambda i: cosine(lr, i, total), device, lambda: bar.update(1))
-        dense_time = time.time() - t0
-        dense_metrics, dres = final_evaluation(dense_model, ds, splits, cfg, device, "dense")
+    curves = {f"{label} @{cfg.sparsity:g}": (*res.roc(), compressed["auc"])}
+    if cfg.dense_reference and cfg.method != "dense":
+        if dense is None:
+            t0 = time.time()
+            dense = (train_dense(setup), time.time() - t0)
+        dense_state, dense_time = dense
+        dense_metrics, dres = final_evaluation(dense_state.model, setup.ds, setup.splits, cfg,
+                                               setup.device, "dense")
         dense_metrics["wall_time_s"] = round(dense_time, 1)
-        save_tensors(run.dense_model, dense_model.state_dict())
+        save_tensors(run.dense_model, dense_state.model.state_dict())
         report["dense"] = dense_metrics
         curves["dense"] = (*dres.roc(), dense_metrics["auc"])
     write_json(run.report, report)
-    title = f"{model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
+    title = f"{setup.model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
     plot_curve(history, run.curve_png, title)
     plot_roc(curves, run.roc_png, f"final MIA (unknown members vs non-members)\n{title}")
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
     _print_summary(report)
 
 
+def train_dense(setup: Setup) -> TrainState:
+    """The dense model on the whole budget (the reference row of every table; the prune
+    baselines start from this same model)."""
+    state = setup.new_state(setup.new_model("dense-init"))
+    setup.train(state, "dense", setup.total, setup.lr, "dense reference")
+    return state
+
+
+def method_label(method: str) -> str:
+    """How tables and plots name a method."""
+    return "SafeCompress" if method == "safecompress" else method
+
+
 def _print_summary(report: dict) -> None:
-    rows = [("SafeCompress", report["compressed"])]
+    rows = [(method_label(report["method"]), report["compressed"])]
     if "dense" in report:
         rows.insert(0, ("dense", report["dense"]))
     tqdm.write(f"{'':14}{'task acc':>9}{'MIA acc':>9}{'AUC':>7}{'TPR@1%':>8}{'TM':>7}")

@@ -67,6 +67,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
+@click.option("--method", default="safecompress", show_default=True,
+              help=COMPRESS_HELP["method"] + ".")
 @click.option("--model", default="auto", show_default=True,
               help="auto, cnn, mlp, alexnet, vgg16, resnet18, bert, roberta "
                    "(auto = cnn for images, mlp for tables, bert for text).")
@@ -106,6 +108,8 @@ def main(ctx: click.Context, debug: bool) -> None:
               help=COMPRESS_HELP["prune_rate"])
 @click.option("--finetune-iters", type=int, default=20, show_default=True,
               help=COMPRESS_HELP["finetune_iters"])
+@click.option("--retrain-epochs", type=int, default=10, show_default=True,
+              help=COMPRESS_HELP["retrain_epochs"])
 @click.option("--attack", default="nasr", show_default=True, help=COMPRESS_HELP["attack"])
 @click.option("--attack-epochs", type=int, default=30, show_default=True,
               help=COMPRESS_HELP["attack_epochs"])
