@@ -139,7 +139,8 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
              progress: bool | None, **flags) -> None:
     """Run SafeCompress: sparse training where every mask update makes candidates (prune x grow),
     a simulated membership-inference attacker tests each, and the best task-accuracy /
-    attack-accuracy trade-off (TM-score) survives.
+    attack-accuracy trade-off (TM-score) survives. --method dense or prune trains a baseline
+    into the same kind of run directory instead.
 
     Writes config.json, splits.npz, model.safetensors, attacker.safetensors, history.jsonl,
     report.json, curve.png and roc.png into the run directory.
