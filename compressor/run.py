@@ -22,6 +22,7 @@ from compressor.train import (
     BatchSampler,
     TrainState,
     cosine,
+    iters_per_epoch,
     make_optimizer,
     predict_logits,
     resolve_device,
@@ -187,8 +188,8 @@ class Setup:
     @property
     def total(self) -> int:
         """The training budget in iterations (epochs over the members)."""
-        return self.cfg.epochs * BatchSampler(self.splits.members, self.cfg.batch_size,
-                                              torch.Generator()).iters_per_epoch()
+        return self.cfg.epochs * iters_per_epoch(len(self.splits.members),
+                                                 self.cfg.batch_size)
 
     def new_model(self, seed_tag: str) -> torch.nn.Module:
         """A freshly initialised model (from the pretrained folder when given), on the device."""
@@ -211,11 +212,12 @@ class Setup:
                                generator(self.cfg.seed, f"{tag}-sampler"))
         plain = REGULARIZERS.get("none")
         with seeded(derive_seed(self.cfg.seed, f"{tag}-train"), self.device), \
-                tqdm(total=iters, desc=desc, unit="it", disable=self._hide_bars()) as bar:
+                tqdm(total=iters, desc=desc, unit="it", disable=self.hide_bars()) as bar:
             train_steps(state, self.ds, sampler, iters, lambda logits, y: plain(logits, y, 0.0),
                         lambda i: cosine(lr, i, iters), self.device, lambda: bar.update(1))
 
-    def _hide_bars(self) -> bool | None:
+    def hide_bars(self) -> bool | None:
+        """tqdm's ``disable``: None shows bars on a terminal only."""
         return None if self.progress is None else not self.progress
 
 
@@ -312,7 +314,7 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
     torch.manual_seed(derive_seed(cfg.seed, "train"))
 
     ipe = sampler.iters_per_epoch()
-    total = cfg.epochs * ipe
+    total = setup.total
     n_rounds = 0 if cfg.sparsity >= 1 else max(0, math.ceil(total / cfg.update_frequency) - 1)
     n_cands = len(cfg.prune) * len(cfg.grow)
     it, rnd, elapsed0, history = 0, 0, 0.0, []
@@ -329,7 +331,7 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
 
     bar = tqdm(total=total + n_rounds * n_cands * cfg.finetune_iters,
                initial=it + rnd * n_cands * cfg.finetune_iters, unit="it",
-               desc="compress", disable=setup._hide_bars())
+               desc="compress", disable=setup.hide_bars())
     step = lambda: bar.update(1)  # noqa: E731
     while it < total:
         bar.set_postfix_str(f"round {rnd}/{n_rounds} training")
@@ -391,10 +393,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "final_eval_time_s": round(eval_time, 1)}
     curves = {f"{label} @{cfg.sparsity:g}": (*res.roc(), compressed["auc"])}
     if cfg.dense_reference and cfg.method != "dense":
-        if dense is None:
-            t0 = time.time()
-            dense = (train_dense(setup), time.time() - t0)
-        dense_state, dense_time = dense
+        dense_state, dense_time = dense or train_dense(setup)
         dense_metrics, dres = final_evaluation(dense_state.model, setup.ds, setup.splits, cfg,
                                                setup.device, "dense")
         dense_metrics["wall_time_s"] = round(dense_time, 1)
@@ -409,12 +408,13 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
     _print_summary(report)
 
 
-def train_dense(setup: Setup) -> TrainState:
-    """The dense model on the whole budget (the reference row of every table; the prune
-    baselines start from this same model)."""
+def train_dense(setup: Setup) -> tuple[TrainState, float]:
+    """The dense model on the whole budget, and the seconds it took (the reference row of
+    every table; the prune baselines start from this same model)."""
+    t0 = time.time()
     state = setup.new_state(setup.new_model("dense-init"))
     setup.train(state, "dense", setup.total, setup.lr, "dense reference")
-    return state
+    return state, time.time() - t0
 
 
 def method_label(method: str) -> str:

@@ -31,6 +31,11 @@ def cosine(base: float, it: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / max(total, 1)))
 
 
+def iters_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in one pass over ``n`` samples (a batch is at most ``n``)."""
+    return n // min(batch_size, n)
+
+
 class BatchSampler:
     """Endless shuffled batches of ``indices`` (epochs without replacement, last partial batch
     dropped); its whole state can be saved, so a resumed run draws the same batches."""
@@ -44,7 +49,7 @@ class BatchSampler:
 
     def iters_per_epoch(self) -> int:
         """Batches per pass over the indices."""
-        return len(self.indices) // self.batch_size
+        return iters_per_epoch(len(self.indices), self.batch_size)
 
     def next(self) -> np.ndarray:
         """The next batch of dataset indices."""

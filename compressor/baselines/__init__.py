@@ -7,7 +7,6 @@ baselines start from the dense reference, which is then not trained twice).
 """
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,7 +40,7 @@ def retrain_iters(setup: Setup) -> int:
 @METHODS.decorator("dense")
 def dense(setup: Setup) -> Outcome:
     """The uncompressed model on the whole budget: the reference row of every table."""
-    return Outcome(train_dense(setup))
+    return Outcome(train_dense(setup)[0])
 
 
 def magnitude_pruned(setup: Setup, model: torch.nn.Module) -> TrainState:
@@ -59,9 +58,7 @@ def magnitude_pruned(setup: Setup, model: torch.nn.Module) -> TrainState:
 @METHODS.decorator("prune")
 def prune(setup: Setup) -> Outcome:
     """Train dense, prune by magnitude to the sparsity, fine-tune (no defence)."""
-    t0 = time.time()
-    dense_state = train_dense(setup)
-    dense_time = time.time() - t0
+    dense_state, dense_time = train_dense(setup)
     state = magnitude_pruned(setup, dense_state.model)
     iters = retrain_iters(setup)
     setup.train(state, "retrain", iters, setup.lr * RETRAIN_LR_SCALE, "fine-tune pruned")

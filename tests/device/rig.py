@@ -75,10 +75,10 @@ def is_ready(root: Path) -> bool:
         return False
 
 
-def missing_prerequisites() -> list[str]:
-    """What this machine lacks to run the rig (empty when it can)."""
-    missing = [f"the {tool} command" for tool in ("adb", "unshare", "chroot", "mount")
-               if shutil.which(tool) is None]
+def missing_prerequisites(tools: tuple[str, ...] = ("adb", "unshare", "chroot", "mount")
+                          ) -> list[str]:
+    """What this machine lacks to run ``tools`` in the rig (empty when it can)."""
+    missing = [f"the {tool} command" for tool in tools if shutil.which(tool) is None]
     if os.geteuid() != 0:
         missing.append("root (chroot and mount namespaces)")
     elif not enable_binfmt():
@@ -113,10 +113,9 @@ def _step(title: str, argv: list[str], log: Path) -> None:
 
 def build(root: Path) -> None:
     """Build the root in a sibling folder and move it into place when complete."""
-    if missing := [m for m in missing_prerequisites() if "adb" not in m]:
-        raise SystemExit("cannot build the device root: missing " + "; ".join(missing))
-    if shutil.which("debootstrap") is None:
-        raise SystemExit("cannot build the device root: apt install debootstrap")
+    if missing := missing_prerequisites(("debootstrap", "chroot", "mount")):
+        raise SystemExit("cannot build the device root: missing " + "; ".join(missing) +
+                         " (apt install debootstrap qemu-user-static binfmt-support)")
     start = time.monotonic()
     tmp = root.with_name(root.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
