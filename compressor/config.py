@@ -10,8 +10,11 @@ from safeexport.config import StageConfig, opt
 class CompressConfig(StageConfig):
     """Everything that decides what ``safeexport compress`` produces."""
 
-    method: str = opt("safecompress", "safecompress, or a baseline: dense (no compression), "
-                      "prune (train dense, magnitude-prune, fine-tune)")
+    method: str = opt("safecompress", "safecompress, or a baseline: dense (no compression); "
+                      "prune (train dense, magnitude-prune, fine-tune); pr-dp, pr-advreg, "
+                      "pr-dmp (prune, then fine-tune with DP-SGD, adversarial regularisation or "
+                      "DMP distillation); kd (a narrow dense student of the same size, "
+                      "distilled), kd-dp, kd-advreg, kd-dmp; mia-pr (ADMM pruning)")
     model: str = opt("auto", "architecture; auto = cnn for images, mlp for tables, bert for text")
     dataset: str = opt("digits", "dataset name, npz:PATH or folder:PATH")
     data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
@@ -35,6 +38,18 @@ class CompressConfig(StageConfig):
     prune_rate: float = opt(0.5, "initial prune rate, cosine-decayed towards 0 over training")
     finetune_iters: int = opt(20, "iterations each candidate is fine-tuned before testing")
     retrain_epochs: int = opt(10, "prune baselines: epochs of fine-tuning after pruning")
+    dp_epsilon: float = opt(8.0, "pr-dp, kd-dp: the ε DP-SGD's noise is calibrated to (RDP "
+                            "accountant), for the private phase")
+    dp_delta: float = opt(1e-5, "pr-dp, kd-dp: δ of the (ε, δ) guarantee")
+    dp_max_grad_norm: float = opt(1.0, "pr-dp, kd-dp: per-sample gradient clipping norm")
+    advreg_alpha: float = opt(1.0, "pr-advreg, kd-advreg: weight α of the attacker's gain in "
+                              "the target's loss")
+    kd_temperature: float = opt(4.0, "kd baselines and DMP: softmax temperature of distillation")
+    kd_alpha: float = opt(0.9, "kd baselines: weight of the teacher's soft labels against the "
+                          "hard labels")
+    dmp_keep: float = opt(0.5, "pr-dmp, kd-dmp: fraction of the reference set kept (the "
+                          "samples the teacher is surest of, lowest entropy)")
+    admm_rho: float = opt(1e-3, "mia-pr: ADMM penalty ρ pulling the weights to the sparse set")
     attack: str = opt("nasr", "simulated attacker of the safety test")
     attack_epochs: int = opt(30, "epochs the attacker trains on each round's model")
     attack_finetune_epochs: int = opt(5, "warm-start epochs of the attacker per candidate")
@@ -75,6 +90,16 @@ class CompressConfig(StageConfig):
         for name in ("finetune_iters", "attack_finetune_epochs", "seed", "retrain_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 p.append(f"{name} must be an integer >= 0, got {getattr(self, name)}")
+        for name in ("dp_epsilon", "dp_max_grad_norm", "kd_temperature", "admm_rho"):
+            if not getattr(self, name) > 0:
+                p.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.dp_delta < 1:
+            p.append(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        for name in ("kd_alpha", "dmp_keep"):
+            if not 0 < getattr(self, name) <= 1:
+                p.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.advreg_alpha < 0:
+            p.append(f"advreg_alpha must be >= 0, got {self.advreg_alpha}")
         if self.max_samples is not None and self.max_samples < 1:
             p.append(f"max_samples must be >= 1, got {self.max_samples}")
         if self.lr is not None and not self.lr > 0:

@@ -101,10 +101,15 @@ class Masking:
 
     @torch.no_grad()
     def mask_grads(self) -> None:
-        """Zero gradients at inactive positions so momentum never builds up there."""
+        """Zero gradients at inactive positions so momentum never builds up there. Per-sample
+        gradients (Opacus's ``grad_sample``, from which DP-SGD builds the step) are masked too,
+        so pruned positions take no share of each sample's clipping norm."""
         for p, m in zip(self.params, self.masks, strict=True):
             if p.grad is not None:
                 p.grad.mul_(m)
+            sample = getattr(p, "grad_sample", None)
+            if torch.is_tensor(sample):
+                sample.mul_(m)
 
     @torch.no_grad()
     def update(self, new_masks: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:

@@ -5,7 +5,7 @@ import math
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +24,11 @@ from compressor.train import (
     cosine,
     iters_per_epoch,
     make_optimizer,
+    model_loss,
     predict_logits,
     resolve_device,
     resolve_optimizer,
+    train_batches,
     train_steps,
 )
 from safeexport.attacks.final import final_membership
@@ -184,6 +186,7 @@ class Setup:
     opt_name: str
     lr: float
     progress: bool | None
+    dense_from: RunDir | None = None  # a finished --method dense run of this config to reuse
 
     @property
     def total(self) -> int:
@@ -191,10 +194,11 @@ class Setup:
         return self.cfg.epochs * iters_per_epoch(len(self.splits.members),
                                                  self.cfg.batch_size)
 
-    def new_model(self, seed_tag: str) -> torch.nn.Module:
-        """A freshly initialised model (from the pretrained folder when given), on the device."""
+    def new_model(self, seed_tag: str, kwargs: dict | None = None) -> torch.nn.Module:
+        """A freshly initialised model (from the pretrained folder when given), on the device;
+        ``kwargs`` replaces the run's model kwargs (a narrower student)."""
         with seeded(derive_seed(self.cfg.seed, seed_tag), self.device):
-            model = build_model(self.model_name, self.model_kwargs)
+            model = build_model(self.model_name, kwargs or self.model_kwargs)
         if self.cfg.pretrained:
             model.load_pretrained(self.cfg.pretrained)
         return model.to(self.device)
@@ -205,16 +209,31 @@ class Setup:
                                    self.cfg.weight_decay)
         return TrainState(model, optimizer, Masking(model, masks) if masks is not None else None)
 
-    def train(self, state: TrainState, tag: str, iters: int, lr: float, desc: str) -> None:
-        """``iters`` cross-entropy steps over the members, the rate cosine-annealed from ``lr``
-        to 0; ``tag`` seeds the batch order and dropout."""
-        sampler = BatchSampler(self.splits.members, self.cfg.batch_size,
+    def train(self, state: TrainState, tag: str, iters: int, lr: float, desc: str,
+              loss: Callable[[np.ndarray], torch.Tensor] | None = None,
+              data: np.ndarray | None = None) -> list[float]:
+        """``iters`` steps on shuffled batches of ``data`` (default: the members), the rate
+        cosine-annealed from ``lr`` to 0; ``loss(indices)`` defaults to cross-entropy on the
+        labels. ``tag`` seeds the batch order and dropout."""
+        data = self.splits.members if data is None else data
+        sampler = BatchSampler(data, self.cfg.batch_size,
                                generator(self.cfg.seed, f"{tag}-sampler"))
-        plain = REGULARIZERS.get("none")
+        if loss is None:
+            plain = REGULARIZERS.get("none")
+            loss = model_loss(state.model, self.ds, self.device,
+                              lambda logits, y, _: plain(logits, y, 0.0))
+        return self.run_batches(state, tag, (sampler.next() for _ in range(iters)), iters, lr,
+                                desc, loss)
+
+    def run_batches(self, state: TrainState, tag: str, batches: Iterable[np.ndarray],
+                    iters: int, lr: float, desc: str,
+                    loss: Callable[[np.ndarray], torch.Tensor]) -> list[float]:
+        """Train on ``batches`` (``iters`` of them, for the schedule and the bar), seeded by
+        ``tag``."""
         with seeded(derive_seed(self.cfg.seed, f"{tag}-train"), self.device), \
                 tqdm(total=iters, desc=desc, unit="it", disable=self.hide_bars()) as bar:
-            train_steps(state, self.ds, sampler, iters, lambda logits, y: plain(logits, y, 0.0),
-                        lambda i: cosine(lr, i, iters), self.device, lambda: bar.update(1))
+            return train_batches(state, batches, loss, lambda i: cosine(lr, i, iters),
+                                 lambda: bar.update(1))
 
     def hide_bars(self) -> bool | None:
         """tqdm's ``disable``: None shows bars on a terminal only."""
@@ -272,19 +291,23 @@ def _setup(cfg: CompressConfig, out: Path | str, resume: bool, overwrite: bool,
 
 
 def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
-             progress: bool | None = None,
-             on_round: Callable[[int], None] | None = None) -> RunDir:
+             progress: bool | None = None, on_round: Callable[[int], None] | None = None,
+             dense_from: Path | str | None = None) -> RunDir:
     """Run ``cfg.method`` (SafeCompress by default) with ``cfg`` into the run directory ``out``.
 
     ``resume`` continues a killed run from its last checkpoint (its config.json wins; methods
     other than SafeCompress keep no checkpoint and start over); ``overwrite`` replaces a
     previous run there. ``progress`` None shows bars on a terminal only. ``on_round(r)`` is
-    called after every mask update (after its checkpoint is written).
+    called after every mask update (after its checkpoint is written). ``dense_from``: a
+    finished ``--method dense`` run of the same data, split and training settings, whose model
+    the baselines start from instead of training the same dense model again.
     """
     t_start = time.time()
     cfg, setup = _setup(cfg, out, resume, overwrite, progress)
     if setup is None:
         return RunDir(out)
+    if dense_from is not None:
+        setup.dense_from = _check_dense_from(RunDir(dense_from), setup)
     if cfg.method == "safecompress":
         state, history, elapsed = _safecompress(setup, resume, on_round, t_start)
         _finish(setup, state, history, elapsed)
@@ -292,8 +315,30 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     from compressor.baselines import METHODS
 
     result = METHODS.get(cfg.method)(setup)
+    if result.spec is not None:
+        write_json(setup.run.model_json, result.spec)
     _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra)
     return setup.run
+
+
+# What decides the dense model: a dense run may stand in for another run's only if these agree.
+DENSE_KEYS = ("model", "dataset", "max_samples", "epochs", "batch_size", "optimizer", "lr",
+              "momentum", "weight_decay", "seed", "pretrained", "max_length", "vocab_size")
+
+
+def _check_dense_from(dense: RunDir, setup: Setup) -> RunDir:
+    """``dense`` if it is a finished dense run that trained the model this run would."""
+    rec = dense.read_config() if dense.is_run() else {}
+    if not dense.report.exists() or rec["config"].get("method") != "dense":
+        raise ConfigError(f"{dense.path} is not a finished `--method dense` run")
+    own = setup.cfg.to_dict()
+    diff = [k for k in DENSE_KEYS if rec["config"].get(k) != own.get(k)]
+    if diff:
+        raise ConfigError(f"{dense.path} trained its dense model with other settings "
+                          f"({', '.join(diff)}); it cannot stand in for this run's")
+    if Splits.load(dense.splits).fingerprint != setup.splits.fingerprint:
+        raise ConfigError(f"{dense.path} was trained on other data than this run")
+    return dense
 
 
 def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | None,
@@ -374,6 +419,8 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
     _layer_density_check(state)
     save_tensors(run.model, state.model.state_dict(),
                  {"model": setup.model_name, "density": state.masking.density()})
+    # a method that starts from a reused dense model is charged that model's training time
+    reused_s = dense[1] if dense is not None and setup.dense_from is not None else 0.0
     t0 = time.time()
     compressed, res = final_evaluation(state.model, setup.ds, setup.splits, cfg, setup.device,
                                        "compressed")
@@ -382,7 +429,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
     compressed.update(density=state.masking.density(),
                       nonzero_weights=sum(state.masking.counts()),
                       masked_weights=sum(m.numel() for m in state.masking.masks),
-                      wall_time_s=round(compress_time, 1))
+                      wall_time_s=round(compress_time + reused_s, 1))
     label = method_label(cfg.method)
     report = {"method": cfg.method, "compressed": compressed, **(extra or {}),
               "layers": state.masking.report(),
@@ -391,6 +438,8 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
               "final_eval_time_s": round(eval_time, 1)}
+    if setup.dense_from is not None:
+        report["dense_reused_from"] = str(setup.dense_from.path.resolve())
     curves = {f"{label} @{cfg.sparsity:g}": (*res.roc(), compressed["auc"])}
     if cfg.dense_reference and cfg.method != "dense":
         dense_state, dense_time = dense or train_dense(setup)
@@ -410,9 +459,15 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
 
 def train_dense(setup: Setup) -> tuple[TrainState, float]:
     """The dense model on the whole budget, and the seconds it took (the reference row of
-    every table; the prune baselines start from this same model)."""
+    every table; the two-step baselines start from this same model). With
+    ``setup.dense_from``, that run's model and its recorded training time instead."""
     t0 = time.time()
-    state = setup.new_state(setup.new_model("dense-init"))
+    model = setup.new_model("dense-init")
+    if setup.dense_from is not None:
+        model.load_state_dict(load_tensors(setup.dense_from.model))
+        secs = setup.dense_from.read_report()["compressed"]["wall_time_s"]
+        return setup.new_state(model), secs
+    state = setup.new_state(model)
     setup.train(state, "dense", setup.total, setup.lr, "dense reference")
     return state, time.time() - t0
 

@@ -3,7 +3,7 @@ batch sampler, a cosine learning-rate schedule, masked SGD steps, inference and 
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,26 +121,24 @@ def batch_tensors(ds: ArrayDataset, idx: np.ndarray,
     return x, y
 
 
-def autocast(device: torch.device):
-    """bfloat16 mixed precision on CUDA; a no-op on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, enabled: bool = True):
+    """bfloat16 mixed precision on CUDA; a no-op on CPU or when not ``enabled``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=enabled and device.type == "cuda")
 
 
-def train_steps(state: TrainState, ds: ArrayDataset, sampler: BatchSampler, n: int,
-                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                lr: Callable[[int], float], device: torch.device,
-                on_step: Callable[[], None] | None = None) -> list[float]:
-    """``n`` optimizer steps; ``lr(i)`` gives step i's learning rate. Masked weights stay
-    exactly zero (their gradient is masked before the step and the weights re-masked after)."""
+def train_batches(state: TrainState, batches: Iterable[np.ndarray],
+                  loss_fn: Callable[[np.ndarray], torch.Tensor], lr: Callable[[int], float],
+                  on_step: Callable[[], None] | None = None) -> list[float]:
+    """One optimizer step per batch of dataset indices; ``loss_fn(indices)`` runs the model
+    and gives the batch's loss, ``lr(i)`` step i's learning rate. Masked weights stay exactly
+    zero (their gradient is masked before the step and the weights re-masked after)."""
     state.model.train()
     losses = []
-    for i in range(n):
+    for i, idx in enumerate(batches):
         for g in state.optimizer.param_groups:
             g["lr"] = lr(i)
-        x, y = batch_tensors(ds, sampler.next(), device)
-        with autocast(device):
-            logits = state.model(x)
-        loss = loss_fn(logits.float(), y)
+        loss = loss_fn(idx)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if state.masking is not None:
@@ -152,6 +150,29 @@ def train_steps(state: TrainState, ds: ArrayDataset, sampler: BatchSampler, n: i
         if on_step is not None:
             on_step()
     return losses
+
+
+def model_loss(model: nn.Module, ds: ArrayDataset, device: torch.device,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor],
+               mixed: bool = True) -> Callable[[np.ndarray], torch.Tensor]:
+    """``train_batches``'s loss from ``loss_fn(logits, labels, indices)``: the model's forward
+    on the batch (bfloat16 autocast on CUDA unless ``mixed`` is off), logits as float32."""
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        x, y = batch_tensors(ds, idx, device)
+        with autocast(device, mixed):
+            logits = model(x)
+        return loss_fn(logits.float(), y, idx)
+
+    return batch_loss
+
+
+def train_steps(state: TrainState, ds: ArrayDataset, sampler: BatchSampler, n: int,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                lr: Callable[[int], float], device: torch.device,
+                on_step: Callable[[], None] | None = None) -> list[float]:
+    """``n`` steps on the sampler's batches with ``loss_fn(logits, labels)``."""
+    loss = model_loss(state.model, ds, device, lambda logits, y, _: loss_fn(logits, y))
+    return train_batches(state, (sampler.next() for _ in range(n)), loss, lr, on_step)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from safeexport.data import ArrayDataset, load_dataset, to_tensor
 from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, DataError
-from safeexport.models import build_model
+from safeexport.models import build_from_spec
 from safeexport.rundir import RunDir, load_tensors, sha256_file
 
 RUNS_ROOT = Path("runs")
@@ -49,7 +49,7 @@ def load_model(run: RunDir, weights: Path | None = None) -> torch.nn.Module:
     """The run's architecture with its weights (``weights`` defaults to model.safetensors),
     on CPU in eval mode."""
     spec = run.read_json(run.model_json)
-    model = build_model(spec["name"], spec["kwargs"])
+    model = build_from_spec(spec)
     state = load_tensors(weights or run.model)
     try:
         model.load_state_dict(state)

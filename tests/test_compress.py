@@ -15,7 +15,7 @@ from compressor import compress
 from compressor.config import CompressConfig
 from compressor.masking import erk_counts, maskable
 from safeexport.errors import ConfigError
-from safeexport.models import build_model
+from safeexport.models import build_from_spec, build_model
 from tests.conftest import REPO, tiny_config, write_agnews_csv, write_tabular_npz
 
 TINY_FLAGS = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2",
@@ -30,8 +30,7 @@ def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
 
 
 def _rebuild(run: Path) -> torch.nn.Module:
-    spec = json.loads((run / "model.json").read_text())
-    model = build_model(spec["name"], spec["kwargs"])
+    model = build_from_spec(json.loads((run / "model.json").read_text()))
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     return model
 

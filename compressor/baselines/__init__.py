@@ -2,39 +2,37 @@
 ``safeexport compress`` writing the same run directory, so export and evaluate work on all.
 
 A method takes the run's ``Setup`` (data, split, architecture, optimizer, seeds) and returns
-the trained model's state, and the dense model when it trained one on the way (the prune
+the trained model's state, and the dense model when it trained one on the way (the two-step
 baselines start from the dense reference, which is then not trained twice).
+
+The two-step baselines are a compression (``pr``: magnitude pruning, ``kd``: a narrow dense
+student) followed by a defence (none, ``dp``, ``advreg``, ``dmp``), each one function of
+``students`` and ``defences``; ``mia-pr`` is ADMM pruning (``admm``).
 """
 
-import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from compressor.masking import init_masks, maskable
 from compressor.run import Setup, train_dense
 from compressor.train import TrainState
+from safeexport.models import OPACUS_NORM
 from safeexport.registry import Registry
-from safeexport.seeding import generator
 
 
 @dataclass
 class Outcome:
-    """A method's trained model, the dense model it started from (with its wall time), and
-    what the report should say about the method."""
+    """A method's trained model, the dense model it started from (with its wall time), what
+    the report should say about the method, and the model.json of the trained model when it
+    is not the run's architecture (a narrow student, DP-SGD's normalisation)."""
 
     state: TrainState
     dense: tuple[TrainState, float] | None = None
     extra: dict = field(default_factory=dict)
+    spec: dict | None = None
 
 
 METHODS: Registry[Callable[[Setup], Outcome]] = Registry("method")
-RETRAIN_LR_SCALE = 0.1  # fine-tuning after pruning starts at a tenth of the training rate
-
-
-def retrain_iters(setup: Setup) -> int:
-    return setup.total * setup.cfg.retrain_epochs // setup.cfg.epochs
 
 
 @METHODS.decorator("dense")
@@ -43,25 +41,46 @@ def dense(setup: Setup) -> Outcome:
     return Outcome(train_dense(setup)[0])
 
 
-def magnitude_pruned(setup: Setup, model: torch.nn.Module) -> TrainState:
-    """A copy of ``model`` keeping its largest weights: SafeCompress's per-layer budget (ERK
-    counts, exact), the largest magnitudes of each layer kept."""
-    pruned = copy.deepcopy(model)
-    weights = [p for _, p in maskable(pruned)]
-    masks = init_masks(weights, setup.cfg.sparsity, generator(setup.cfg.seed, "prune-mask"),
-                       by_magnitude=True)
-    state = setup.new_state(pruned, masks)
-    state.masking.apply()
-    return state
+def two_step(compression: str, defence: str) -> Callable[[Setup], Outcome]:
+    """Train dense, compress (``pr`` or ``kd``), then train the compressed model with the
+    defence."""
+    def method(setup: Setup) -> Outcome:
+        from compressor.baselines.defences import DEFENCES
+        from compressor.baselines.students import narrow_student, pruned_student, student_report
+
+        teacher, dense_time = train_dense(setup)
+        t0 = time.time()
+        make = pruned_student if compression == "pr" else narrow_student
+        student = make(setup, teacher.model)
+        state, extra = DEFENCES.get(defence)(setup, student, teacher.model)
+        spec = student.spec
+        if extra.get("dp", {}).get("norm"):
+            spec = {**(spec or {"name": setup.model_name, "kwargs": setup.model_kwargs}),
+                    "norm": OPACUS_NORM}
+        extra["two_step"] = {"compression": compression, "defence": defence,
+                             "iters": student.iters, "lr": student.lr,
+                             "seconds_after_dense": round(time.time() - t0, 1)}
+        if compression == "kd":
+            extra["student"] = student_report(setup, student)
+        return Outcome(state, (teacher, dense_time), extra, spec)
+
+    method.__doc__ = f"{compression} compression, then the {defence} defence."
+    return method
 
 
-@METHODS.decorator("prune")
-def prune(setup: Setup) -> Outcome:
-    """Train dense, prune by magnitude to the sparsity, fine-tune (no defence)."""
-    dense_state, dense_time = train_dense(setup)
-    state = magnitude_pruned(setup, dense_state.model)
-    iters = retrain_iters(setup)
-    setup.train(state, "retrain", iters, setup.lr * RETRAIN_LR_SCALE, "fine-tune pruned")
-    return Outcome(state, (dense_state, dense_time),
-                   {"pruning": {"pretrain_iters": setup.total, "retrain_iters": iters,
-                                "retrain_lr": setup.lr * RETRAIN_LR_SCALE}})
+for _name, _compression, _defence in (("prune", "pr", "none"), ("pr-dp", "pr", "dp"),
+                                      ("pr-advreg", "pr", "advreg"), ("pr-dmp", "pr", "dmp"),
+                                      ("kd", "kd", "none"), ("kd-dp", "kd", "dp"),
+                                      ("kd-advreg", "kd", "advreg"), ("kd-dmp", "kd", "dmp")):
+    METHODS.register(_name, two_step(_compression, _defence))
+
+
+@METHODS.decorator("mia-pr")
+def mia_pruning(setup: Setup) -> Outcome:
+    """Wang et al. (2021)'s pruning against MIA: ADMM weight pruning from the dense model,
+    then the sparse model retrained."""
+    from compressor.baselines.admm import admm_prune
+
+    teacher, dense_time = train_dense(setup)
+    state, extra = admm_prune(setup, teacher.model)
+    return Outcome(state, (teacher, dense_time), extra)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from safeexport.data import ArrayDataset
@@ -66,3 +67,53 @@ def build_model(name: str, kwargs: dict) -> nn.Module:
         return MODELS.get(name).build(**kwargs)
     except TypeError as e:
         raise ConfigError(f"model {name}: bad arguments in model.json ({e})") from e
+
+
+# model.json's "norm" when a model's BatchNorm layers were replaced by Opacus's validator (the
+# DP-SGD baselines): rebuilding applies the same replacement, so the weights fit again.
+OPACUS_NORM = "opacus-fix"
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    """The model a run's model.json describes: name, kwargs and, for a model trained with
+    DP-SGD, the normalisation Opacus's ``ModuleValidator.fix`` put in place of BatchNorm."""
+    model = build_model(spec["name"], spec["kwargs"])
+    norm = spec.get("norm")
+    if norm is None:
+        return model
+    if norm != OPACUS_NORM:
+        raise ConfigError(f"model.json: unknown norm {norm!r} (known: {OPACUS_NORM})")
+    from opacus.validators import ModuleValidator
+
+    return ModuleValidator.fix(model)
+
+
+def weight_count(name: str, kwargs: dict) -> int:
+    """Weights of the model's Conv and Linear layers (what a sparsity budget counts), counted
+    on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = build_model(name, kwargs)
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear))
+
+
+def width_for_budget(name: str, kwargs: dict, budget: int) -> float:
+    """The widest ``width`` (to 1e-3) whose model has at most ``budget`` Conv/Linear weights:
+    the dense student that is as large as a sparse model keeping ``budget`` weights."""
+    if name not in ("cnn", "mlp", "alexnet", "vgg16", "resnet18"):
+        raise ConfigError(f"model {name} has no width option, so no dense student of a given "
+                          "size can be built from it; the kd baselines take cnn, mlp, alexnet, "
+                          "vgg16 or resnet18")
+    lo, hi = 0.0, 1.0
+    if weight_count(name, {**kwargs, "width": hi}) <= budget:
+        return hi
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        if weight_count(name, {**kwargs, "width": mid}) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0.0:
+        raise ConfigError(f"even the narrowest {name} has more than {budget} weights; raise "
+                          "--sparsity for the kd baselines")
+    return lo

@@ -1,0 +1,208 @@
+"""The second step of the two-step baselines, defend: how the compressed student is trained.
+
+- ``none``: cross-entropy on the members (or distillation, for a KD student).
+- ``dp``: DP-SGD through Opacus (its PrivacyEngine, RDP accountant and validators).
+- ``advreg``: Nasr et al.'s adversarial regularisation, a min-max game with an inference model.
+- ``dmp``: Shejwalkar & Houmansadr's distillation for membership privacy: the student sees
+  only the teacher's soft labels on a reference set disjoint from the members.
+
+The defenders' reference set (AdvReg's non-members, DMP's unlabelled data) is the split's
+validation part: never trained on by the target, and not among the samples any attack
+trains or is measured on, nor the test split.
+"""
+
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compressor.baselines.students import Student, Targets
+from compressor.run import Setup
+from compressor.train import TrainState, batch_tensors, model_loss, predict_logits
+from safeexport.attacks.nasr import NasrAttackModel
+from safeexport.errors import ConfigError
+from safeexport.models import OPACUS_NORM
+from safeexport.registry import Registry
+from safeexport.seeding import derive_seed, generator, seeded
+
+Defence = Callable[[Setup, Student, torch.nn.Module], tuple[TrainState, dict]]
+DEFENCES: Registry[Defence] = Registry("defence")
+
+
+def reference_set(setup: Setup) -> np.ndarray:
+    """The defenders' non-member data (the validation split)."""
+    return setup.splits.validation
+
+
+@DEFENCES.decorator("none")
+def undefended(setup: Setup, student: Student, teacher: torch.nn.Module) -> tuple[TrainState,
+                                                                                 dict]:
+    """Plain training: cross-entropy, or distillation from the teacher on the members."""
+    members = setup.splits.members
+    targets = Targets(setup, members, teacher if student.distil else None)
+    loss = model_loss(student.state.model, setup.ds, setup.device, targets)
+    setup.train(student.state, "retrain", student.iters, student.lr, "train student", loss)
+    return student.state, {}
+
+
+@DEFENCES.decorator("dp")
+def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> tuple[TrainState, dict]:
+    """DP-SGD (Poisson-sampled batches, per-sample clipping, Gaussian noise) with the noise
+    Opacus calibrates to ``dp_epsilon`` at ``dp_delta`` over the student's iterations.
+    BatchNorm, which mixes samples of a batch, is replaced by Opacus's ``ModuleValidator.fix``
+    (the run's model.json records it so export rebuilds the same layers)."""
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+
+    cfg = setup.cfg
+    model = student.state.model
+    fixed = not ModuleValidator.is_valid(model)
+    if fixed:
+        model = ModuleValidator.fix(model).to(setup.device)
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise ConfigError(f"{setup.model_name} cannot be trained with DP-SGD: "
+                          + "; ".join(str(p) for p in problems))
+    masks = student.state.masking.masks if student.state.masking is not None else None
+    state = setup.new_state(model, masks)
+    members = setup.splits.members
+    batch = min(cfg.batch_size, len(members))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.from_numpy(members)), batch_size=batch)
+    epochs = max(1, round(student.iters / len(loader)))
+    engine = PrivacyEngine(accountant="rdp")
+    targets = Targets(setup, members, teacher if student.distil else None)
+    epsilons: list[float] = []
+    with seeded(derive_seed(cfg.seed, "dp-sampling"), setup.device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*Optimal order.*")
+        module, optimizer, loader = engine.make_private_with_epsilon(
+            module=model, optimizer=state.optimizer, data_loader=loader,
+            target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta, epochs=epochs,
+            max_grad_norm=cfg.dp_max_grad_norm,
+            noise_generator=torch.Generator(setup.device).manual_seed(
+                derive_seed(cfg.seed, "dp-noise")))
+
+        def batches():
+            for _ in range(epochs):
+                for (idx,) in loader:
+                    yield idx.numpy()
+                epsilons.append(engine.get_epsilon(cfg.dp_delta))
+
+        dp_state = TrainState(module, optimizer, state.masking)
+        # no autocast: per-sample gradients are taken in float32
+        loss = model_loss(module, setup.ds, setup.device, targets, mixed=False)
+        setup.run_batches(dp_state, "dp", batches(), epochs * len(loader), student.lr,
+                          "DP-SGD", loss)
+    module.remove_hooks()
+    for p in model.parameters():
+        p.grad_sample = None
+    state.optimizer = optimizer.original_optimizer
+    return state, {"dp": {
+        "epsilon": epsilons[-1], "delta": cfg.dp_delta, "target_epsilon": cfg.dp_epsilon,
+        "epsilon_per_epoch": epsilons, "noise_multiplier": optimizer.noise_multiplier,
+        "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": 1 / len(loader),
+        "expected_batch_size": optimizer.expected_batch_size, "epochs": epochs,
+        "steps": epochs * len(loader), "accountant": "rdp (opacus)",
+        "norm": OPACUS_NORM if fixed else None,
+        "scope": "the DP-SGD phase only; the dense model it starts from or distils saw the "
+                 "members without noise"}}
+
+
+def membership_gain(attacker: NasrAttackModel, probs: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+    """The attacker's gain on members: the mean log-probability it gives them of being
+    members (what it maximises on them; its BCE loss on them is minus this)."""
+    onehot = F.one_hot(y, probs.shape[1]).float()
+    return F.logsigmoid(attacker(probs, onehot)).mean()
+
+
+def advreg_objective(task_loss: torch.Tensor, gain: torch.Tensor,
+                     alpha: float) -> torch.Tensor:
+    """The target's loss in the min-max game: its task loss plus α times the attacker's gain,
+    i.e. CE − α·(the attacker's BCE on the members). It falls as the attacker's gain falls,
+    so minimising it trains the target to defeat the attacker."""
+    return task_loss + alpha * gain
+
+
+class AdvReg:
+    """A batch loss that plays one round of the game per step: the attacker ascends its gain
+    on this batch of members against a batch of reference non-members, then the target's
+    loss is ``advreg_objective`` against the updated attacker."""
+
+    def __init__(self, setup: Setup, model: torch.nn.Module, targets: Targets) -> None:
+        self.setup, self.model, self.targets = setup, model, targets
+        with seeded(derive_seed(setup.cfg.seed, "advreg-attacker"), setup.device):
+            self.attacker = NasrAttackModel(setup.ds.num_classes).to(setup.device)
+        self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=1e-3)
+        ref = reference_set(setup)
+        self.reference = torch.as_tensor(ref)
+        self.gen = generator(setup.cfg.seed, "advreg-reference")
+        self.gains: list[float] = []
+
+    def __call__(self, idx: np.ndarray) -> torch.Tensor:
+        ds, device = self.setup.ds, self.setup.device
+        x, y = batch_tensors(ds, idx, device)
+        ref = self.reference[torch.randint(len(self.reference), (len(idx),),
+                                           generator=self.gen)].numpy()
+        xr, yr = batch_tensors(ds, ref, device)
+        logits = self.model(x).float()
+        probs = F.softmax(logits, dim=1)
+        with torch.no_grad():
+            ref_probs = F.softmax(self.model(xr).float(), dim=1)
+        # the attacker's step: maximise log h(members) + log(1 - h(non-members))
+        gain = membership_gain(self.attacker, probs.detach(), y)
+        onehot_r = F.one_hot(yr, ds.num_classes).float()
+        ref_term = F.logsigmoid(-self.attacker(ref_probs, onehot_r)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        (-(gain + ref_term)).backward()
+        self.optimizer.step()
+        # the target's step against the updated attacker
+        gain = membership_gain(self.attacker, probs, y)
+        self.gains.append(float(gain.detach()))
+        return advreg_objective(self.targets(logits, y, idx), gain, self.setup.cfg.advreg_alpha)
+
+
+@DEFENCES.decorator("advreg")
+def adversarial_regularisation(setup: Setup, student: Student,
+                               teacher: torch.nn.Module) -> tuple[TrainState, dict]:
+    """Nasr et al. (2018): attacker and target steps alternate; the target minimises its task
+    loss plus α·the attacker's gain on its members."""
+    targets = Targets(setup, setup.splits.members, teacher if student.distil else None)
+    game = AdvReg(setup, student.state.model, targets)
+    setup.train(student.state, "advreg", student.iters, student.lr, "AdvReg", game)
+    tenth = max(1, len(game.gains) // 10)
+    return student.state, {"advreg": {
+        "alpha": setup.cfg.advreg_alpha, "reference": "validation",
+        "reference_size": len(game.reference),
+        "attacker_gain_first_tenth": float(np.mean(game.gains[:tenth])),
+        "attacker_gain_last_tenth": float(np.mean(game.gains[-tenth:]))}}
+
+
+def dmp_reference(setup: Setup, teacher: torch.nn.Module) -> tuple[np.ndarray, dict]:
+    """The reference samples the student learns from: the ``dmp_keep`` fraction of the
+    reference set on which the teacher's prediction has the lowest entropy."""
+    ref = reference_set(setup)
+    probs = F.softmax(predict_logits(teacher, setup.ds, ref, setup.device), dim=1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).numpy()
+    keep = max(1, math.ceil(setup.cfg.dmp_keep * len(ref)))
+    order = np.argsort(entropy, kind="stable")[:keep]
+    return ref[np.sort(order)], {"reference": "validation", "reference_size": len(ref),
+                                 "kept": keep, "keep": setup.cfg.dmp_keep,
+                                 "mean_entropy_all": float(entropy.mean()),
+                                 "mean_entropy_kept": float(entropy[order].mean())}
+
+
+@DEFENCES.decorator("dmp")
+def distillation_for_privacy(setup: Setup, student: Student,
+                             teacher: torch.nn.Module) -> tuple[TrainState, dict]:
+    """DMP: the unprotected teacher labels the reference set, the lowest-entropy part is kept,
+    and the student learns the teacher's soft labels on it only (never a member)."""
+    data, info = dmp_reference(setup, teacher)
+    targets = Targets(setup, data, teacher, labels=False)
+    loss = model_loss(student.state.model, setup.ds, setup.device, targets)
+    setup.train(student.state, "dmp", student.iters, student.lr, "DMP", loss, data)
+    return student.state, {"dmp": info}
