@@ -71,7 +71,8 @@ def _figures(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: 
     res = final_membership(of, y, splits, num_classes, attack, epochs, seed, TAG,
                            torch.device("cpu"))
     task = accuracy(of(splits.test), y[splits.test])
-    figures = {"task_acc": task, **res.metrics,
+    figures = {"task_acc": task, "train_acc": accuracy(of(splits.members), y[splits.members]),
+               **res.metrics,
                "tm_score": tm_score(task, res.metrics["mia_acc"], lam),
                "threshold_attacks": res.threshold}
     return figures, res
@@ -95,8 +96,8 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     attack = cfg.attack or rc["attack"]
     epochs = cfg.attack_epochs or rc["final_attack_epochs"]
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
-    needed = np.unique(np.concatenate([splits.test, splits.known_members,
-                                       splits.known_nonmembers, um, un]))
+    needed = np.unique(np.concatenate([splits.test, splits.members,
+                                       splits.known_nonmembers, un]))
     pos = {int(i): k for k, i in enumerate(needed)}
     inputs = inputs_of(ds, needed)
     if manifest:
@@ -135,7 +136,8 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     if task_drop > cfg.max_task_drop:
         reasons.append(f"task accuracy fell by {100 * task_drop:.2f} points (allowed "
                        f"{100 * cfg.max_task_drop:g})")
-    keys = ("task_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tm_score")
+    keys = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+            "tm_score")
     report = {
         "model_file": str(model_file.resolve()), "sha256": sha256_file(model_file),
         "export": ({k: manifest[k] for k in ("format", "bits", "scheme")} if manifest

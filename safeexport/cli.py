@@ -60,72 +60,101 @@ def main(ctx: click.Context, debug: bool) -> None:
     safeexport compress   SafeCompress: sparse training with membership-inference-aware selection
     safeexport export     quantize the run's model and convert it to ONNX or TFLite, checked
     safeexport evaluate   re-run task test and membership attacks on the exported file: verdict
+    safeexport study      pruning/quantization privacy study, or methods compared (--compare)
     """
     ctx.meta["debug"] = debug
 
 
+# The options that decide how a model is trained, shared by `compress` and `study`.
+TRAINING_OPTIONS = [
+    click.option("--model", default="auto", show_default=True,
+                 help="auto, cnn, mlp, alexnet, vgg16, resnet18, bert, roberta "
+                      "(auto = cnn for images, mlp for tables, bert for text)."),
+    click.option("--dataset", default="digits", show_default=True,
+                 help="digits (embedded, no download), synthetic, fashionmnist, mnist, cifar10, "
+                      "cifar100, tinyimagenet, purchase100, texas100, agnews, yelp5, npz:PATH "
+                      "(arrays x, y) or folder:PATH (PATH/<class>/<image>)."),
+    click.option("--data-dir", type=click.Path(file_okay=False), help=COMPRESS_HELP["data_dir"]),
+    click.option("--download", is_flag=True, help=COMPRESS_HELP["download"]),
+    click.option("--max-samples", type=click.IntRange(min=1), help=COMPRESS_HELP["max_samples"]),
+    click.option("--sparsity", type=float, default=0.05, show_default=True,
+                 help="Fraction of weights KEPT (the paper's Ω): 0.05 keeps 5% of the weights "
+                      "and sets 95% to zero. Must be in (0, 1]."),
+    click.option("--epochs", type=int, default=40, show_default=True, help=COMPRESS_HELP["epochs"]),
+    click.option("--update-frequency", type=int, default=40, show_default=True,
+                 help=COMPRESS_HELP["update_frequency"] + " (paper: 4000)."),
+    click.option("--batch-size", type=int, default=128, show_default=True,
+                 help=COMPRESS_HELP["batch_size"]),
+    click.option("--optimizer", default="auto", show_default=True,
+                 type=click.Choice(["auto", "sgd", "adamw"]), help=COMPRESS_HELP["optimizer"]),
+    click.option("--lr", type=float, help=COMPRESS_HELP["lr"]),
+    click.option("--momentum", type=float, default=0.9, show_default=True,
+                 help=COMPRESS_HELP["momentum"]),
+    click.option("--weight-decay", type=float, default=5e-4, show_default=True,
+                 help=COMPRESS_HELP["weight_decay"]),
+    click.option("--regularizer", default="none", show_default=True,
+                 type=click.Choice(["none", "re1", "re2"]),
+                 help="Entropy regularizer: re1 rewards output entropy on the whole batch, re2 on "
+                      "misclassified samples only (the paper's best)."),
+    click.option("--beta", type=float, default=0.1, show_default=True, help=COMPRESS_HELP["beta"]),
+    click.option("--lam", type=float, default=1.0, show_default=True, help=COMPRESS_HELP["lam"]),
+    click.option("--prune", default="magnitude,threshold", show_default=True, callback=_split_list,
+                 help="Comma-separated prune strategies (candidates = prune x grow)."),
+    click.option("--grow", default="gradient,random", show_default=True, callback=_split_list,
+                 help="Comma-separated grow strategies."),
+    click.option("--prune-rate", type=float, default=0.5, show_default=True,
+                 help=COMPRESS_HELP["prune_rate"]),
+    click.option("--finetune-iters", type=int, default=20, show_default=True,
+                 help=COMPRESS_HELP["finetune_iters"]),
+    click.option("--retrain-epochs", type=int, default=10, show_default=True,
+                 help=COMPRESS_HELP["retrain_epochs"]),
+    click.option("--attack", default="nasr", show_default=True, help=COMPRESS_HELP["attack"]),
+    click.option("--attack-epochs", type=int, default=30, show_default=True,
+                 help=COMPRESS_HELP["attack_epochs"]),
+    click.option("--attack-finetune-epochs", type=int, default=5, show_default=True,
+                 help=COMPRESS_HELP["attack_finetune_epochs"]),
+    click.option("--final-attack-epochs", type=int, default=60, show_default=True,
+                 help=COMPRESS_HELP["final_attack_epochs"]),
+    click.option("--dense-reference/--no-dense-reference", default=True, show_default=True,
+                 help=COMPRESS_HELP["dense_reference"]),
+    click.option("--device", default="auto", show_default=True, help=COMPRESS_HELP["device"]),
+    click.option("--seed", type=int, default=0, show_default=True, help=COMPRESS_HELP["seed"]),
+    click.option("--pretrained", type=click.Path(file_okay=False),
+                 help=COMPRESS_HELP["pretrained"]),
+    click.option("--max-length", type=int, default=64, show_default=True,
+                 help=COMPRESS_HELP["max_length"]),
+    click.option("--vocab-size", type=int, default=8000, show_default=True,
+                 help=COMPRESS_HELP["vocab_size"]),
+    click.option("--dp-epsilon", type=float, default=8.0, show_default=True,
+                 help=COMPRESS_HELP["dp_epsilon"]),
+    click.option("--dp-delta", type=float, default=1e-5, show_default=True,
+                 help=COMPRESS_HELP["dp_delta"]),
+    click.option("--dp-max-grad-norm", type=float, default=1.0, show_default=True,
+                 help=COMPRESS_HELP["dp_max_grad_norm"]),
+    click.option("--advreg-alpha", type=float, default=1.0, show_default=True,
+                 help=COMPRESS_HELP["advreg_alpha"]),
+    click.option("--kd-temperature", type=float, default=4.0, show_default=True,
+                 help=COMPRESS_HELP["kd_temperature"]),
+    click.option("--kd-alpha", type=float, default=0.9, show_default=True,
+                 help=COMPRESS_HELP["kd_alpha"]),
+    click.option("--dmp-keep", type=float, default=0.5, show_default=True,
+                 help=COMPRESS_HELP["dmp_keep"]),
+    click.option("--admm-rho", type=float, default=1e-3, show_default=True,
+                 help=COMPRESS_HELP["admm_rho"]),
+]
+
+
+def training_options(command):
+    """Apply every option of TRAINING_OPTIONS to ``command``."""
+    for option in reversed(TRAINING_OPTIONS):
+        command = option(command)
+    return command
 
 
 @main.command()
 @click.option("--method", default="safecompress", show_default=True,
               help=COMPRESS_HELP["method"] + ".")
-@click.option("--model", default="auto", show_default=True,
-              help="auto, cnn, mlp, alexnet, vgg16, resnet18, bert, roberta "
-                   "(auto = cnn for images, mlp for tables, bert for text).")
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits (embedded, no download), synthetic, fashionmnist, mnist, cifar10, "
-                   "cifar100, tinyimagenet, purchase100, texas100, agnews, yelp5, npz:PATH "
-                   "(arrays x, y) or folder:PATH (PATH/<class>/<image>).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help=COMPRESS_HELP["data_dir"])
-@click.option("--download", is_flag=True, help=COMPRESS_HELP["download"])
-@click.option("--max-samples", type=click.IntRange(min=1), help=COMPRESS_HELP["max_samples"])
-@click.option("--sparsity", type=float, default=0.05, show_default=True,
-              help="Fraction of weights KEPT (the paper's Ω): 0.05 keeps 5% of the weights "
-                   "and sets 95% to zero. Must be in (0, 1].")
-@click.option("--epochs", type=int, default=40, show_default=True, help=COMPRESS_HELP["epochs"])
-@click.option("--update-frequency", type=int, default=40, show_default=True,
-              help=COMPRESS_HELP["update_frequency"] + " (paper: 4000).")
-@click.option("--batch-size", type=int, default=128, show_default=True,
-              help=COMPRESS_HELP["batch_size"])
-@click.option("--optimizer", default="auto", show_default=True,
-              type=click.Choice(["auto", "sgd", "adamw"]), help=COMPRESS_HELP["optimizer"])
-@click.option("--lr", type=float, help=COMPRESS_HELP["lr"])
-@click.option("--momentum", type=float, default=0.9, show_default=True,
-              help=COMPRESS_HELP["momentum"])
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True,
-              help=COMPRESS_HELP["weight_decay"])
-@click.option("--regularizer", default="none", show_default=True,
-              type=click.Choice(["none", "re1", "re2"]),
-              help="Entropy regularizer: re1 rewards output entropy on the whole batch, re2 on "
-                   "misclassified samples only (the paper's best).")
-@click.option("--beta", type=float, default=0.1, show_default=True, help=COMPRESS_HELP["beta"])
-@click.option("--lam", type=float, default=1.0, show_default=True, help=COMPRESS_HELP["lam"])
-@click.option("--prune", default="magnitude,threshold", show_default=True, callback=_split_list,
-              help="Comma-separated prune strategies (candidates = prune x grow).")
-@click.option("--grow", default="gradient,random", show_default=True, callback=_split_list,
-              help="Comma-separated grow strategies.")
-@click.option("--prune-rate", type=float, default=0.5, show_default=True,
-              help=COMPRESS_HELP["prune_rate"])
-@click.option("--finetune-iters", type=int, default=20, show_default=True,
-              help=COMPRESS_HELP["finetune_iters"])
-@click.option("--retrain-epochs", type=int, default=10, show_default=True,
-              help=COMPRESS_HELP["retrain_epochs"])
-@click.option("--attack", default="nasr", show_default=True, help=COMPRESS_HELP["attack"])
-@click.option("--attack-epochs", type=int, default=30, show_default=True,
-              help=COMPRESS_HELP["attack_epochs"])
-@click.option("--attack-finetune-epochs", type=int, default=5, show_default=True,
-              help=COMPRESS_HELP["attack_finetune_epochs"])
-@click.option("--final-attack-epochs", type=int, default=60, show_default=True,
-              help=COMPRESS_HELP["final_attack_epochs"])
-@click.option("--dense-reference/--no-dense-reference", default=True, show_default=True,
-              help=COMPRESS_HELP["dense_reference"])
-@click.option("--device", default="auto", show_default=True, help=COMPRESS_HELP["device"])
-@click.option("--seed", type=int, default=0, show_default=True, help=COMPRESS_HELP["seed"])
-@click.option("--pretrained", type=click.Path(file_okay=False), help=COMPRESS_HELP["pretrained"])
-@click.option("--max-length", type=int, default=64, show_default=True,
-              help=COMPRESS_HELP["max_length"])
-@click.option("--vocab-size", type=int, default=8000, show_default=True,
-              help=COMPRESS_HELP["vocab_size"])
+@training_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default runs/<dataset>-<model>-s<sparsity>-<time>).")
 @click.option("--resume", is_flag=True,
@@ -139,8 +168,8 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
              progress: bool | None, **flags) -> None:
     """Run SafeCompress: sparse training where every mask update makes candidates (prune x grow),
     a simulated membership-inference attacker tests each, and the best task-accuracy /
-    attack-accuracy trade-off (TM-score) survives. --method dense or prune trains a baseline
-    into the same kind of run directory instead.
+    attack-accuracy trade-off (TM-score) survives. --method NAME trains one of the baselines
+    (see --method) into the same kind of run directory instead.
 
     Writes config.json, splits.npz, model.safetensors, attacker.safetensors, history.jsonl,
     report.json, curve.png and roc.png into the run directory.
@@ -166,6 +195,50 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
     run = run_compress(cfg or CompressConfig(), out, resume=resume, overwrite=overwrite,
                        progress=progress)
     click.echo(f"run directory: {run.path}")
+
+
+@main.command("study")
+@training_options
+@click.option("--compare", "methods", callback=_split_list,
+              help="Comma-separated methods to compare at --sparsity instead of the "
+                   "pruning/quantization study, e.g. dense,prune,pr-advreg,pr-dp,kd,safecompress.")
+@click.option("--bits", default="8,4,3,2", show_default=True, callback=_split_list,
+              help="Bit widths of the quantized rows of the study.")
+@click.option("--format", "fmt", default="tflite", show_default=True,
+              type=click.Choice(["onnx", "tflite"]),
+              help="Format the quantized rows are exported to and run in.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat every row with this many seeds (from --seed) and report mean ± std.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of the study: one run directory per row and seed, and "
+                   "study.md/.csv/.png (or compare.md/.csv/.png). Running the same command "
+                   "again reuses the finished runs.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars (default: only on a terminal).")
+def study_cmd(methods: list[str] | None, bits: list[str], fmt: str, seeds: int, out: Path,
+              progress: bool | None, **flags) -> None:
+    """Measure what compression does to membership-inference risk, from one dense model.
+
+    Without --compare: original → pruned (no retraining) → retrained → quantized to each of
+    --bits, with train and test accuracy, MIA accuracy, AUC and TPR at 1% FPR per row; the
+    quantized rows are measured on the exported files in their runtime.
+
+    With --compare METHODS: each method at --sparsity on the same split and seeds (the
+    paper's table: task accuracy, MIA accuracy, TM-score, AUC, TPR, wall time).
+    """
+    from study import compare, study
+
+    cfg = CompressConfig(**flags)
+    if methods is not None:
+        res = compare(cfg, out, methods, seeds, progress)
+    else:
+        try:
+            widths = [int(b) for b in bits]
+        except ValueError as e:
+            raise click.BadParameter(f"--bits takes integers, got {','.join(bits)}") from e
+        res = study(cfg, out, widths, fmt, seeds, progress)
+    click.echo(res.markdown)
+    click.echo("wrote " + ", ".join(str(p) for p in res.files))
 
 
 @main.command("export")

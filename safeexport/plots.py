@@ -7,7 +7,8 @@ import numpy as np
 from safeexport.rundir import atomic_write
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
     import io
 
     import matplotlib.pyplot as plt
@@ -45,7 +46,7 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.suptitle(title, y=1.02)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path,
@@ -71,4 +72,4 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,0 +1,193 @@
+"""``study``: one dense model → pruned (no retraining) → retrained → quantized to each bit
+width, each measured for train/test accuracy and membership-inference risk; ``compare``:
+several methods at one sparsity, the paper's table.
+
+Every method of a seed runs into ``OUT/seed-<s>/<name>/``, a normal run directory, on the same
+split and seeds; the dense model is trained once per seed (``dense/``) and the other runs start
+from it. A run already finished with the same settings is reused, so a stopped study resumes
+by running the same command again.
+"""
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compressor import compress
+from compressor.config import CompressConfig
+from compressor.run import method_label
+from safeexport.errors import ConfigError
+from safeexport.rundir import RunDir, atomic_write
+from study.tables import Column, Row, markdown, plot_bars, plot_tradeoff, write_csv
+
+PRIVACY_COLUMNS = [Column("mia_acc", "MIA Acc", better=-1), Column("auc", "AUC", ".3f", -1),
+                   Column("tpr_at_1pct_fpr", "TPR@1%FPR", ".3f", -1)]
+STUDY_COLUMNS = [Column("train_acc", "Train Acc"), Column("task_acc", "Test Acc"),
+                 *PRIVACY_COLUMNS]
+COMPARE_COLUMNS = [Column("task_acc", "Task Acc", better=1), PRIVACY_COLUMNS[0],
+                   Column("tm_score", "TM-score", ".3f", 1), *PRIVACY_COLUMNS[1:],
+                   Column("wall_time_s", "Wall time (s)", ".0f")]
+
+
+@dataclass
+class StudyResult:
+    """The table's rows and the files written."""
+
+    rows: list[Row]
+    markdown: str
+    files: list[Path]
+
+
+def seeds_of(cfg: CompressConfig, n: int) -> list[int]:
+    """``n`` consecutive seeds from the config's."""
+    if n < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {n}")
+    return [cfg.seed + i for i in range(n)]
+
+
+def run_method(cfg: CompressConfig, path: Path, progress: bool | None,
+               dense_from: Path | None = None) -> dict:
+    """The report of ``cfg`` run into ``path``: reused when finished there with the same
+    settings, continued when unfinished, started otherwise."""
+    run = RunDir(path)
+    if run.is_run():
+        recorded = run.read_config()["config"]
+        own = cfg.to_dict()
+        diff = sorted(k for k in own if recorded.get(k) != own[k])
+        if diff:
+            raise ConfigError(f"{path} holds a run with other settings ({', '.join(diff)}); "
+                              "remove it or choose another --out for this study")
+        compress(cfg, path, resume=True, progress=progress, dense_from=dense_from)
+    else:
+        compress(cfg, path, progress=progress, dense_from=dense_from)
+    return run.read_report()
+
+
+def _base(cfg: CompressConfig, seed: int) -> CompressConfig:
+    # every row has its own run; the dense row is the dense run itself
+    return replace(cfg, seed=seed, dense_reference=False)
+
+
+def _check_out(out: Path) -> None:
+    if RunDir(out).is_run():
+        raise ConfigError(f"{out} is a run directory; a study writes its runs into a folder "
+                          "of its own, choose another --out")
+
+
+def _describe(cfg: CompressConfig, seeds: list[int]) -> str:
+    return (f"{cfg.model} on {cfg.dataset}"
+            + (f" ({cfg.max_samples} samples)" if cfg.max_samples else "")
+            + f", keeping {100 * cfg.sparsity:g}% of weights, {cfg.epochs} epochs, "
+            + (f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"))
+
+
+def _write(out: Path, name: str, rows: list[Row], text_cols: list[str], cols: list[Column],
+           ranked: list[str], title: str, note: str) -> StudyResult:
+    table = markdown(rows, text_cols, cols, ranked)
+    md = out / f"{name}.md"
+    atomic_write(md, lambda f: f.write(f"# {title}\n\n{table}\n{note}\n".encode()))
+    csv_path = out / f"{name}.csv"
+    write_csv(csv_path, rows, text_cols, cols)
+    png = out / f"{name}.png"
+    if name == "compare":
+        plot_tradeoff(png, rows, title)
+    else:
+        plot_bars(png, rows, [("train_acc", "train acc"), ("task_acc", "test acc"),
+                              ("mia_acc", "MIA acc")], title)
+    return StudyResult(rows, table, [md, csv_path, png])
+
+
+def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tflite",
+          seeds: int = 1, progress: bool | None = None) -> StudyResult:
+    """Original → pruned without retraining → retrained → quantized (``fmt``, each of
+    ``bits``, weight-only), measured on every row with the run's final attack; quantized rows
+    on the exported files in their runtime (device_eval), the others in PyTorch."""
+    from device_eval import evaluate
+    from device_eval.config import EvalConfig
+    from exporters import export
+    from exporters.config import SUPPORTED, ExportConfig
+
+    out = Path(out)
+    _check_out(out)
+    allowed = SUPPORTED[(fmt, "weight-only")] if (fmt, "weight-only") in SUPPORTED else ()
+    bad = [b for b in bits if b not in allowed or b > 8]
+    if bad or not bits:
+        raise ConfigError(f"--bits must list widths {fmt} can store below float "
+                          f"({', '.join(str(b) for b in allowed if b <= 8)}), got "
+                          f"{','.join(map(str, bits)) or 'none'}")
+    seed_list = seeds_of(cfg, seeds)
+    labels = ["original (dense)", "pruned, no retraining", "pruned + retrained",
+              *(f"{fmt} {b}-bit" for b in bits)]
+    rows = {label: Row(label) for label in labels}
+    for seed in seed_list:
+        base, sdir = _base(cfg, seed), out / f"seed-{seed}"
+        dense = run_method(replace(base, method="dense"), sdir / "dense", progress)
+        pruned = run_method(replace(base, method="prune", retrain_epochs=0), sdir / "pruned",
+                            progress, sdir / "dense")
+        retrained = run_method(replace(base, method="prune"), sdir / "retrained", progress,
+                               sdir / "dense")
+        for label, rep in zip(labels, (dense, pruned, retrained), strict=False):
+            rows[label].add({k.key: rep["compressed"][k.key] for k in STUDY_COLUMNS})
+            rows[label].text = {"Measured by": "PyTorch",
+                                "Weights": f"{rep['compressed']['nonzero_weights']:,}"}
+        for b, label in tqdm(list(zip(bits, labels[3:], strict=True)), desc="quantize",
+                             unit="file", disable=None if progress is None else not progress):
+            exp = export(ExportConfig(format=fmt, bits=b, warn_only=True), sdir / "retrained",
+                         overwrite=True)
+            ev = evaluate(exp.path, EvalConfig()).report
+            rows[label].add({k.key: ev["after"][k.key] for k in STUDY_COLUMNS}
+                            | {"agreement": ev["parity"]["agreement"]})
+            rt = ev["runtime"]
+            rows[label].text = {"Measured by": f"{rt['name']} {rt['version']}",
+                                "Weights": rows["pruned + retrained"].text["Weights"]}
+    title = f"Pruning and quantization study: {_describe(cfg, seed_list)}"
+    note = ("Every row is measured by the same final attack (Nasr et al.'s attacker trained on "
+            "the known members/non-members, tested on the balanced unknown ones). Quantized "
+            f"rows are the retrained model exported to {fmt} (weight-only) and run in that "
+            "runtime; 'Agreement' is their top-1 agreement with the PyTorch model.")
+    cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
+    return _write(out, "study", list(rows.values()), ["Measured by", "Weights"], cols, [],
+                  title, note)
+
+
+def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int = 1,
+            progress: bool | None = None) -> StudyResult:
+    """Every method of ``methods`` at the config's sparsity, on the same split and seeds: the
+    paper's table (Task Acc, MIA Acc, TM-score, AUC, TPR at 1% FPR, wall time), the best
+    compressed method's figure in bold."""
+    from compressor.baselines import METHODS
+
+    out = Path(out)
+    _check_out(out)
+    unknown = [m for m in methods if m != "safecompress" and m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--compare: unknown method(s) {', '.join(unknown) or '(none given)'}"
+                          f"; known: safecompress, {', '.join(METHODS.names())}")
+    seed_list = seeds_of(cfg, seeds)
+    rows = {m: Row(method_label(m)) for m in methods}
+    for seed in seed_list:
+        base, sdir = _base(cfg, seed), out / f"seed-{seed}"
+        run_method(replace(base, method="dense"), sdir / "dense", progress)
+        for m in methods:
+            t0 = time.time()
+            rep = run_method(replace(base, method=m), sdir / m, progress,
+                             None if m == "dense" else sdir / "dense")
+            c = rep["compressed"]
+            figures = {k.key: c[k.key] for k in COMPARE_COLUMNS}
+            if "dp" in rep:
+                figures["epsilon"] = rep["dp"]["epsilon"]
+            rows[m].add(figures)
+            rows[m].text = {"Weights": f"{c['nonzero_weights']:,}"}
+            tqdm.write(f"seed {seed} {m}: task {c['task_acc']:.4f} MIA {c['mia_acc']:.4f} "
+                       f"TM {c['tm_score']:.3f} ({time.time() - t0:.0f} s here)")
+    ranked = [method_label(m) for m in methods if m != "dense"]
+    title = f"Methods compared: {_describe(cfg, seed_list)}"
+    note = ("Bold: the best compressed method per column (dense, the uncompressed reference, "
+            "is not ranked). MIA: Nasr et al.'s attacker trained on the known members/"
+            f"non-members, tested on the balanced unknown ones. TM-score = Task Acc^λ / MIA Acc "
+            f"(λ = {cfg.lam:g}). "
+            "Wall time: the whole method, including the dense model a two-step baseline starts "
+            "from. ε: DP-SGD's (ε, δ) for its private phase.")
+    cols = [*COMPARE_COLUMNS, Column("epsilon", "DP ε", ".2f")]
+    return _write(out, "compare", list(rows.values()), ["Weights"], cols, ranked, title, note)

@@ -1,0 +1,140 @@
+"""Tables (Markdown and CSV) and plots of the study, from rows of figures per seed."""
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from safeexport.plots import save_figure
+from safeexport.rundir import atomic_write
+
+
+@dataclass
+class Row:
+    """One line of a table: a label, text columns, and figures measured once per seed."""
+
+    label: str
+    text: dict[str, str] = field(default_factory=dict)
+    figures: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, figures: dict[str, float]) -> None:
+        """Append one seed's figures."""
+        for k, v in figures.items():
+            self.figures.setdefault(k, []).append(float(v))
+
+    def mean(self, key: str) -> float:
+        return float(np.mean(self.figures[key]))
+
+    def std(self, key: str) -> float:
+        values = self.figures[key]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Column:
+    """A figure column: its key in the rows, its header, its format, and which way is better
+    (+1 higher, -1 lower, 0 not ranked)."""
+
+    key: str
+    header: str
+    fmt: str = ".4f"
+    better: int = 0
+
+
+def _cell(row: Row, col: Column) -> str:
+    if col.key not in row.figures:
+        return "–"
+    text = format(row.mean(col.key), col.fmt)
+    if len(row.figures[col.key]) > 1:
+        text += f" ± {format(row.std(col.key), col.fmt)}"
+    return text
+
+
+def best_rows(rows: list[Row], col: Column, ranked: list[str]) -> set[str]:
+    """Labels of the rows (among ``ranked``) with the best mean of ``col`` (ties all win)."""
+    means = {r.label: r.mean(col.key) for r in rows
+             if r.label in ranked and col.key in r.figures}
+    if not means or col.better == 0:
+        return set()
+    top = max(means.values()) if col.better > 0 else min(means.values())
+    return {label for label, v in means.items() if v == top}
+
+
+def markdown(rows: list[Row], text_cols: list[str], cols: list[Column],
+             ranked: list[str] | None = None) -> str:
+    """A Markdown table; the best figure of each ranked column among ``ranked`` rows in bold."""
+    ranked = ranked or []
+    head = ["", *text_cols, *(c.header for c in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {c.key: best_rows(rows, c, ranked) for c in cols}
+    for r in rows:
+        cells = [r.text.get(t, "") for t in text_cols]
+        for c in cols:
+            cell = _cell(r, c)
+            cells.append(f"**{cell}**" if r.label in best[c.key] else cell)
+        lines.append("| " + " | ".join([r.label, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[Row], text_cols: list[str], cols: list[Column]) -> None:
+    """One line per row: text columns, then mean, std and n of every figure."""
+    def write(f):
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["row", *text_cols,
+                    *(f"{c.key}_{s}" for c in cols for s in ("mean", "std", "n"))])
+        for r in rows:
+            w.writerow([r.label, *(r.text.get(t, "") for t in text_cols),
+                        *(v for c in cols for v in (
+                            (r.mean(c.key), r.std(c.key), len(r.figures[c.key]))
+                            if c.key in r.figures else ("", "", 0)))])
+        f.write(buf.getvalue().encode())
+    atomic_write(path, write)
+
+
+def plot_bars(path: Path, rows: list[Row], keys: list[tuple[str, str]], title: str) -> None:
+    """Grouped bars (mean, with std as error bars) of ``keys`` for each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
+    width = 0.8 / len(keys)
+    x = np.arange(len(rows))
+    for i, (key, name) in enumerate(keys):
+        means = [r.mean(key) if key in r.figures else np.nan for r in rows]
+        stds = [r.std(key) if key in r.figures else 0 for r in rows]
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, label=name,
+               capsize=3)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, [r.label for r in rows], rotation=25, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_tradeoff(path: Path, rows: list[Row], title: str) -> None:
+    """Task accuracy against MIA accuracy, one point per row (down and right is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        ax.errorbar(r.mean("mia_acc"), r.mean("task_acc"), xerr=r.std("mia_acc"),
+                    yerr=r.std("task_acc"), fmt="o", capsize=3)
+        ax.annotate(r.label, (r.mean("mia_acc"), r.mean("task_acc")), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("MIA accuracy (0.5 = chance)")
+    ax.set_ylabel("task accuracy (test)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
