@@ -2,10 +2,10 @@
 width, each measured for train/test accuracy and membership-inference risk; ``compare``:
 several methods at one sparsity, the paper's table.
 
-Every method of a seed runs into ``OUT/seed-<s>/<name>/``, a normal run directory, on the same
-split and seeds; the dense model is trained once per seed (``dense/``) and the other runs start
-from it. A run already finished with the same settings is reused, so a stopped study resumes
-by running the same command again.
+Every method of a seed runs into ``OUT/seed-<s>/<method>/`` (the study's pruned-only row into
+``prune-no-retrain/``), a normal run directory, on the same split and seeds; the dense model is
+trained once per seed (``dense/``) and the other runs start from it. A run already finished
+with the same settings is reused, so a stopped study resumes by running the same command again.
 """
 
 import time
@@ -123,9 +123,10 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
     for seed in seed_list:
         base, sdir = _base(cfg, seed), out / f"seed-{seed}"
         dense = run_method(replace(base, method="dense"), sdir / "dense", progress)
-        pruned = run_method(replace(base, method="prune", retrain_epochs=0), sdir / "pruned",
-                            progress, sdir / "dense")
-        retrained = run_method(replace(base, method="prune"), sdir / "retrained", progress,
+        pruned = run_method(replace(base, method="prune", retrain_epochs=0),
+                            sdir / "prune-no-retrain", progress, sdir / "dense")
+        # the same folder `--compare prune` uses, so a study and a comparison share it
+        retrained = run_method(replace(base, method="prune"), sdir / "prune", progress,
                                sdir / "dense")
         for label, rep in zip(labels, (dense, pruned, retrained), strict=False):
             rows[label].add({k.key: rep["compressed"][k.key] for k in STUDY_COLUMNS})
@@ -133,7 +134,7 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
                                 "Weights": f"{rep['compressed']['nonzero_weights']:,}"}
         for b, label in tqdm(list(zip(bits, labels[3:], strict=True)), desc="quantize",
                              unit="file", disable=None if progress is None else not progress):
-            exp = export(ExportConfig(format=fmt, bits=b, warn_only=True), sdir / "retrained",
+            exp = export(ExportConfig(format=fmt, bits=b, warn_only=True), sdir / "prune",
                          overwrite=True)
             ev = evaluate(exp.path, EvalConfig()).report
             rows[label].add({k.key: ev["after"][k.key] for k in STUDY_COLUMNS}

@@ -3,42 +3,55 @@ directory that export and evaluate accept, on the same split and seeds as SafeCo
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from compressor import compress
 from compressor.masking import erk_counts, maskable
+from compressor.train import predict_logits
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from exporters import export
 from exporters.config import ExportConfig
+from safeexport.errors import ConfigError
 from safeexport.rundir import RunDir
+from safeexport.runio import load_model, open_run
 from tests.conftest import FAST_EXPORT, tiny_config
 from tests.test_compress import _one_line_error, _rebuild, cli
+
+BASELINES = ["dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd", "kd-dp", "kd-advreg",
+             "kd-dmp", "mia-pr"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("baselines")
     return {m: compress(tiny_config(method=m, retrain_epochs=2), root / m).path
-            for m in ("safecompress", "dense", "prune")}
+            for m in ("safecompress", *BASELINES)}
 
 
 def _report(run) -> dict:
     return json.loads((run / "report.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["dense", "prune"])
+@pytest.mark.parametrize("method", BASELINES)
 def test_each_baseline_writes_a_run_that_exports_and_evaluates(runs, method, tmp_path):
+    """The run is complete and intact, its model.json rebuilds the saved model (a narrow
+    student, Opacus's GroupNorm), and export and evaluate work on it as on any run."""
     run = runs[method]
     report = _report(run)
     assert report["method"] == method
-    assert report["files"]["model.safetensors"]
-    assert 0.3 < report["compressed"]["task_acc"] <= 1  # 4 balanced classes: chance 0.25
+    model = load_model(open_run(run))  # checks the recorded sha256, rebuilds from model.json
+    assert sum(int((p != 0).sum()) for _, p in maskable(model)) == \
+        report["compressed"]["nonzero_weights"]
+    # 4 balanced classes, chance 0.25; DP-SGD's noise on 200 members may sit near chance
+    assert report["compressed"]["task_acc"] > (0.15 if "dp" in method else 0.3)
     exp = export(ExportConfig(format="onnx", bits=8, **FAST_EXPORT), run)
     res = evaluate(exp.path, EvalConfig(), json_out=tmp_path / "e.json")
-    assert res.report["before"]["task_acc"] == pytest.approx(report["compressed"]["task_acc"])
+    for key in ("task_acc", "train_acc", "mia_acc"):
+        assert res.report["before"][key] == pytest.approx(report["compressed"][key]), key
 
 
 def test_dense_keeps_every_weight_and_prune_keeps_the_budget(runs):
@@ -83,7 +96,7 @@ def test_pruning_then_fine_tuning_changes_only_kept_weights(runs):
 
 def test_unknown_method_is_one_clear_line(tmp_path):
     r = cli("compress", "--method", "magic", "--out", tmp_path / "run")
-    _one_line_error(r, "unknown method 'magic'; known: safecompress, dense, prune")
+    _one_line_error(r, "unknown method 'magic'; known: safecompress, dense, prune, pr-dp, ")
     assert not (tmp_path / "run").exists()
 
 
@@ -97,3 +110,148 @@ def test_resume_retrains_an_interrupted_baseline_to_the_same_model(runs, tmp_pat
     assert _report(run)["method"] == "prune"
     assert (run / "model.safetensors").read_bytes() == \
         (runs["prune"] / "model.safetensors").read_bytes()
+
+
+def test_dp_reports_the_accountants_epsilon_which_grows_with_steps(runs):
+    """ε after each epoch rises, ends at (not above) the target, and is what Opacus's RDP
+    accountant gives for the recorded noise, sampling rate and steps; BatchNorm was replaced
+    by Opacus's validator and model.json says so."""
+    from opacus.accountants import RDPAccountant
+
+    for method in ("pr-dp", "kd-dp"):
+        report = _report(runs[method])
+        dp = report["dp"]
+        eps = dp["epsilon_per_epoch"]
+        assert len(eps) == dp["epochs"] >= 2
+        assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+        assert dp["epsilon"] == eps[-1] <= dp["target_epsilon"] * 1.01
+        accountant = RDPAccountant()
+        accountant.history = [(dp["noise_multiplier"], dp["sample_rate"], dp["steps"])]
+        assert accountant.get_epsilon(dp["delta"]) == pytest.approx(dp["epsilon"], rel=1e-6)
+        spec = json.loads((runs[method] / "model.json").read_text())
+        assert spec["norm"] == "opacus-fix"
+        model = load_model(RunDir(runs[method]))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
+def test_dp_noise_is_calibrated_to_the_target_epsilon(tmp_path):
+    """A smaller ε buys more noise: the same run at ε=1 adds more noise than at ε=8."""
+    noise = {}
+    for eps in (1.0, 8.0):
+        run = compress(tiny_config(method="pr-dp", retrain_epochs=2, dp_epsilon=eps,
+                                   dense_reference=False), tmp_path / str(eps))
+        dp = _report(run.path)["dp"]
+        assert dp["epsilon"] <= eps * 1.01
+        noise[eps] = dp["noise_multiplier"]
+    assert noise[1.0] > 2 * noise[8.0]
+
+
+def _setup(tmp_path, **overrides):
+    from compressor.run import _setup
+
+    return _setup(tiny_config(**overrides), tmp_path / "run", False, False, False)[1]
+
+
+def test_advreg_target_step_lowers_the_attackers_gain(tmp_path):
+    """The sign of the min-max game: with the attacker held fixed, the target's steps on its
+    AdvReg loss lower the attacker's gain on the members (and the loss falls with the gain);
+    the same steps with the sign flipped raise it."""
+    from compressor.baselines.defences import AdvReg, advreg_objective, membership_gain
+    from compressor.baselines.students import Targets
+    from compressor.train import batch_tensors, train_batches
+
+    setup = _setup(tmp_path, advreg_alpha=20.0, dataset="digits")  # outputs not saturated
+    ce, gain = torch.tensor(1.0), torch.tensor([-0.2, -0.6])
+    assert advreg_objective(ce, gain[1], 1.0) < advreg_objective(ce, gain[0], 1.0)
+
+    members = setup.splits.members
+    batch = members[:64]
+
+    def gain_before_after(sign: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        state = setup.new_state(setup.new_model("dense-init"))
+        setup.train(state, "warm", 40, setup.lr, "warm-up")
+        game = AdvReg(setup, state.model, Targets(setup, members, None))
+        for g in game.optimizer.param_groups:
+            g["lr"] = 1e-2
+        for _ in range(40):  # an attacker that has learnt something, then frozen
+            game(members[torch.randint(len(members), (64,)).numpy()])
+        for g in game.optimizer.param_groups:
+            g["lr"] = 0.0
+
+        def measure() -> float:
+            state.model.eval()
+            x, y = batch_tensors(setup.ds, batch, setup.device)
+            with torch.no_grad():
+                return float(membership_gain(game.attacker,
+                                             torch.softmax(state.model(x), 1), y))
+
+        before = measure()
+        setup.cfg.advreg_alpha = sign * 20.0
+        train_batches(state, [batch] * 10, game, lambda i: 0.05)
+        return before, measure()
+
+    before, after = gain_before_after(+1.0)
+    assert after < before - 0.01
+    before, after = gain_before_after(-1.0)  # the reference code's sign
+    assert after > before + 0.01
+
+
+def test_dmp_reference_set_is_disjoint_from_members(tmp_path):
+    """DMP's student learns only from the validation split: no member, no sample any attack
+    trains or is measured on, no test sample; the kept part is the teacher's most certain."""
+    from compressor.baselines.defences import dmp_reference
+
+    setup = _setup(tmp_path, dmp_keep=0.4)
+    teacher = setup.new_model("dense-init")
+    setup.train(setup.new_state(teacher), "warm", 20, setup.lr, "teacher")
+    kept, info = dmp_reference(setup, teacher)
+    s = setup.splits
+    assert set(kept) <= set(s.validation)
+    for part in (s.members, s.known_nonmembers, s.unknown_nonmembers, s.test):
+        assert not set(kept) & set(part)
+    assert len(kept) == info["kept"] == int(np.ceil(0.4 * len(s.validation)))
+    probs = torch.softmax(predict_logits(teacher, setup.ds, s.validation, setup.device), 1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).numpy()
+    is_kept = np.isin(s.validation, kept)
+    assert entropy[is_kept].max() <= entropy[~is_kept].min()
+
+
+def test_kd_student_is_the_widest_that_fits_the_budget(runs):
+    """The dense student has at most the sparse model's weight count, and a slightly wider
+    one would not fit."""
+    from safeexport.models import weight_count
+
+    report = _report(runs["kd"])
+    st = report["student"]
+    spec = json.loads((runs["kd"] / "model.json").read_text())
+    assert spec["kwargs"]["width"] == st["width"] < 1
+    assert st["weights"] == report["compressed"]["nonzero_weights"] <= st["budget"]
+    assert st["budget"] == _report(runs["prune"])["compressed"]["nonzero_weights"]
+    assert weight_count(spec["name"], {**spec["kwargs"], "width": st["width"] + 0.01}) > \
+        st["budget"]
+
+
+def test_mia_pr_prunes_to_the_admm_support_and_keeps_the_budget(runs):
+    report = _report(runs["mia-pr"])
+    assert report["compressed"]["nonzero_weights"] == \
+        _report(runs["prune"])["compressed"]["nonzero_weights"]
+    assert report["admm"]["updates"] >= 1
+    assert 0 < report["admm"]["residual_before_prune"] < 1
+
+
+def test_dense_from_must_match_the_dense_settings(runs, tmp_path):
+    """A dense run stands in for another run's dense model only if it trained the same one;
+    when it does, the baseline starts from it and is charged its time."""
+    with pytest.raises(ConfigError, match="other settings .*epochs"):
+        compress(tiny_config(method="prune", epochs=5), tmp_path / "a",
+                 dense_from=runs["dense"])
+    with pytest.raises(ConfigError, match="not a finished `--method dense` run"):
+        compress(tiny_config(method="prune"), tmp_path / "b", dense_from=runs["prune"])
+    run = compress(tiny_config(method="prune", retrain_epochs=2), tmp_path / "c",
+                   dense_from=runs["dense"])
+    assert run.model.read_bytes() == (runs["prune"] / "model.safetensors").read_bytes()
+    rep = _report(run.path)
+    assert rep["dense_reused_from"] == str(runs["dense"].resolve())
+    assert rep["compressed"]["wall_time_s"] >= _report(runs["dense"])["compressed"]["wall_time_s"]

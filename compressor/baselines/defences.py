@@ -73,12 +73,15 @@ def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> tuple[Tr
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
         torch.from_numpy(members)), batch_size=batch)
     epochs = max(1, round(student.iters / len(loader)))
-    engine = PrivacyEngine(accountant="rdp")
     targets = Targets(setup, members, teacher if student.distil else None)
     epsilons: list[float] = []
     with seeded(derive_seed(cfg.seed, "dp-sampling"), setup.device), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*Optimal order.*")
+        # Opacus's advice to use its secure RNG for production, its note that a larger RDP
+        # order would tighten ε, and torch's note on hooks of a first layer whose input needs
+        # no gradient: none is a fault here
+        for message in ("Secure RNG", "Optimal order", "Full backward hook"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        engine = PrivacyEngine(accountant="rdp")
         module, optimizer, loader = engine.make_private_with_epsilon(
             module=model, optimizer=state.optimizer, data_loader=loader,
             target_epsilon=cfg.dp_epsilon, target_delta=cfg.dp_delta, epochs=epochs,
