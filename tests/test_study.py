@@ -1,0 +1,116 @@
+"""`safeexport study`: the pruning/quantization rows and the methods' comparison, on tiny
+models and the synthetic data."""
+
+import csv
+import json
+from dataclasses import asdict
+
+import pytest
+
+from study import compare, study
+from study.run import STUDY_COLUMNS
+from tests.conftest import tiny_config
+from tests.test_compress import _one_line_error, cli
+
+TINY = dict(retrain_epochs=2)
+FLAGS = ["--dataset", "synthetic", "--model", "cnn", "--sparsity", "0.2", "--epochs", "4",
+         "--update-frequency", "6", "--batch-size", "32", "--finetune-iters", "2",
+         "--attack-epochs", "2", "--attack-finetune-epochs", "1", "--final-attack-epochs", "2",
+         "--max-samples", "400", "--device", "cpu", "--retrain-epochs", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def studied(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "s"
+    return out, study(tiny_config(**TINY), out, [8, 4, 3, 2], "tflite")
+
+
+def test_study_table_has_every_row_measured_where_it_says(studied):
+    out, res = studied
+    labels = [r.label for r in res.rows]
+    assert labels == ["original (dense)", "pruned, no retraining", "pruned + retrained",
+                      "tflite 8-bit", "tflite 4-bit", "tflite 3-bit", "tflite 2-bit"]
+    for row in res.rows:
+        assert set(row.figures) >= {c.key for c in STUDY_COLUMNS}
+        assert row.label in res.markdown
+    seed = out / "seed-0"
+    # the PyTorch rows are the runs' own reports
+    for row, run in zip(res.rows[:3], ("dense", "prune-no-retrain", "prune"), strict=True):
+        report = json.loads((seed / run / "report.json").read_text())
+        assert row.text["Measured by"] == "PyTorch"
+        for c in STUDY_COLUMNS:
+            assert row.figures[c.key] == [report["compressed"][c.key]], (run, c.key)
+    pruned = json.loads((seed / "prune-no-retrain" / "report.json").read_text())
+    assert pruned["two_step"]["iters"] == 0 and pruned["compressed"]["density"] < 0.25
+    # the quantized rows are device_eval's figures for the exported files, in LiteRT
+    for row, bits in zip(res.rows[3:], (8, 4, 3, 2), strict=True):
+        ev = json.loads((seed / "prune" / "evals" /
+                         f"model-tflite-w{bits}-weight-only-litert.json").read_text())
+        assert ev["export"]["bits"] == bits
+        assert row.text["Measured by"].startswith("litert")
+        assert row.figures["mia_acc"] == [ev["after"]["mia_acc"]]
+        assert row.figures["train_acc"] == [ev["after"]["train_acc"]]
+    with open(out / "study.csv") as f:
+        assert [r["row"] for r in csv.DictReader(f)] == labels
+    assert (out / "study.png").stat().st_size > 1000
+    assert (out / "study.md").read_text().count("\n|") == len(labels) + 2  # header, rule, rows
+
+
+def test_study_reruns_reuse_finished_runs(studied):
+    out, _ = studied
+    model = out / "seed-0" / "dense" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    res = study(tiny_config(**TINY), out, [8], "tflite")
+    assert model.stat().st_mtime_ns == before
+    assert [r.label for r in res.rows][-1] == "tflite 8-bit"
+
+
+def test_study_refuses_other_settings_in_the_same_folder(studied):
+    out, _ = studied
+    with pytest.raises(Exception, match="holds a run with other settings .*epochs"):
+        study(tiny_config(**{**TINY, "epochs": 5}), out, [8], "tflite")
+
+
+def test_compare_over_seeds_reports_mean_and_std_and_bolds_the_best(tmp_path):
+    out = tmp_path / "c"
+    r = cli("study", *FLAGS, "--compare", "dense,prune,kd,safecompress", "--seeds", "2",
+            "--out", out)
+    assert r.returncode == 0, r.stderr
+    table = (out / "compare.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert set(rows) >= {"dense", "prune", "kd", "SafeCompress"}
+    assert " ± " in rows["prune"] and "**" not in rows["dense"]  # the reference is not ranked
+    assert table.count("**") >= 2 * 5  # one best per ranked column at least
+    for seed in (0, 1):
+        for m in ("dense", "prune", "kd", "safecompress"):
+            rep = json.loads((out / f"seed-{seed}" / m / "report.json").read_text())
+            assert rep["method"] == m
+            cfg = json.loads((out / f"seed-{seed}" / m / "config.json").read_text())["config"]
+            assert cfg["seed"] == seed
+    with open(out / "compare.csv") as f:
+        by_row = {row["row"]: row for row in csv.DictReader(f)}
+    prune = [json.loads((out / f"seed-{s}" / "prune" / "report.json").read_text())
+             ["compressed"]["task_acc"] for s in (0, 1)]
+    assert float(by_row["prune"]["task_acc_mean"]) == pytest.approx(sum(prune) / 2)
+    assert by_row["prune"]["task_acc_n"] == "2"
+    # the prune baseline started from the seed's dense run and is charged its time
+    rep = json.loads((out / "seed-1" / "prune" / "report.json").read_text())
+    assert rep["dense_reused_from"] == str((out / "seed-1" / "dense").resolve())
+
+
+def test_study_errors_are_one_clear_line(tmp_path):
+    r = cli("study", *FLAGS, "--compare", "dense,magic", "--out", tmp_path / "a")
+    _one_line_error(r, "unknown method\\(s\\) magic; known: safecompress, dense")
+    r = cli("study", *FLAGS, "--bits", "8,16", "--out", tmp_path / "b")
+    _one_line_error(r, "--bits must list widths tflite can store below float")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": asdict(tiny_config())}))
+    r = cli("study", *FLAGS, "--out", tmp_path / "run")
+    _one_line_error(r, "is a run directory")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_compare_rejects_an_empty_method_list(tmp_path):
+    with pytest.raises(Exception, match="unknown method"):
+        compare(tiny_config(), tmp_path / "c", [])
