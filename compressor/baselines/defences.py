@@ -28,7 +28,8 @@ from safeexport.models import OPACUS_NORM
 from safeexport.registry import Registry
 from safeexport.seeding import derive_seed, generator, seeded
 
-Defence = Callable[[Setup, Student, torch.nn.Module], tuple[TrainState, dict]]
+Defended = tuple[TrainState, dict]  # the trained student, and what the report says of it
+Defence = Callable[[Setup, Student, torch.nn.Module], Defended]
 DEFENCES: Registry[Defence] = Registry("defence")
 
 
@@ -38,8 +39,7 @@ def reference_set(setup: Setup) -> np.ndarray:
 
 
 @DEFENCES.decorator("none")
-def undefended(setup: Setup, student: Student, teacher: torch.nn.Module) -> tuple[TrainState,
-                                                                                 dict]:
+def undefended(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defended:
     """Plain training: cross-entropy, or distillation from the teacher on the members."""
     members = setup.splits.members
     targets = Targets(setup, members, teacher if student.distil else None)
@@ -49,7 +49,7 @@ def undefended(setup: Setup, student: Student, teacher: torch.nn.Module) -> tupl
 
 
 @DEFENCES.decorator("dp")
-def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> tuple[TrainState, dict]:
+def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defended:
     """DP-SGD (Poisson-sampled batches, per-sample clipping, Gaussian noise) with the noise
     Opacus calibrates to ``dp_epsilon`` at ``dp_delta`` over the student's iterations.
     BatchNorm, which mixes samples of a batch, is replaced by Opacus's ``ModuleValidator.fix``
@@ -171,7 +171,7 @@ class AdvReg:
 
 @DEFENCES.decorator("advreg")
 def adversarial_regularisation(setup: Setup, student: Student,
-                               teacher: torch.nn.Module) -> tuple[TrainState, dict]:
+                               teacher: torch.nn.Module) -> Defended:
     """Nasr et al. (2018): attacker and target steps alternate; the target minimises its task
     loss plus α·the attacker's gain on its members."""
     targets = Targets(setup, setup.splits.members, teacher if student.distil else None)
@@ -201,7 +201,7 @@ def dmp_reference(setup: Setup, teacher: torch.nn.Module) -> tuple[np.ndarray, d
 
 @DEFENCES.decorator("dmp")
 def distillation_for_privacy(setup: Setup, student: Student,
-                             teacher: torch.nn.Module) -> tuple[TrainState, dict]:
+                             teacher: torch.nn.Module) -> Defended:
     """DMP: the unprotected teacher labels the reference set, the lowest-entropy part is kept,
     and the student learns the teacher's soft labels on it only (never a member)."""
     data, info = dmp_reference(setup, teacher)
