@@ -255,3 +255,14 @@ def test_dense_from_must_match_the_dense_settings(runs, tmp_path):
     rep = _report(run.path)
     assert rep["dense_reused_from"] == str(runs["dense"].resolve())
     assert rep["compressed"]["wall_time_s"] >= _report(runs["dense"])["compressed"]["wall_time_s"]
+
+
+def test_kd_refuses_a_model_without_width_before_training(tmp_path):
+    """A text model has no width option: the kd baselines say so at once."""
+    from compressor.baselines.students import narrow_student
+
+    setup = _setup(tmp_path, method="kd", model="mlp")
+    assert narrow_student(setup).spec["kwargs"]["width"] < 1
+    setup.model_name = "bert"
+    with pytest.raises(ConfigError, match="bert has no width option"):
+        narrow_student(setup)

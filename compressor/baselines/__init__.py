@@ -48,10 +48,12 @@ def two_step(compression: str, defence: str) -> Callable[[Setup], Outcome]:
         from compressor.baselines.defences import DEFENCES
         from compressor.baselines.students import narrow_student, pruned_student, student_report
 
+        # a narrow student needs no teacher to be built: a model without a width fails here,
+        # before the dense model is trained
+        student = narrow_student(setup) if compression == "kd" else None
         teacher, dense_time = train_dense(setup)
         t0 = time.time()
-        make = pruned_student if compression == "pr" else narrow_student
-        student = make(setup, teacher.model)
+        student = student or pruned_student(setup, teacher.model)
         state, extra = DEFENCES.get(defence)(setup, student, teacher.model)
         spec = student.spec
         if extra.get("dp", {}).get("norm"):

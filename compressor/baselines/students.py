@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from compressor.masking import erk_counts, init_masks, maskable
 from compressor.run import Setup
 from compressor.train import TrainState, predict_logits
-from safeexport.models import weight_count, width_for_budget
+from safeexport.models import check_width, weight_count, width_for_budget
 from safeexport.seeding import generator
 
 RETRAIN_LR_SCALE = 0.1  # fine-tuning after pruning starts at a tenth of the training rate
@@ -61,9 +61,10 @@ def student_budget(setup: Setup) -> int:
     return sum(erk_counts(shapes, setup.cfg.sparsity))
 
 
-def narrow_student(setup: Setup, teacher: torch.nn.Module) -> Student:
+def narrow_student(setup: Setup) -> Student:
     """KD-*: a dense copy of the architecture narrowed until its Conv/Linear weights fit the
     sparse budget, trained from scratch for the whole budget by distillation."""
+    check_width(setup.model_name)
     budget = student_budget(setup)
     width = width_for_budget(setup.model_name, setup.model_kwargs, budget)
     kwargs = {**setup.model_kwargs, "width": width}

@@ -97,13 +97,21 @@ def weight_count(name: str, kwargs: dict) -> int:
                if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear))
 
 
+WIDTH_MODELS = ("cnn", "mlp", "alexnet", "vgg16", "resnet18")
+
+
+def check_width(name: str) -> None:
+    """Refuse a model that has no ``width`` option (no narrower copy of it can be built)."""
+    if name not in WIDTH_MODELS:
+        raise ConfigError(f"model {name} has no width option, so no dense student of a given "
+                          f"size can be built from it; the kd baselines take "
+                          f"{', '.join(WIDTH_MODELS)}")
+
+
 def width_for_budget(name: str, kwargs: dict, budget: int) -> float:
     """The widest ``width`` (to 1e-3) whose model has at most ``budget`` Conv/Linear weights:
     the dense student that is as large as a sparse model keeping ``budget`` weights."""
-    if name not in ("cnn", "mlp", "alexnet", "vgg16", "resnet18"):
-        raise ConfigError(f"model {name} has no width option, so no dense student of a given "
-                          "size can be built from it; the kd baselines take cnn, mlp, alexnet, "
-                          "vgg16 or resnet18")
+    check_width(name)
     lo, hi = 0.0, 1.0
     if weight_count(name, {**kwargs, "width": hi}) <= budget:
         return hi
