@@ -1,6 +1,7 @@
 """The ``safeexport`` command line: each command turns flags into a stage config and calls the
 stage's verb. Heavy imports happen inside the commands so ``--help`` stays instant."""
 
+import dataclasses
 import re
 import sys
 import time
@@ -65,6 +66,14 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.meta["debug"] = debug
 
 
+def _field_option(name: str):
+    """``--name`` for a scalar CompressConfig field: its type, default and help come from the
+    config, so the command line and the config cannot disagree."""
+    field = next(f for f in dataclasses.fields(CompressConfig) if f.name == name)
+    return click.option(f"--{name.replace('_', '-')}", type=type(field.default),
+                        default=field.default, show_default=True, help=COMPRESS_HELP[name])
+
+
 # The options that decide how a model is trained, shared by `compress` and `study`.
 TRAINING_OPTIONS = [
     click.option("--model", default="auto", show_default=True,
@@ -80,67 +89,48 @@ TRAINING_OPTIONS = [
     click.option("--sparsity", type=float, default=0.05, show_default=True,
                  help="Fraction of weights KEPT (the paper's Ω): 0.05 keeps 5% of the weights "
                       "and sets 95% to zero. Must be in (0, 1]."),
-    click.option("--epochs", type=int, default=40, show_default=True, help=COMPRESS_HELP["epochs"]),
+    _field_option("epochs"),
     click.option("--update-frequency", type=int, default=40, show_default=True,
                  help=COMPRESS_HELP["update_frequency"] + " (paper: 4000)."),
-    click.option("--batch-size", type=int, default=128, show_default=True,
-                 help=COMPRESS_HELP["batch_size"]),
+    _field_option("batch_size"),
     click.option("--optimizer", default="auto", show_default=True,
                  type=click.Choice(["auto", "sgd", "adamw"]), help=COMPRESS_HELP["optimizer"]),
     click.option("--lr", type=float, help=COMPRESS_HELP["lr"]),
-    click.option("--momentum", type=float, default=0.9, show_default=True,
-                 help=COMPRESS_HELP["momentum"]),
-    click.option("--weight-decay", type=float, default=5e-4, show_default=True,
-                 help=COMPRESS_HELP["weight_decay"]),
+    _field_option("momentum"),
+    _field_option("weight_decay"),
     click.option("--regularizer", default="none", show_default=True,
                  type=click.Choice(["none", "re1", "re2"]),
                  help="Entropy regularizer: re1 rewards output entropy on the whole batch, re2 on "
                       "misclassified samples only (the paper's best)."),
-    click.option("--beta", type=float, default=0.1, show_default=True, help=COMPRESS_HELP["beta"]),
-    click.option("--lam", type=float, default=1.0, show_default=True, help=COMPRESS_HELP["lam"]),
+    _field_option("beta"),
+    _field_option("lam"),
     click.option("--prune", default="magnitude,threshold", show_default=True, callback=_split_list,
                  help="Comma-separated prune strategies (candidates = prune x grow)."),
     click.option("--grow", default="gradient,random", show_default=True, callback=_split_list,
                  help="Comma-separated grow strategies."),
-    click.option("--prune-rate", type=float, default=0.5, show_default=True,
-                 help=COMPRESS_HELP["prune_rate"]),
-    click.option("--finetune-iters", type=int, default=20, show_default=True,
-                 help=COMPRESS_HELP["finetune_iters"]),
-    click.option("--retrain-epochs", type=int, default=10, show_default=True,
-                 help=COMPRESS_HELP["retrain_epochs"]),
+    _field_option("prune_rate"),
+    _field_option("finetune_iters"),
+    _field_option("retrain_epochs"),
     click.option("--attack", default="nasr", show_default=True, help=COMPRESS_HELP["attack"]),
-    click.option("--attack-epochs", type=int, default=30, show_default=True,
-                 help=COMPRESS_HELP["attack_epochs"]),
-    click.option("--attack-finetune-epochs", type=int, default=5, show_default=True,
-                 help=COMPRESS_HELP["attack_finetune_epochs"]),
-    click.option("--final-attack-epochs", type=int, default=60, show_default=True,
-                 help=COMPRESS_HELP["final_attack_epochs"]),
+    _field_option("attack_epochs"),
+    _field_option("attack_finetune_epochs"),
+    _field_option("final_attack_epochs"),
     click.option("--dense-reference/--no-dense-reference", default=True, show_default=True,
                  help=COMPRESS_HELP["dense_reference"]),
     click.option("--device", default="auto", show_default=True, help=COMPRESS_HELP["device"]),
-    click.option("--seed", type=int, default=0, show_default=True, help=COMPRESS_HELP["seed"]),
+    _field_option("seed"),
     click.option("--pretrained", type=click.Path(file_okay=False),
                  help=COMPRESS_HELP["pretrained"]),
-    click.option("--max-length", type=int, default=64, show_default=True,
-                 help=COMPRESS_HELP["max_length"]),
-    click.option("--vocab-size", type=int, default=8000, show_default=True,
-                 help=COMPRESS_HELP["vocab_size"]),
-    click.option("--dp-epsilon", type=float, default=8.0, show_default=True,
-                 help=COMPRESS_HELP["dp_epsilon"]),
-    click.option("--dp-delta", type=float, default=1e-5, show_default=True,
-                 help=COMPRESS_HELP["dp_delta"]),
-    click.option("--dp-max-grad-norm", type=float, default=1.0, show_default=True,
-                 help=COMPRESS_HELP["dp_max_grad_norm"]),
-    click.option("--advreg-alpha", type=float, default=1.0, show_default=True,
-                 help=COMPRESS_HELP["advreg_alpha"]),
-    click.option("--kd-temperature", type=float, default=4.0, show_default=True,
-                 help=COMPRESS_HELP["kd_temperature"]),
-    click.option("--kd-alpha", type=float, default=0.9, show_default=True,
-                 help=COMPRESS_HELP["kd_alpha"]),
-    click.option("--dmp-keep", type=float, default=0.5, show_default=True,
-                 help=COMPRESS_HELP["dmp_keep"]),
-    click.option("--admm-rho", type=float, default=1e-3, show_default=True,
-                 help=COMPRESS_HELP["admm_rho"]),
+    _field_option("max_length"),
+    _field_option("vocab_size"),
+    _field_option("dp_epsilon"),
+    _field_option("dp_delta"),
+    _field_option("dp_max_grad_norm"),
+    _field_option("advreg_alpha"),
+    _field_option("kd_temperature"),
+    _field_option("kd_alpha"),
+    _field_option("dmp_keep"),
+    _field_option("admm_rho"),
 ]
 
 
@@ -174,8 +164,6 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
     Writes config.json, splits.npz, model.safetensors, attacker.safetensors, history.jsonl,
     report.json, curve.png and roc.png into the run directory.
     """
-    import dataclasses
-
     from compressor import compress as run_compress
 
     fields = [f.name for f in dataclasses.fields(CompressConfig)]  # every flag but the run's own
