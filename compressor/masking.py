@@ -10,14 +10,14 @@ import math
 import torch
 from torch import nn
 
-MASKED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from safeexport.models import WEIGHT_LAYERS
 
 
 def maskable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, weight) of every Conv/Linear layer, in module order."""
     return [(f"{name}.weight" if name else "weight", m.weight)
             for name, m in model.named_modules()
-            if isinstance(m, MASKED_TYPES) and m.weight is not None]
+            if isinstance(m, WEIGHT_LAYERS) and m.weight is not None]
 
 
 def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:

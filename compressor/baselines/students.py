@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from compressor.masking import erk_counts, init_masks, maskable
 from compressor.run import Setup
 from compressor.train import TrainState, predict_logits
-from safeexport.models import check_width, weight_count, width_for_budget
+from safeexport.models import check_width, weight_count, weight_shapes, width_for_budget
 from safeexport.seeding import generator
 
 RETRAIN_LR_SCALE = 0.1  # fine-tuning after pruning starts at a tenth of the training rate
@@ -57,7 +57,7 @@ def pruned_student(setup: Setup, teacher: torch.nn.Module) -> Student:
 
 def student_budget(setup: Setup) -> int:
     """The weights a sparse model of the run keeps (what a dense student may have)."""
-    shapes = [tuple(p.shape) for _, p in maskable(setup.new_model("dense-init"))]
+    shapes = weight_shapes(setup.model_name, setup.model_kwargs)
     return sum(erk_counts(shapes, setup.cfg.sparsity))
 
 

@@ -1,6 +1,7 @@
 """Model registry. A model is named and built from JSON kwargs (saved as ``model.json``) so any
 stage can rebuild it without code from the run directory."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,13 +89,22 @@ def build_from_spec(spec: dict) -> nn.Module:
     return ModuleValidator.fix(model)
 
 
-def weight_count(name: str, kwargs: dict) -> int:
-    """Weights of the model's Conv and Linear layers (what a sparsity budget counts), counted
-    on the meta device (nothing is allocated)."""
+# The layers whose weights a sparsity budget counts (and the compressor masks).
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def weight_shapes(name: str, kwargs: dict) -> list[tuple[int, ...]]:
+    """Shapes of the model's Conv and Linear weights, in module order, from a model built on
+    the meta device (nothing is allocated or initialised)."""
     with torch.device("meta"):
         model = build_model(name, kwargs)
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear))
+    return [tuple(m.weight.shape) for m in model.modules()
+            if isinstance(m, WEIGHT_LAYERS) and m.weight is not None]
+
+
+def weight_count(name: str, kwargs: dict) -> int:
+    """Weights of the model's Conv and Linear layers (what a sparsity budget counts)."""
+    return sum(math.prod(s) for s in weight_shapes(name, kwargs))
 
 
 WIDTH_MODELS = ("cnn", "mlp", "alexnet", "vgg16", "resnet18")
