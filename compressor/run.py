@@ -328,11 +328,11 @@ DENSE_KEYS = ("model", "dataset", "max_samples", "epochs", "batch_size", "optimi
 
 def _check_dense_from(dense: RunDir, setup: Setup) -> RunDir:
     """``dense`` if it is a finished dense run that trained the model this run would."""
-    rec = dense.read_config() if dense.is_run() else {}
-    if not dense.report.exists() or rec["config"].get("method") != "dense":
+    recorded = dense.read_config().get("config", {}) if dense.is_run() else {}
+    if not dense.report.exists() or recorded.get("method") != "dense":
         raise ConfigError(f"{dense.path} is not a finished `--method dense` run")
     own = setup.cfg.to_dict()
-    diff = [k for k in DENSE_KEYS if rec["config"].get(k) != own.get(k)]
+    diff = [k for k in DENSE_KEYS if recorded.get(k) != own.get(k)]
     if diff:
         raise ConfigError(f"{dense.path} trained its dense model with other settings "
                           f"({', '.join(diff)}); it cannot stand in for this run's")

@@ -9,6 +9,7 @@ with the same settings is reused, so a stopped study resumes by running the same
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -83,19 +84,21 @@ def _describe(cfg: CompressConfig, seeds: list[int]) -> str:
 
 
 def _write(out: Path, name: str, rows: list[Row], text_cols: list[str], cols: list[Column],
-           ranked: list[str], title: str, note: str) -> StudyResult:
+           ranked: list[str], title: str, note: str,
+           plot: Callable[[Path, list[Row], str], None]) -> StudyResult:
     table = markdown(rows, text_cols, cols, ranked)
     md = out / f"{name}.md"
     atomic_write(md, lambda f: f.write(f"# {title}\n\n{table}\n{note}\n".encode()))
     csv_path = out / f"{name}.csv"
     write_csv(csv_path, rows, text_cols, cols)
     png = out / f"{name}.png"
-    if name == "compare":
-        plot_tradeoff(png, rows, title)
-    else:
-        plot_bars(png, rows, [("train_acc", "train acc"), ("task_acc", "test acc"),
-                              ("mia_acc", "MIA acc")], title)
+    plot(png, rows, title)
     return StudyResult(rows, table, [md, csv_path, png])
+
+
+def _accuracy_bars(path: Path, rows: list[Row], title: str) -> None:
+    plot_bars(path, rows, [("train_acc", "train acc"), ("task_acc", "test acc"),
+                           ("mia_acc", "MIA acc")], title)
 
 
 def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tflite",
@@ -149,7 +152,7 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
             "runtime; 'Agreement' is their top-1 agreement with the PyTorch model.")
     cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
     return _write(out, "study", list(rows.values()), ["Measured by", "Weights"], cols, [],
-                  title, note)
+                  title, note, _accuracy_bars)
 
 
 def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int = 1,
@@ -191,4 +194,5 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             "Wall time: the whole method, including the dense model a two-step baseline starts "
             "from. ε: DP-SGD's (ε, δ) for its private phase.")
     cols = [*COMPARE_COLUMNS, Column("epsilon", "DP ε", ".2f")]
-    return _write(out, "compare", list(rows.values()), ["Weights"], cols, ranked, title, note)
+    return _write(out, "compare", list(rows.values()), ["Weights"], cols, ranked, title, note,
+                  plot_tradeoff)

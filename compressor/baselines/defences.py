@@ -41,9 +41,8 @@ def reference_set(setup: Setup) -> np.ndarray:
 @DEFENCES.decorator("none")
 def undefended(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defended:
     """Plain training: cross-entropy, or distillation from the teacher on the members."""
-    members = setup.splits.members
-    targets = Targets(setup, members, teacher if student.distil else None)
-    loss = model_loss(student.state.model, setup.ds, setup.device, targets)
+    loss = model_loss(student.state.model, setup.ds, setup.device,
+                      student.member_targets(setup, teacher))
     setup.train(student.state, "retrain", student.iters, student.lr, "train student", loss)
     return student.state, {}
 
@@ -73,7 +72,7 @@ def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defended
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
         torch.from_numpy(members)), batch_size=batch)
     epochs = max(1, round(student.iters / len(loader)))
-    targets = Targets(setup, members, teacher if student.distil else None)
+    targets = student.member_targets(setup, teacher)
     epsilons: list[float] = []
     with seeded(derive_seed(cfg.seed, "dp-sampling"), setup.device), warnings.catch_warnings():
         # Opacus's advice to use its secure RNG for production, its note that a larger RDP
@@ -174,8 +173,7 @@ def adversarial_regularisation(setup: Setup, student: Student,
                                teacher: torch.nn.Module) -> Defended:
     """Nasr et al. (2018): attacker and target steps alternate; the target minimises its task
     loss plus α·the attacker's gain on its members."""
-    targets = Targets(setup, setup.splits.members, teacher if student.distil else None)
-    game = AdvReg(setup, student.state.model, targets)
+    game = AdvReg(setup, student.state.model, student.member_targets(setup, teacher))
     setup.train(student.state, "advreg", student.iters, student.lr, "AdvReg", game)
     tenth = max(1, len(game.gains) // 10)
     return student.state, {"advreg": {

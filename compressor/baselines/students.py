@@ -30,6 +30,10 @@ class Student:
     spec: dict | None
     distil: bool  # learns from the teacher's soft labels (KD) rather than the labels alone
 
+    def member_targets(self, setup: Setup, teacher: torch.nn.Module) -> "Targets":
+        """Its loss on the members: the labels, with the teacher's soft labels if it distils."""
+        return Targets(setup, setup.splits.members, teacher if self.distil else None)
+
 
 def magnitude_pruned(setup: Setup, model: torch.nn.Module) -> TrainState:
     """A copy of ``model`` keeping its largest weights: SafeCompress's per-layer budget (ERK
