@@ -5,6 +5,8 @@ from pathlib import Path
 
 from safeexport.config import StageConfig, opt
 
+SELECTIONS = ("tm", "random")
+
 
 @dataclass
 class CompressConfig(StageConfig):
@@ -50,10 +52,20 @@ class CompressConfig(StageConfig):
     dmp_keep: float = opt(0.5, "pr-dmp, kd-dmp: fraction of the reference set kept (the "
                           "samples the teacher is surest of, lowest entropy)")
     admm_rho: float = opt(1e-3, "mia-pr: ADMM penalty ρ pulling the weights to the sparse set")
-    attack: str = opt("nasr", "simulated attacker of the safety test")
-    attack_epochs: int = opt(30, "epochs the attacker trains on each round's model")
-    attack_finetune_epochs: int = opt(5, "warm-start epochs of the attacker per candidate")
-    final_attack_epochs: int = opt(60, "epochs of the attacker in the final evaluation")
+    attack: str = opt("nasr", "attack of the in-loop safety test and of the final "
+                      "evaluation: nasr (Nasr et al.'s trained attacker), or a training-free, "
+                      "deterministic threshold attack: loss, confidence, entropy, "
+                      "modified_entropy (the threshold attacks are measured beside it always)")
+    attack_epochs: int = opt(100, "most epochs the attacker trains on each round's model "
+                             "(early stopping on a held-out fifth of its data ends it sooner)")
+    attack_finetune_epochs: int = opt(10, "most warm-start epochs of the attacker per candidate")
+    final_attack_epochs: int = opt(300, "most epochs of the attacker in the final evaluation")
+    attack_seeds: int = opt(1, "train the final attacker from this many seeds and report mean "
+                            "± std of its figures (the first seed's figures are the run's)")
+    select: str = opt("tm", "how a round's winner is chosen: tm (highest TM-score, the method) "
+                      "or random (an ablation: does TM-score selection matter on this data?)")
+    allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
+                                 "mask update (it is then plain sparse training)")
     dense_reference: bool = opt(True, "also train and evaluate a dense model on the same budget")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of the split, initialisation, sampling and attacker")
@@ -84,7 +96,7 @@ class CompressConfig(StageConfig):
         if not (self.dataset.startswith(("npz:", "folder:")) or self.dataset in DATASETS):
             p.append(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
         for name in ("epochs", "update_frequency", "batch_size", "attack_epochs",
-                     "final_attack_epochs"):
+                     "final_attack_epochs", "attack_seeds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 p.append(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("finetune_iters", "attack_finetune_epochs", "seed", "retrain_epochs"):
@@ -124,6 +136,8 @@ class CompressConfig(StageConfig):
             for n in names:
                 if n not in reg:
                     p.append(f"unknown {kind} strategy {n!r}; known: {', '.join(reg.names())}")
+        if self.select not in SELECTIONS:
+            p.append(f"unknown selection {self.select!r}; known: {', '.join(SELECTIONS)}")
         if self.attack not in ATTACKS:
             p.append(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS.names())}")
         if not (self.device in ("auto", "cpu", "cuda") or

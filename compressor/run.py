@@ -31,13 +31,13 @@ from compressor.train import (
     train_batches,
     train_steps,
 )
-from safeexport.attacks.final import final_membership
+from safeexport.attacks.final import final_membership, model_figures
 from safeexport.data import ArrayDataset, load_dataset
 from safeexport.data.splits import Splits, make_splits
 from safeexport.errors import ConfigError, DataError
-from safeexport.metrics import accuracy, tm_score
+from safeexport.metrics import accuracy
 from safeexport.models import DEFAULT_MODEL, build_model, check_compatible, image_kwargs
-from safeexport.plots import plot_curve, plot_roc
+from safeexport.plots import fmt_figure, plot_curve, plot_roc, roc_curves
 from safeexport.rundir import (
     RunDir,
     atomic_write,
@@ -148,17 +148,16 @@ def _load_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler) -> d
 def final_evaluation(model: torch.nn.Module, ds: ArrayDataset, splits: Splits,
                      cfg: CompressConfig, device: torch.device, tag: str):
     """Task accuracy on the test split; the attacker trained on ALL known members/non-members
-    and measured on the BALANCED unknown members/non-members (SPEC §4-5)."""
+    and measured on the BALANCED unknown members/non-members, the threshold attacks beside it
+    (SPEC §4-5), every figure with its bootstrap interval."""
     res = final_membership(lambda idx: predict_logits(model, ds, idx, device).numpy(), ds.y,
                            splits, ds.num_classes, cfg.attack, cfg.final_attack_epochs,
-                           cfg.seed, tag, device)
+                           cfg.seed, tag, device, cfg.attack_seeds)
     test = splits.test
-    task = accuracy(predict_logits(model, ds, test, device).numpy(), ds.y[test])
     train = accuracy(predict_logits(model, ds, splits.members, device).numpy(),
                      ds.y[splits.members])
-    metrics = {"task_acc": task, "train_acc": train, **res.metrics,
-               "tm_score": tm_score(task, res.metrics["mia_acc"], cfg.lam),
-               "threshold_attacks": res.threshold}
+    metrics = model_figures(res, predict_logits(model, ds, test, device).numpy(), ds.y[test],
+                            train, cfg.lam)
     return metrics, res
 
 
@@ -240,6 +239,30 @@ class Setup:
         return None if self.progress is None else not self.progress
 
 
+def mask_updates(cfg: CompressConfig, total: int) -> int:
+    """How many mask updates SafeCompress makes in a budget of ``total`` iterations: one every
+    ``update_frequency`` iterations, none after the last stretch of training."""
+    return 0 if cfg.sparsity >= 1 else max(0, math.ceil(total / cfg.update_frequency) - 1)
+
+
+def _check_updates(cfg: CompressConfig, n_members: int) -> None:
+    """Refuse a SafeCompress budget that makes no mask update (it would be plain sparse
+    training under SafeCompress's name), naming the smallest budget that makes one."""
+    ipe = iters_per_epoch(n_members, cfg.batch_size)
+    total = cfg.epochs * ipe
+    if cfg.method != "safecompress" or cfg.allow_no_updates or mask_updates(cfg, total) > 0:
+        return
+    if cfg.sparsity >= 1:
+        raise ConfigError("SafeCompress keeping 100% of the weights makes no mask update; use "
+                          "--method dense, a --sparsity below 1, or --allow-no-updates")
+    raise ConfigError(
+        f"this budget makes no SafeCompress mask update: {cfg.epochs} epochs x {ipe} "
+        f"iterations = {total} iterations, and --update-frequency is {cfg.update_frequency}; "
+        f"the smallest budget with one update is --epochs {cfg.update_frequency // ipe + 1} "
+        f"or --update-frequency {max(1, total - 1)} (or pass --allow-no-updates to train a "
+        "plain sparse model)")
+
+
 def _setup(cfg: CompressConfig, out: Path | str, resume: bool, overwrite: bool,
            progress: bool | None) -> tuple[CompressConfig, Setup | None]:
     """Validate, load the data, split it and write config.json, splits.npz and model.json;
@@ -263,6 +286,7 @@ def _setup(cfg: CompressConfig, out: Path | str, resume: bool, overwrite: bool,
                             f"{splits.fingerprint[:12]}); point --data-dir at the original files")
     else:
         splits = make_splits(ds.y, fingerprint, cfg.seed)
+        _check_updates(cfg, len(splits.members))
     model_name = DEFAULT_MODEL[ds.kind] if cfg.model == "auto" else cfg.model
     check_compatible(model_name, ds.kind, cfg.dataset)
     if cfg.pretrained and model_name not in ("bert", "roberta"):
@@ -360,7 +384,7 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
 
     ipe = sampler.iters_per_epoch()
     total = setup.total
-    n_rounds = 0 if cfg.sparsity >= 1 else max(0, math.ceil(total / cfg.update_frequency) - 1)
+    n_rounds = mask_updates(cfg, total)
     n_cands = len(cfg.prune) * len(cfg.grow)
     it, rnd, elapsed0, history = 0, 0, 0.0, []
     if resume and run.checkpoint.exists():
@@ -431,6 +455,10 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
                       masked_weights=sum(m.numel() for m in state.masking.masks),
                       wall_time_s=round(compress_time + reused_s, 1))
     label = method_label(cfg.method)
+    if cfg.method == "safecompress" and not history:
+        compressed["warnings"].append(
+            "no mask update was made (the budget is too small): this is plain sparse training, "
+            "not SafeCompress's selection")
     report = {"method": cfg.method, "compressed": compressed, **(extra or {}),
               "layers": state.masking.report(),
               "files": {run.model.name: sha256_file(run.model)},
@@ -440,7 +468,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "final_eval_time_s": round(eval_time, 1)}
     if setup.dense_from is not None:
         report["dense_reused_from"] = str(setup.dense_from.path.resolve())
-    curves = {f"{label} @{cfg.sparsity:g}": (*res.roc(), compressed["auc"])}
+    curves = roc_curves(res, f"{label} @{cfg.sparsity:g}")
     if cfg.dense_reference and cfg.method != "dense":
         dense_state, dense_time = dense or train_dense(setup)
         dense_metrics, dres = final_evaluation(dense_state.model, setup.ds, setup.splits, cfg,
@@ -448,11 +476,12 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
         dense_metrics["wall_time_s"] = round(dense_time, 1)
         save_tensors(run.dense_model, dense_state.model.state_dict())
         report["dense"] = dense_metrics
-        curves["dense"] = (*dres.roc(), dense_metrics["auc"])
+        curves.update(roc_curves(dres, "dense", thresholds=False))
     write_json(run.report, report)
     title = f"{setup.model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
     plot_curve(history, run.curve_png, title)
-    plot_roc(curves, run.roc_png, f"final MIA (unknown members vs non-members)\n{title}")
+    plot_roc(curves, run.roc_png, f"final MIA (unknown members vs non-members)\n{title}",
+             res.metrics["n_nonmembers"])
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
     _print_summary(report)
 
@@ -481,7 +510,13 @@ def _print_summary(report: dict) -> None:
     rows = [(method_label(report["method"]), report["compressed"])]
     if "dense" in report:
         rows.insert(0, ("dense", report["dense"]))
-    tqdm.write(f"{'':14}{'task acc':>9}{'MIA acc':>9}{'AUC':>7}{'TPR@1%':>8}{'TM':>7}")
+    tqdm.write(f"{'':14}{'task acc':>9}{'MIA acc (95% CI)':>24}{'AUC':>7}{'TPR@1%':>8}"
+               f"{'TM':>7}  strongest attack")
     for name, m in rows:
-        tqdm.write(f"{name:14}{m['task_acc']:9.4f}{m['mia_acc']:9.4f}{m['auc']:7.3f}"
-                   f"{m['tpr_at_1pct_fpr']:8.3f}{m['tm_score']:7.3f}")
+        lo, hi = m["ci"]["mia_acc"]
+        s = m["strongest"]
+        tqdm.write(f"{name:14}{m['task_acc']:9.4f}{m['mia_acc']:9.4f} [{lo:.4f}, {hi:.4f}]"
+                   f"{m['auc']:7.3f}{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}"
+                   f"{m['tm_score']:7.3f}  {s['attack']} {s['mia_acc']:.4f}")
+        for w in m["warnings"]:
+            tqdm.write(f"  warning ({name}): {w}")

@@ -2,8 +2,9 @@
 
 From the trained model M_S: one candidate per (prune, grow) pair, each fine-tuned briefly, then
 tested for task accuracy (validation split) and safety (accuracy of the attacker, trained on M_S
-and warm-start fine-tuned on the candidate, on the held-out part of the KNOWN members and
-non-members). The candidate with the highest TM-score becomes the next M_S.
+and warm-start fine-tuned on the candidate, on the held-out half of the KNOWN members and
+non-members, with a bootstrap interval). The candidate with the highest TM-score becomes the
+next M_S (``--select random`` picks one at random instead: an ablation).
 
 Each candidate is a pure function of (M_S, its gradients, the attacker, the pair, a seed derived
 from the round and the pair), so candidates could run batched or in parallel without changing
@@ -32,6 +33,10 @@ from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import accuracy, mia_metrics, tm_score
 from safeexport.seeding import derive_seed, generator, seeded
 
+# Resamples behind each candidate's interval: fewer than a final figure's, since 4 candidates
+# are tested every round; the interval is recorded, never used to choose.
+SELECT_RESAMPLES = 200
+
 
 @dataclass
 class SafetyTest:
@@ -51,15 +56,16 @@ class SafetyTest:
         m, n = self.splits.attack_train()
         return self.signals(model, m), self.signals(model, n)
 
-    def evaluate(self, model, attacker: Attack, lam: float) -> dict:
-        """Task test (validation accuracy) and safety test (balanced held-out known split)."""
+    def evaluate(self, model, attacker: Attack, lam: float, seed: int) -> dict:
+        """Task test (validation accuracy) and safety test (balanced held-out known split),
+        with 95% bootstrap intervals of the attack's figures."""
         val = self.splits.validation
         task = accuracy(predict_logits(model, self.ds, val, self.device).numpy(), self.ds.y[val])
         m, n = balanced(*self.splits.attack_select())
         scores = np.concatenate([attacker.score(self.signals(model, m)),
                                  attacker.score(self.signals(model, n))])
         is_member = np.r_[np.ones(len(m), bool), np.zeros(len(n), bool)]
-        mia = mia_metrics(scores, is_member)
+        mia = mia_metrics(scores, is_member, resamples=SELECT_RESAMPLES, seed=seed)
         return {"task_acc": task, **mia, "tm_score": tm_score(task, mia["mia_acc"], lam)}
 
 
@@ -98,8 +104,9 @@ def make_candidate(cfg: CompressConfig, ds: ArrayDataset, splits: Splits, base: 
                     on_step)
     att = attacker.clone()
     att.fit(*safety.attack_training_signals(state.model), cfg.attack_finetune_epochs, gen)
-    metrics = safety.evaluate(state.model, att, cfg.lam)
+    metrics = safety.evaluate(state.model, att, cfg.lam, cfg.seed)
     metrics["changed"] = changed
+    metrics["attacker_fit"] = att.last_fit
     return Candidate(prune, grow, state, metrics)
 
 
@@ -115,20 +122,24 @@ def mask_update(cfg: CompressConfig, ds: ArrayDataset, splits: Splits, state: Tr
     with seeded(derive_seed(cfg.seed, "attacker", rnd), device):
         attacker = ATTACKS.get(cfg.attack)(ds.num_classes, device)
     attacker.fit(*safety.attack_training_signals(state.model), cfg.attack_epochs, gen)
-    base_metrics = safety.evaluate(state.model, attacker, cfg.lam)
+    base_metrics = safety.evaluate(state.model, attacker, cfg.lam, cfg.seed)
     candidates = []
     for pair in product(cfg.prune, cfg.grow):
         on_candidate(f"{pair[0]}+{pair[1]}")
         candidates.append(make_candidate(cfg, ds, splits, state, grads, attacker, pair, rate,
                                          lr, rnd, loss_fn, safety, device, on_step))
-    scores = [c.metrics["tm_score"] for c in candidates]
-    win = int(np.argmax(scores))
+    if cfg.select == "random":
+        pick = generator(cfg.seed, "select", rnd)
+        win = int(torch.randint(len(candidates), (1,), generator=pick))
+    else:
+        win = int(np.argmax([c.metrics["tm_score"] for c in candidates]))
     row = {
         "round": rnd,
         "prune_rate": rate,
         "base": base_metrics,
         "candidates": [{"prune": c.prune, "grow": c.grow, **c.metrics} for c in candidates],
         "winner": win,
+        "select": cfg.select,
         "winner_pair": f"{candidates[win].prune}+{candidates[win].grow}",
     }
     return candidates[win].state, row

@@ -178,12 +178,15 @@ def train_steps(state: TrainState, ds: ArrayDataset, sampler: BatchSampler, n: i
 @torch.no_grad()
 def predict_logits(model: nn.Module, ds: ArrayDataset, idx: np.ndarray, device: torch.device,
                    batch_size: int = 512) -> torch.Tensor:
-    """float32 CPU logits of ``model`` on samples ``idx`` (eval mode)."""
+    """float32 CPU logits of ``model`` on samples ``idx`` (eval mode), computed in float32
+    even on CUDA: the task test and every attack signal read these, and bfloat16 logits (8
+    bits of mantissa) would round away the confidence differences an attack measures (cuDNN's
+    TF32 convolutions are turned off here for the same reason)."""
     model.eval()
     out = []
-    for s in range(0, len(idx), batch_size):
-        x, _ = batch_tensors(ds, idx[s:s + batch_size], device)
-        with autocast(device):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for s in range(0, len(idx), batch_size):
+            x, _ = batch_tensors(ds, idx[s:s + batch_size], device)
             out.append(model(x).float().cpu())
     if not out:
         return torch.empty(0)

@@ -15,12 +15,16 @@ class EvalConfig(StageConfig):
     runtime: str = opt("auto", "auto (by file suffix: torch .safetensors, onnxruntime .onnx, "
                        "tflite .tflite), or adb to run on an Android phone")
     threads: int | None = opt(None, "threads of a host runtime (default min(4, CPUs))")
-    max_mia_rise: float = opt(0.01, "largest allowed rise of MIA accuracy from the PyTorch "
-                              "model to the exported file (0.01 = 1 point)")
+    max_mia_rise: float = opt(0.01, "largest allowed rise of the strongest attack's MIA "
+                              "accuracy from the PyTorch model to the exported file (0.01 = 1 "
+                              "point); a rise fails only when its paired 95% interval also "
+                              "excludes zero")
     max_task_drop: float = opt(0.02, "largest allowed fall of task accuracy (0.02 = 2 points)")
     attack: str | None = opt(None, "trained attack (default: the run's)")
     attack_epochs: int | None = opt(None, "epochs of the attacker (default: the run's "
                                     "final_attack_epochs, so the figures compare)")
+    attack_seeds: int | None = opt(None, "train the attacker from this many seeds and report "
+                                   "mean ± std (default: the run's attack_seeds)")
     serial: str | None = opt(None, "adb: the device's serial (needed when several are "
                              "connected)")
     adb: str = opt("adb", "adb: the adb client to run (a name on PATH or a path)")
@@ -49,6 +53,7 @@ class EvalConfig(StageConfig):
                 out.append(f"{name} must be positive")
         if self.threads is not None and self.threads < 1:
             out.append("threads must be at least 1")
-        if self.attack_epochs is not None and self.attack_epochs < 1:
-            out.append("attack_epochs must be at least 1")
+        for name in ("attack_epochs", "attack_seeds"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1")
         return out

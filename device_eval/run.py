@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 import device_eval.adb  # noqa: F401 - registers the adb runtime
 from device_eval.config import EvalConfig
-from safeexport.attacks.final import final_membership
+from safeexport.attacks.final import final_membership, model_figures
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
-from safeexport.metrics import accuracy, logit_parity, tm_score
-from safeexport.plots import plot_roc
+from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_difference
+from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import RunDir, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data, open_run
 from safeexport.runtimes import Runtime, open_runtime
@@ -64,18 +64,42 @@ def _logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.ndarra
 
 
 def _figures(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
-             attack: str, epochs: int, seed: int, lam: float):
+             attack: str, epochs: int, seed: int, lam: float, attack_seeds: int):
     def of(idx: np.ndarray) -> np.ndarray:
         return logits[[pos[i] for i in idx]]
 
     res = final_membership(of, y, splits, num_classes, attack, epochs, seed, TAG,
-                           torch.device("cpu"))
-    task = accuracy(of(splits.test), y[splits.test])
-    figures = {"task_acc": task, "train_acc": accuracy(of(splits.members), y[splits.members]),
-               **res.metrics,
-               "tm_score": tm_score(task, res.metrics["mia_acc"], lam),
-               "threshold_attacks": res.threshold}
+                           torch.device("cpu"), attack_seeds)
+    figures = model_figures(res, of(splits.test), y[splits.test],
+                            accuracy(of(splits.members), y[splits.members]), lam)
     return figures, res
+
+
+def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
+    """Pass/fail from the SAME samples: the strongest attack on the PyTorch model (chosen
+    before looking at the file), its figures on both models, and a paired bootstrap interval
+    of each difference. Privacy fails only when the MIA accuracy rise exceeds the tolerance AND
+    its interval excludes zero; accuracy fails when the drop exceeds its tolerance."""
+    name = bres.strongest()
+    b, a = bres.results[name], ares.results[name]
+    paired = paired_difference(b.scores, a.scores, bres.is_member, (b.threshold, a.threshold))
+    rise = paired["mia_acc"]["delta"]
+    lo = paired["mia_acc"]["ci"][0]
+    n_m, n_n = b.metrics["n_members"], b.metrics["n_nonmembers"]
+    task_drop = before["task_acc"] - after["task_acc"]
+    reasons = []
+    if rise > cfg.max_mia_rise and lo > 0:
+        reasons.append(f"MIA accuracy of the {name} attack rose by {100 * rise:.2f} points "
+                       f"(95% interval {100 * lo:.2f} to {100 * paired['mia_acc']['ci'][1]:.2f};"
+                       f" allowed {100 * cfg.max_mia_rise:g})")
+    if task_drop > cfg.max_task_drop:
+        reasons.append(f"task accuracy fell by {100 * task_drop:.2f} points (allowed "
+                       f"{100 * cfg.max_task_drop:g})")
+    return {"passed": not reasons, "reasons": reasons, "attack": name, "paired": paired,
+            "mia_rise": rise, "task_drop": task_drop, "max_mia_rise": cfg.max_mia_rise,
+            "max_task_drop": cfg.max_task_drop,
+            "detectable_rise": detectable_rise(n_m, n_n),
+            "rise_within_noise": bool(rise > 0 and lo <= 0)}
 
 
 def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,
@@ -122,44 +146,41 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     if not np.isfinite(after_logits).all():
         raise ConfigError(f"{model_file.name} produced non-finite logits in {rt.name}")
 
-    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"])
+    seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
+    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
     before, bres = _figures(before_logits, *args)
     after, ares = _figures(after_logits, *args)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
-    mia_rise = after["mia_acc"] - before["mia_acc"]
-    task_drop = before["task_acc"] - after["task_acc"]
-    reasons = []
-    if mia_rise > cfg.max_mia_rise:
-        reasons.append(f"MIA accuracy rose by {100 * mia_rise:.2f} points (allowed "
-                       f"{100 * cfg.max_mia_rise:g})")
-    if task_drop > cfg.max_task_drop:
-        reasons.append(f"task accuracy fell by {100 * task_drop:.2f} points (allowed "
-                       f"{100 * cfg.max_task_drop:g})")
+    verdict = _verdict(before, after, bres, ares, cfg)
     keys = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
             "tm_score")
+
+    def delta(k: str) -> float | None:
+        return None if after[k] is None or before[k] is None else after[k] - before[k]
+
     report = {
         "model_file": str(model_file.resolve()), "sha256": sha256_file(model_file),
         "export": ({k: manifest[k] for k in ("format", "bits", "scheme")} if manifest
                    else {"format": "pytorch", "bits": 32, "scheme": None}),
         "run": str(rd.path.resolve()), "runtime": runtime,
-        "attack": {"name": attack, "epochs": epochs, "seed": rc["seed"]},
+        "attack": {"name": attack, "epochs": epochs, "seed": rc["seed"], "seeds": seeds},
         "samples": {"test": len(splits.test), "known_members": len(splits.known_members),
                     "known_nonmembers": len(splits.known_nonmembers),
                     "eval_members": len(um), "eval_nonmembers": len(un)},
         "before": before, "after": after,
-        "delta": {k: after[k] - before[k] for k in keys},
+        "delta": {k: delta(k) for k in keys},
         "parity": parity,
-        "verdict": {"passed": not reasons, "reasons": reasons, "mia_rise": mia_rise,
-                    "task_drop": task_drop, "max_mia_rise": cfg.max_mia_rise,
-                    "max_task_drop": cfg.max_task_drop},
+        "verdict": verdict,
+        "warnings": sorted(set(before["warnings"] + after["warnings"])),
         "config": cfg.to_dict(),
     }
     stem = f"{model_file.stem}-{rt.name}"
     json_path = Path(json_out) if json_out else rd.path / "evals" / f"{stem}.json"
     plot_path = json_path.with_suffix(".png")
     write_json(json_path, report)
-    plot_roc({"PyTorch (before export)": (*bres.roc(), before["auc"]),
-              f"{model_file.name} on {rt.name}": (*ares.roc(), after["auc"])},
-             plot_path, f"MIA before and after export\n{model_file.name}")
+    plot_roc({**roc_curves(bres, "PyTorch (before export)", thresholds=False),
+              **roc_curves(ares, f"{model_file.name} on {rt.name}")},
+             plot_path, f"MIA before and after export\n{model_file.name}",
+             before["n_nonmembers"])
     return EvalReport(report, json_path, plot_path)

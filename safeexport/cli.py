@@ -14,6 +14,7 @@ from compressor.config import CompressConfig
 from device_eval.config import EvalConfig
 from exporters.config import ExportConfig
 from safeexport.errors import SafeExportError
+from safeexport.plots import fmt_figure
 
 # Option help comes from the stage configs' field docs (the configs are torch-free).
 COMPRESS_HELP = CompressConfig.help_texts()
@@ -111,10 +112,16 @@ TRAINING_OPTIONS = [
     _field_option("prune_rate"),
     _field_option("finetune_iters"),
     _field_option("retrain_epochs"),
-    click.option("--attack", default="nasr", show_default=True, help=COMPRESS_HELP["attack"]),
+    click.option("--attack", default="nasr", show_default=True,
+                 type=click.Choice(["nasr", "loss", "confidence", "entropy", "modified_entropy"]),
+                 help=COMPRESS_HELP["attack"]),
     _field_option("attack_epochs"),
     _field_option("attack_finetune_epochs"),
     _field_option("final_attack_epochs"),
+    _field_option("attack_seeds"),
+    click.option("--select", default="tm", show_default=True, type=click.Choice(["tm", "random"]),
+                 help=COMPRESS_HELP["select"]),
+    click.option("--allow-no-updates", is_flag=True, help=COMPRESS_HELP["allow_no_updates"]),
     click.option("--dense-reference/--no-dense-reference", default=True, show_default=True,
                  help=COMPRESS_HELP["dense_reference"]),
     click.option("--device", default="auto", show_default=True, help=COMPRESS_HELP["device"]),
@@ -321,6 +328,7 @@ def _print_export_table(rows: list[dict]) -> None:
               help=EVAL_HELP["max_task_drop"])
 @click.option("--threads", type=int, help=EVAL_HELP["threads"])
 @click.option("--attack-epochs", type=int, help=EVAL_HELP["attack_epochs"])
+@click.option("--attack-seeds", type=int, help=EVAL_HELP["attack_seeds"])
 @click.option("--adb", default="adb", show_default=True, help=EVAL_HELP["adb"])
 @click.option("--runner", default="benchmark_model", show_default=True,
               type=click.Choice(["benchmark_model", "python"]), help=EVAL_HELP["runner"])
@@ -338,8 +346,9 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
     same figures for the run's PyTorch model, and say whether safety survived.
 
-    Exit status: 0 when MIA accuracy rose by at most --max-mia-rise and task accuracy fell by
-    at most --max-task-drop, 1 when not, 2 for an error.
+    Exit status: 0 when the strongest attack's MIA accuracy did not rise by more than
+    --max-mia-rise with a paired 95% interval that excludes zero, and task accuracy fell by at
+    most --max-task-drop; 1 when not; 2 for an error.
     """
     from device_eval import evaluate
 
@@ -348,21 +357,29 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     click.echo(f"{model_file.name} on {r['runtime']['name']} ({r['runtime']['version']}), "
                f"{r['samples']['eval_members']}+{r['samples']['eval_nonmembers']} unknown "
                f"members/non-members, {r['samples']['test']} test samples")
-    click.echo(f"{'':10}{'task acc':>9}{'MIA acc':>9}{'AUC':>7}{'TPR@1%':>8}{'TPR@.1%':>8}"
-               f"{'TM':>7}{'best thr.':>10}")
-    for label, key in (("PyTorch", "before"), ("exported", "after"), ("delta", "delta")):
+    v = r["verdict"]
+    click.echo(f"{'':10}{'task acc':>9}{'MIA acc (95% CI)':>24}{'AUC':>7}{'TPR@1%':>8}"
+               f"{'TPR@.1%':>8}{'TM':>7}  strongest attack on PyTorch: {v['attack']}")
+    for label, key in (("PyTorch", "before"), ("exported", "after")):
         m = r[key]
-        thr = ("" if key == "delta" else
-               f"{max(a['mia_acc'] for a in m['threshold_attacks'].values()):10.4f}")
-        click.echo(f"{label:10}{m['task_acc']:9.4f}{m['mia_acc']:9.4f}{m['auc']:7.3f}"
-                   f"{m['tpr_at_1pct_fpr']:8.3f}{m['tpr_at_0.1pct_fpr']:8.3f}"
-                   f"{m['tm_score']:7.3f}{thr}")
+        lo, hi = m["ci"]["mia_acc"]
+        s = m["threshold_attacks"].get(v["attack"], m)
+        click.echo(f"{label:10}{m['task_acc']:9.4f}{m['mia_acc']:9.4f} [{lo:.4f}, {hi:.4f}]"
+                   f"{m['auc']:7.3f}{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}"
+                   f"{fmt_figure(m['tpr_at_0.1pct_fpr'], '8.3f')}{m['tm_score']:7.3f}"
+                   f"  {v['attack']} {s['mia_acc']:.4f}")
+    d = v["paired"]["mia_acc"]
+    click.echo(f"{v['attack']} MIA accuracy change {100 * d['delta']:+.2f} points (paired 95% "
+               f"interval {100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}); the smallest "
+               f"rise this sample size detects is about {100 * v['detectable_rise']:.1f} points")
     click.echo(f"top-1 agreement {r['parity']['agreement']:.4f}; report {res.json_path}, "
                f"ROC {res.plot_path.name}")
+    for w in r["warnings"]:
+        click.echo(f"warning: {w}")
     if res.passed:
-        click.echo("PASS: privacy and accuracy survived export")
+        click.echo("PASS: no privacy loss beyond the tolerance and the noise, and accuracy kept")
     else:
-        click.echo("FAIL: " + "; ".join(r["verdict"]["reasons"]))
+        click.echo("FAIL: " + "; ".join(v["reasons"]))
         sys.exit(1)
 
 

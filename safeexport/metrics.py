@@ -1,10 +1,19 @@
-"""Pure metrics on arrays: task accuracy, membership-inference figures, TM-score.
+"""Pure metrics on arrays: task accuracy, membership-inference figures with bootstrap
+intervals, paired before/after differences, TM-score.
 
 Shared by the compressor's safety test and every later stage, so figures before and after
-export come from the same code.
+export come from the same code. ROC and AUC come from scikit-learn; the resampling from
+``scipy.stats.bootstrap`` (percentile intervals). Members and non-members are resampled
+separately (a stratified bootstrap), so every resample keeps the evaluated balance.
 """
 
 import numpy as np
+
+RESAMPLES = 1000  # bootstrap resamples behind every interval of a final figure
+LEVEL = 0.95
+# MIA figures at the FPR targets of Carlini et al.; the key suffix names the target
+FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
+FIGURES = ("mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -12,58 +21,202 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
 
 
+def fold(value: float | None) -> float | None:
+    """max(v, 1 − v): a reading below chance (0.5) is as informative as its mirror above it, so
+    accuracy and AUC are folded wherever they rank or score models (the raw value stays in the
+    JSON). None stays None."""
+    return None if value is None else max(float(value), 1.0 - float(value))
+
+
 def roc_curve(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1); higher score = member."""
-    scores = np.asarray(scores, dtype=np.float64)
+    from sklearn.metrics import roc_curve as sk_roc
+
     is_member = np.asarray(is_member, dtype=bool)
-    pos, neg = int(is_member.sum()), int((~is_member).sum())
-    if pos == 0 or neg == 0:
+    if is_member.all() or not is_member.any():
         raise ValueError("ROC needs both members and non-members")
-    order = np.argsort(-scores, kind="stable")
-    s, m = scores[order], is_member[order]
-    last_of_tie = np.r_[s[1:] != s[:-1], True]
-    tp = np.cumsum(m)[last_of_tie]
-    fp = np.cumsum(~m)[last_of_tie]
-    return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
+    fpr, tpr, _ = sk_roc(is_member, np.asarray(scores, dtype=np.float64),
+                         drop_intermediate=False)
+    return fpr, tpr
 
 
 def roc_auc(scores: np.ndarray, is_member: np.ndarray) -> float:
     """Area under the ROC curve (ties count one half)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(is_member, dtype=bool),
+                               np.asarray(scores, dtype=np.float64)))
+
+
+def measurable(target: float, n_nonmembers: int) -> bool:
+    """Whether an FPR target can be read with ``n_nonmembers``: the smallest non-zero FPR is
+    1/N, so a target below it would report the TPR at zero false positives under its name."""
+    return target * n_nonmembers >= 1
+
+
+def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray,
+               target: float) -> tuple[float | None, float | None]:
+    """(highest TPR with FPR ≤ target, the FPR actually achieved there), or (None, None) when
+    the target is below 1/N non-members (not measurable)."""
+    is_member = np.asarray(is_member, dtype=bool)
+    if not measurable(target, int((~is_member).sum())):
+        return None, None
     fpr, tpr = roc_curve(scores, is_member)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    return _tpr_at(fpr, tpr, target)
 
 
-def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, target: float) -> tuple[float, float]:
-    """(highest TPR with FPR ≤ target, the FPR actually achieved there).
-
-    With N non-members the smallest non-zero FPR is 1/N, so at 0.1% FPR and fewer than 1,000
-    non-members this is the TPR at zero false positives; the achieved FPR says so.
-    """
-    fpr, tpr = roc_curve(scores, is_member)
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> tuple[float, float]:
     ok = fpr <= target + 1e-12
     i = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])
     return float(tpr[i]), float(fpr[i])
 
 
-def mia_metrics(scores: np.ndarray, is_member: np.ndarray, threshold: float = 0.5) -> dict:
-    """MIA accuracy at ``threshold`` (0.5 = chance on a balanced set), ROC AUC, TPR at 1% and
-    0.1% FPR with the achieved FPRs, and the sample counts they rest on."""
+def _figures(scores: np.ndarray, is_member: np.ndarray, threshold: float,
+             n_nonmembers: int) -> np.ndarray:
+    """[accuracy at ``threshold``, AUC, TPR at each FPR target (NaN when not measurable)]
+    from one ROC pass (the inner loop of the bootstrap)."""
+    from sklearn.metrics import auc
+
+    fpr, tpr = roc_curve(scores, is_member)
+    out = [float(((scores > threshold) == is_member).mean()), float(auc(fpr, tpr))]
+    for target in FPR_TARGETS.values():
+        out.append(_tpr_at(fpr, tpr, target)[0] if measurable(target, n_nonmembers)
+                   else np.nan)
+    return np.array(out)
+
+
+def _bootstrap(statistic, n_members: int, n_nonmembers: int, resamples: int,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of a vector ``statistic(member_idx, nonmember_idx)`` over stratified
+    resamples of the evaluated members and non-members; NaN where the statistic is NaN (a TPR
+    that is not measurable), which is left out of the resampling."""
+    from scipy.stats import bootstrap
+
+    full = np.arange(n_members), np.arange(n_nonmembers)
+    defined = ~np.isnan(statistic(*full))
+    res = bootstrap(full, lambda i, j: statistic(i, j)[defined], n_resamples=resamples,
+                    confidence_level=LEVEL, method="percentile", vectorized=False,
+                    random_state=np.random.default_rng(seed))
+    lo, hi = np.full(len(defined), np.nan), np.full(len(defined), np.nan)
+    lo[defined], hi[defined] = res.confidence_interval.low, res.confidence_interval.high
+    return lo, hi
+
+
+def _split(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64)
     is_member = np.asarray(is_member, dtype=bool)
-    tpr1, fpr1 = tpr_at_fpr(scores, is_member, 0.01)
-    tpr01, fpr01 = tpr_at_fpr(scores, is_member, 0.001)
-    return {
-        "mia_acc": float(((scores > threshold) == is_member).mean()),
-        "auc": roc_auc(scores, is_member),
-        "tpr_at_1pct_fpr": tpr1, "achieved_fpr_1pct": fpr1,
-        "tpr_at_0.1pct_fpr": tpr01, "achieved_fpr_0.1pct": fpr01,
-        "n_members": int(is_member.sum()), "n_nonmembers": int((~is_member).sum()),
-    }
+    if is_member.all() or not is_member.any():
+        raise ValueError("membership figures need both members and non-members")
+    return scores[is_member], scores[~is_member]
+
+
+def _labels(n_m: int, n_n: int) -> np.ndarray:
+    return np.r_[np.ones(n_m, bool), np.zeros(n_n, bool)]
+
+
+def _interval(lo: float, hi: float) -> list[float] | None:
+    return None if np.isnan(lo) or np.isnan(hi) else [float(lo), float(hi)]
+
+
+def mia_metrics(scores: np.ndarray, is_member: np.ndarray, threshold: float = 0.5,
+                resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """MIA accuracy at ``threshold`` (0.5 = chance on a balanced set), ROC AUC, TPR at 1% and
+    0.1% FPR with the achieved FPRs (None, and listed in ``not_measurable``, when the target is
+    below 1/N non-members), the sample counts they rest on, and ``ci``: a 95% bootstrap
+    interval of each figure (``resamples`` = 0 skips them)."""
+    sm, sn = _split(scores, is_member)
+    n_m, n_n = len(sm), len(sn)
+    s, y = np.r_[sm, sn], _labels(n_m, n_n)
+    out = {"mia_acc": float(((s > threshold) == y).mean()), "auc": roc_auc(s, y)}
+    not_measurable = []
+    for key, target in FPR_TARGETS.items():
+        out[f"tpr_at_{key}_fpr"], out[f"achieved_fpr_{key}"] = tpr_at_fpr(s, y, target)
+        if out[f"tpr_at_{key}_fpr"] is None:
+            not_measurable.append(f"TPR at {100 * target:g}% FPR is not measurable with "
+                                  f"{n_n} non-members (needs {int(np.ceil(1 / target))})")
+    out.update(n_members=n_m, n_nonmembers=n_n, not_measurable=not_measurable)
+    if resamples:
+        lo, hi = _bootstrap(lambda i, j: _figures(np.r_[sm[i], sn[j]], y, threshold, n_n),
+                            n_m, n_n, resamples, seed)
+        out["ci"] = {k: _interval(a, b) for k, a, b in zip(FIGURES, lo, hi, strict=True)}
+    return out
+
+
+def paired_difference(before: np.ndarray, after: np.ndarray, is_member: np.ndarray,
+                      thresholds: tuple[float, float] = (0.5, 0.5), resamples: int = RESAMPLES,
+                      seed: int = 0) -> dict:
+    """after − before of every figure of ``mia_metrics`` for two models scored on the SAME
+    samples, with a paired bootstrap interval: each resample draws the same members and
+    non-members for both, so the noise the two share cancels."""
+    bm, bn = _split(before, is_member)
+    am, an = _split(after, is_member)
+    y = _labels(len(bm), len(bn))
+    n_n = len(bn)
+
+    def diff(i, j):
+        return (_figures(np.r_[am[i], an[j]], y, thresholds[1], n_n)
+                - _figures(np.r_[bm[i], bn[j]], y, thresholds[0], n_n))
+
+    point = diff(np.arange(len(bm)), np.arange(n_n))
+    lo, hi = _bootstrap(diff, len(bm), n_n, resamples, seed)
+    return {k: {"delta": None if np.isnan(p) else float(p), "ci": _interval(a, b)}
+            for k, p, a, b in zip(FIGURES, point, lo, hi, strict=True)}
+
+
+def detectable_rise(n_members: int, n_nonmembers: int, power: float = 0.8) -> float:
+    """The smallest rise of MIA accuracy (from 0.5) that a comparison of two independent
+    measurements on this many members and non-members detects at α = 0.05 (two-sided) with
+    ``power``: (z_0.975 + z_power)·√(2·0.25/n), n the evaluated samples (accuracy near 0.5).
+    The paired comparison is at least this sensitive, so it is a conservative floor."""
+    from scipy.stats import norm
+
+    n = n_members + n_nonmembers
+    return float((norm.ppf(0.975) + norm.ppf(power)) * np.sqrt(2 * 0.25 / n))
+
+
+def accuracy_interval(correct: np.ndarray, resamples: int = RESAMPLES,
+                      seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the mean of a boolean vector (task accuracy)."""
+    from scipy.stats import bootstrap
+
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(correct) < 2:
+        return [float(correct.mean()), float(correct.mean())]
+    res = bootstrap((correct,), np.mean, n_resamples=resamples, confidence_level=LEVEL,
+                    method="percentile", random_state=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def chance_accuracy(labels: np.ndarray) -> float:
+    """The accuracy of always predicting the most common class of ``labels``."""
+    return float(np.bincount(np.asarray(labels)).max() / len(labels))
+
+
+def figure_warnings(task_acc_ci: list[float], chance: float, attack: str,
+                    attack_metrics: dict) -> list[str]:
+    """What makes a row's figures unfit to rank on: a model whose task accuracy cannot be told
+    from always guessing the commonest class, and an attack that reads below chance by more
+    than its 95% interval allows."""
+    out = []
+    if task_acc_ci[0] <= chance:
+        out.append(f"task accuracy (95% interval {task_acc_ci[0]:.4f}-{task_acc_ci[1]:.4f}) "
+                   f"cannot be told from chance ({chance:.4f}, the commonest class): its "
+                   "privacy figures say nothing about a useful model")
+    ci = attack_metrics.get("ci", {})
+    low = [f"{name} {attack_metrics[key]:.4f}, 95% interval up to {ci[key][1]:.4f}"
+           for key, name in (("mia_acc", "MIA accuracy"), ("auc", "AUC"))
+           if ci.get(key) and ci[key][1] < 0.5]
+    if low:
+        out.append(f"the {attack} attack reads below chance beyond the noise ({'; '.join(low)}):"
+                   " the known and unknown parts differ or the attacker overfits; scores and "
+                   "rankings use the folded value max(v, 1 - v)")
+    return out
 
 
 def tm_score(task_acc: float, mia_acc: float, lam: float = 1.0) -> float:
-    """SafeCompress's trade-off: (task accuracy)^λ / (MIA accuracy); higher is better."""
-    return float(task_acc ** lam / max(mia_acc, 1e-12))
+    """SafeCompress's trade-off: (task accuracy)^λ / fold(MIA accuracy); higher is better. The
+    MIA accuracy is folded, so a reading below chance is not rewarded as better than chance."""
+    return float(task_acc ** lam / fold(mia_acc))
 
 
 def logit_parity(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:

@@ -22,13 +22,26 @@ from safeexport.errors import ConfigError
 from safeexport.rundir import RunDir, atomic_write
 from study.tables import Column, Row, markdown, plot_bars, plot_tradeoff, write_csv
 
-PRIVACY_COLUMNS = [Column("mia_acc", "MIA Acc", better=-1), Column("auc", "AUC", ".3f", -1),
-                   Column("tpr_at_1pct_fpr", "TPR@1%FPR", ".3f", -1)]
+PRIVACY_COLUMNS = [Column("mia_acc", "MIA Acc", better=-1, fold=True),
+                   Column("auc", "AUC", ".3f", -1, fold=True),
+                   Column("tpr_at_1pct_fpr", "TPR@1%FPR", ".3f", -1),
+                   Column("strongest_mia_acc", "Strongest attack MIA Acc", better=-1, fold=True)]
 STUDY_COLUMNS = [Column("train_acc", "Train Acc"), Column("task_acc", "Test Acc"),
                  *PRIVACY_COLUMNS]
 COMPARE_COLUMNS = [Column("task_acc", "Task Acc", better=1), PRIVACY_COLUMNS[0],
                    Column("tm_score", "TM-score", ".3f", 1), *PRIVACY_COLUMNS[1:],
                    Column("wall_time_s", "Wall time (s)", ".0f")]
+
+
+def row_figures(m: dict, columns: list[Column]) -> tuple[dict, dict]:
+    """(figures, intervals) of ``columns`` from one model's report entry; the strongest
+    attack's MIA accuracy (the configured attack or a threshold attack, whichever reads
+    highest) as ``strongest_mia_acc``, and its attack named in ``text``."""
+    m = {**m, "strongest_mia_acc": m["strongest"]["mia_acc"]}
+    ci = {**m.get("ci", {}), "task_acc": m.get("task_acc_ci"),
+          "strongest_mia_acc": m["strongest"].get("ci", {}).get("mia_acc")}
+    return ({c.key: m[c.key] for c in columns if c.key in m},
+            {c.key: ci.get(c.key) for c in columns})
 
 
 @dataclass
@@ -132,27 +145,31 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
         retrained = run_method(replace(base, method="prune"), sdir / "prune", progress,
                                sdir / "dense")
         for label, rep in zip(labels, (dense, pruned, retrained), strict=False):
-            rows[label].add({k.key: rep["compressed"][k.key] for k in STUDY_COLUMNS})
+            rows[label].add(*row_figures(rep["compressed"], STUDY_COLUMNS))
             rows[label].text = {"Measured by": "PyTorch",
-                                "Weights": f"{rep['compressed']['nonzero_weights']:,}"}
+                                "Weights": f"{rep['compressed']['nonzero_weights']:,}",
+                                "Strongest": rep["compressed"]["strongest"]["attack"]}
         for b, label in tqdm(list(zip(bits, labels[3:], strict=True)), desc="quantize",
                              unit="file", disable=None if progress is None else not progress):
             exp = export(ExportConfig(format=fmt, bits=b, warn_only=True), sdir / "prune",
                          overwrite=True)
             ev = evaluate(exp.path, EvalConfig()).report
-            rows[label].add({k.key: ev["after"][k.key] for k in STUDY_COLUMNS}
-                            | {"agreement": ev["parity"]["agreement"]})
+            figures, intervals = row_figures(ev["after"], STUDY_COLUMNS)
+            rows[label].add(figures | {"agreement": ev["parity"]["agreement"]}, intervals)
             rt = ev["runtime"]
             rows[label].text = {"Measured by": f"{rt['name']} {rt['version']}",
-                                "Weights": rows["pruned + retrained"].text["Weights"]}
+                                "Weights": rows["pruned + retrained"].text["Weights"],
+                                "Strongest": ev["after"]["strongest"]["attack"]}
     title = f"Pruning and quantization study: {_describe(cfg, seed_list)}"
-    note = ("Every row is measured by the same final attack (Nasr et al.'s attacker trained on "
-            "the known members/non-members, tested on the balanced unknown ones). Quantized "
+    note = ("Every row is measured by the same final attack (the run's attack, trained on "
+            "the known members/non-members, tested on the balanced unknown ones) and by the "
+            "threshold attacks; 'Strongest' names the attack with the highest MIA accuracy on "
+            "that row. One seed: [95% bootstrap interval]. Quantized "
             f"rows are the retrained model exported to {fmt} (weight-only) and run in that "
             "runtime; 'Agreement' is their top-1 agreement with the PyTorch model.")
     cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
-    return _write(out, "study", list(rows.values()), ["Measured by", "Weights"], cols, [],
-                  title, note, _accuracy_bars)
+    return _write(out, "study", list(rows.values()), ["Measured by", "Weights", "Strongest"],
+                  cols, [], title, note, _accuracy_bars)
 
 
 def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int = 1,
@@ -170,6 +187,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
                           f"; known: safecompress, {', '.join(METHODS.names())}")
     seed_list = seeds_of(cfg, seeds)
     rows = {m: Row(method_label(m)) for m in methods}
+    flagged: dict[str, list[str]] = {}
     for seed in seed_list:
         base, sdir = _base(cfg, seed), out / f"seed-{seed}"
         run_method(replace(base, method="dense"), sdir / "dense", progress)
@@ -178,21 +196,32 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             rep = run_method(replace(base, method=m), sdir / m, progress,
                              None if m == "dense" else sdir / "dense")
             c = rep["compressed"]
-            figures = {k.key: c[k.key] for k in COMPARE_COLUMNS}
+            figures, intervals = row_figures(c, COMPARE_COLUMNS)
             if "dp" in rep:
                 figures["epsilon"] = rep["dp"]["epsilon"]
-            rows[m].add(figures)
-            rows[m].text = {"Weights": f"{c['nonzero_weights']:,}"}
+            rows[m].add(figures, intervals)
+            rows[m].text = {"Weights": f"{c['nonzero_weights']:,}",
+                            "Strongest": c["strongest"]["attack"]}
+            for w in c["warnings"]:
+                flagged.setdefault(m, []).append(f"seed {seed}: {w}")
+                tqdm.write(f"seed {seed} {m}: warning: {w}")
             tqdm.write(f"seed {seed} {m}: task {c['task_acc']:.4f} MIA {c['mia_acc']:.4f} "
                        f"TM {c['tm_score']:.3f} ({time.time() - t0:.0f} s here)")
-    ranked = [method_label(m) for m in methods if m != "dense"]
+    for m in flagged:
+        rows[m].label += " (!)"
+    ranked = [method_label(m) for m in methods if m != "dense" and m not in flagged]
     title = f"Methods compared: {_describe(cfg, seed_list)}"
     note = ("Bold: the best compressed method per column (dense, the uncompressed reference, "
-            "is not ranked). MIA: Nasr et al.'s attacker trained on the known members/"
-            f"non-members, tested on the balanced unknown ones. TM-score = Task Acc^λ / MIA Acc "
-            f"(λ = {cfg.lam:g}). "
+            "is not ranked; MIA Acc and AUC rank folded, max(v, 1 - v)); a bold figure whose "
+            "interval overlaps another row's is not a measured difference. MIA: the run's "
+            f"attack ({cfg.attack}) trained on the known members/non-members, tested on the "
+            "balanced unknown ones; 'Strongest' names the attack (it or a threshold attack) "
+            "with the highest MIA accuracy. One seed: [95% bootstrap interval]. TM-score = "
+            f"Task Acc^λ / fold(MIA Acc) (λ = {cfg.lam:g}). "
             "Wall time: the whole method, including the dense model a two-step baseline starts "
-            "from. ε: DP-SGD's (ε, δ) for its private phase.")
+            "from. ε: DP-SGD's (ε, δ) for its private phase. (!): a warning below; such a "
+            "row is not ranked.")
+    note += "".join(f"\n\n(!) {rows[m].label}: {w}" for m, ws in flagged.items() for w in ws)
     cols = [*COMPARE_COLUMNS, Column("epsilon", "DP ε", ".2f")]
-    return _write(out, "compare", list(rows.values()), ["Weights"], cols, ranked, title, note,
-                  plot_tradeoff)
+    return _write(out, "compare", list(rows.values()), ["Weights", "Strongest"], cols, ranked,
+                  title, note, plot_tradeoff)

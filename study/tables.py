@@ -12,16 +12,19 @@ from safeexport.rundir import atomic_write
 
 @dataclass
 class Row:
-    """One line of a table: a label, text columns, and figures measured once per seed."""
+    """One line of a table: a label, text columns, figures measured once per seed (NaN where a
+    figure is not measurable) and the 95% bootstrap interval of each figure's last seed."""
 
     label: str
     text: dict[str, str] = field(default_factory=dict)
     figures: dict[str, list[float]] = field(default_factory=dict)
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, figures: dict[str, float]) -> None:
-        """Append one seed's figures."""
+    def add(self, figures: dict[str, float | None], intervals: dict | None = None) -> None:
+        """Append one seed's figures (None = not measurable) and their intervals."""
         for k, v in figures.items():
-            self.figures.setdefault(k, []).append(float(v))
+            self.figures.setdefault(k, []).append(np.nan if v is None else float(v))
+        self.intervals.update({k: v for k, v in (intervals or {}).items() if v is not None})
 
     def mean(self, key: str) -> float:
         return float(np.mean(self.figures[key]))
@@ -40,21 +43,28 @@ class Column:
     header: str
     fmt: str = ".4f"
     better: int = 0
+    fold: bool = False  # rank on max(v, 1 - v): a reading below chance is no better than chance
 
 
 def _cell(row: Row, col: Column) -> str:
     if col.key not in row.figures:
         return "–"
+    if np.isnan(row.figures[col.key]).any():
+        return "n/m"
     text = format(row.mean(col.key), col.fmt)
     if len(row.figures[col.key]) > 1:
         text += f" ± {format(row.std(col.key), col.fmt)}"
+    elif col.key in row.intervals:
+        lo, hi = row.intervals[col.key]
+        text += f" [{format(lo, col.fmt)}, {format(hi, col.fmt)}]"
     return text
 
 
 def best_rows(rows: list[Row], col: Column, ranked: list[str]) -> set[str]:
     """Labels of the rows (among ``ranked``) with the best mean of ``col`` (ties all win)."""
-    means = {r.label: r.mean(col.key) for r in rows
-             if r.label in ranked and col.key in r.figures}
+    means = {r.label: max(r.mean(col.key), 1 - r.mean(col.key)) if col.fold
+             else r.mean(col.key) for r in rows
+             if r.label in ranked and col.key in r.figures and not np.isnan(r.mean(col.key))}
     if not means or col.better == 0:
         return set()
     top = max(means.values()) if col.better > 0 else min(means.values())
@@ -63,7 +73,9 @@ def best_rows(rows: list[Row], col: Column, ranked: list[str]) -> set[str]:
 
 def markdown(rows: list[Row], text_cols: list[str], cols: list[Column],
              ranked: list[str] | None = None) -> str:
-    """A Markdown table; the best figure of each ranked column among ``ranked`` rows in bold."""
+    """A Markdown table; the best figure of each ranked column among ``ranked`` rows in bold
+    (folded columns rank on max(v, 1 - v)). One seed: each figure with its 95% bootstrap
+    interval in brackets; several: mean ± std over seeds. n/m: not measurable."""
     ranked = ranked or []
     head = ["", *text_cols, *(c.header for c in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -15,6 +15,7 @@ from compressor import compress
 from compressor.config import CompressConfig
 from compressor.masking import erk_counts, maskable
 from safeexport.errors import ConfigError
+from safeexport.metrics import fold
 from safeexport.models import build_from_spec, build_model
 from tests.conftest import REPO, tiny_config, write_agnews_csv, write_tabular_npz
 
@@ -58,14 +59,19 @@ def test_cli_end_to_end_on_the_digits_default(tmp_path):
         tms = [c["tm_score"] for c in row["candidates"]]
         assert row["winner"] == int(np.argmax(tms))
         for c in row["candidates"]:
-            assert c["tm_score"] == pytest.approx(c["task_acc"] / c["mia_acc"])
+            assert c["tm_score"] == pytest.approx(c["task_acc"] / fold(c["mia_acc"]))
             assert {"auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"} <= set(c)
+            lo, hi = c["ci"]["mia_acc"]
+            assert lo <= c["mia_acc"] <= hi
     report = json.loads((out / "report.json").read_text())
     for key in ("compressed", "dense"):
         m = report[key]
         assert 0 <= m["task_acc"] <= 1 and 0 <= m["mia_acc"] <= 1
         assert m["n_members"] == m["n_nonmembers"] > 0
-        assert m["tm_score"] == pytest.approx(m["task_acc"] / m["mia_acc"])
+        assert m["tm_score"] == pytest.approx(m["task_acc"] / fold(m["mia_acc"]))
+        assert m["strongest"]["mia_acc"] == max(
+            [m["mia_acc"], *(a["mia_acc"] for a in m["threshold_attacks"].values())],
+            key=fold)
     assert report["compressed"]["task_acc"] > 0.3  # chance is 0.1; 35 steps at 5% density
     # pruned entries are exactly zero: at most Ω of the masked weights are non-zero
     model = _rebuild(out)
@@ -177,8 +183,8 @@ def test_existing_run_is_refused_and_kept(tmp_path):
     _one_line_error(cli("compress", *TINY_FLAGS, "--max-samples", "50", "--overwrite",
                         "--out", out), "too few")
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    r = cli("compress", *TINY_FLAGS, "--epochs", "1", "--seed", "5", "--no-dense-reference",
-            "--overwrite", "--out", out)
+    r = cli("compress", *TINY_FLAGS, "--epochs", "1", "--update-frequency", "6", "--seed", "5",
+            "--no-dense-reference", "--overwrite", "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["config"]["seed"] == 5
     other = tmp_path / "notarun"

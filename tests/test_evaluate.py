@@ -66,20 +66,25 @@ def test_verdict_and_exit_codes(run, tmp_path):
     report = json.loads((tmp_path / "a.json").read_text())
     drop = report["verdict"]["task_drop"]
     assert drop == pytest.approx(report["before"]["task_acc"] - report["after"]["task_acc"])
-    assert r.returncode == (1 if drop > 0 or report["verdict"]["mia_rise"] > 0.01 else 0)
+    assert r.returncode == (1 if drop > 0 or _privacy_fails(report["verdict"], 0.01) else 0)
     r = cli("evaluate", two_bit, "--json", tmp_path / "b.json", "--max-task-drop", "1",
             "--max-mia-rise", "1")
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
     r = cli("evaluate", two_bit, "--json", tmp_path / "c.json", "--max-task-drop", "1",
             "--max-mia-rise", "0")
-    rise = json.loads((tmp_path / "c.json").read_text())["verdict"]["mia_rise"]
-    assert r.returncode == (1 if rise > 0 else 0)
+    verdict = json.loads((tmp_path / "c.json").read_text())["verdict"]
+    assert r.returncode == (1 if _privacy_fails(verdict, 0.0) else 0)
     # the same command through the module entry point
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     m = subprocess.run([sys.executable, "-m", "device_eval", str(two_bit), "--json",
                         str(tmp_path / "d.json"), "--max-task-drop", "1", "--max-mia-rise",
                         "1"], capture_output=True, text=True, env=env, timeout=300)
     assert m.returncode == 0 and "PASS" in m.stdout, m.stderr
+
+
+def _privacy_fails(verdict: dict, tolerance: float) -> bool:
+    """The rule: a rise above the tolerance whose paired interval excludes zero."""
+    return verdict["mia_rise"] > tolerance and verdict["paired"]["mia_acc"]["ci"][0] > 0
 
 
 def test_verdict_logic_on_known_deltas(run, tmp_path):
@@ -91,10 +96,18 @@ def test_verdict_logic_on_known_deltas(run, tmp_path):
     strict = EvalConfig(max_mia_rise=0.0, max_task_drop=0.0)
     res = evaluate(_exp(run, "model-tflite-w8-static.tflite"), strict,
                    json_out=tmp_path / "t.json")
-    expected = r["verdict"]["mia_rise"] <= 0 and r["verdict"]["task_drop"] <= 0
+    v = r["verdict"]
+    # the verdict's attack is the strongest on the PyTorch model, and its paired delta is
+    # the difference of that attack's figures on the two models
+    strongest = r["before"]["strongest"]
+    assert v["attack"] == strongest["attack"]
+    after = (r["after"] if v["attack"] == r["attack"]["name"]
+             else r["after"]["threshold_attacks"][v["attack"]])
+    assert v["mia_rise"] == pytest.approx(after["mia_acc"] - strongest["mia_acc"])
+    expected = not _privacy_fails(v, 0.0) and v["task_drop"] <= 0
     assert res.passed == expected
-    assert len(res.report["verdict"]["reasons"]) == (r["verdict"]["mia_rise"] > 0) + (
-        r["verdict"]["task_drop"] > 0)
+    assert len(res.report["verdict"]["reasons"]) == _privacy_fails(v, 0.0) + (
+        v["task_drop"] > 0)
 
 
 # ---------------------------------------------------------------- bad input

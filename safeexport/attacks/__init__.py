@@ -1,17 +1,26 @@
 """Membership-inference attacks: signals → scores → metrics.
 
 An attack turns a model's outputs (``Signals``) into membership scores; only the code that makes
-the signals touches a model. Register a new attack with ``ATTACKS.register(name, cls)``; the
-compressor's Branch 2 and device_eval pick it by name.
+the signals touches a model. Register a new attack with ``ATTACKS.register(name, factory)``, a
+factory called as ``factory(num_classes, device)``; the compressor's Branch 2 and device_eval
+pick it by name. ``nasr`` is the trained attacker; the threshold attacks (``loss``,
+``confidence``, ``entropy``, ``modified_entropy``) are registered too, as deterministic,
+training-free in-loop scores.
 """
 
-from safeexport.attacks.base import Attack, Signals
-from safeexport.attacks.evaluate import MembershipResult, evaluate_membership
+from collections.abc import Callable
+from functools import partial
+
+from safeexport.attacks.base import Attack, AttackResult, Signals
+from safeexport.attacks.evaluate import MembershipResult, fit_and_score, is_member_of
 from safeexport.attacks.nasr import NasrAttack
+from safeexport.attacks.threshold import THRESHOLD_ATTACKS, ThresholdAttack
 from safeexport.registry import Registry
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")
 ATTACKS.register("nasr", NasrAttack)
+for _name in THRESHOLD_ATTACKS:
+    ATTACKS.register(_name, partial(ThresholdAttack, _name))
 
-__all__ = ["ATTACKS", "Attack", "MembershipResult", "NasrAttack", "Signals",
-           "evaluate_membership"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "MembershipResult", "NasrAttack", "Signals",
+           "ThresholdAttack", "fit_and_score", "is_member_of"]

@@ -9,24 +9,57 @@ import torch
 
 @dataclass
 class Signals:
-    """A target model's black-box outputs on some samples: softmax probabilities (computed on
-    the host from logits) and the true labels."""
+    """A target model's black-box outputs on some samples: its logits, kept in float64 (a
+    float32 softmax saturates to exactly 1.0 for confident outputs, which erases the very
+    differences a membership attack reads), and the true labels."""
 
-    probs: torch.Tensor
+    logits: torch.Tensor
     labels: torch.Tensor
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor | np.ndarray,
                     labels: torch.Tensor | np.ndarray) -> "Signals":
-        logits = torch.as_tensor(logits, dtype=torch.float32)
-        return cls(torch.softmax(logits, dim=1), torch.as_tensor(labels, dtype=torch.int64))
+        return cls(torch.as_tensor(logits).to(torch.float64),
+                   torch.as_tensor(labels, dtype=torch.int64))
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Softmax probabilities, float64."""
+        return torch.softmax(self.logits, dim=1)
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """log-softmax, float64 (finite where the probability underflows)."""
+        return torch.log_softmax(self.logits, dim=1)
+
+    @property
+    def margin(self) -> np.ndarray:
+        """Logit-scaled confidence φ = z_y − logsumexp_{j≠y} z_j = log(p_y / (1 − p_y)),
+        computed from the logits so it stays exact where p_y rounds to 1 (SPEC §8)."""
+        z = self.logits.clone()
+        rows = torch.arange(len(z))
+        zy = z[rows, self.labels].clone()
+        z[rows, self.labels] = -torch.inf
+        return (zy - torch.logsumexp(z, dim=1)).numpy()
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
+@dataclass
+class AttackResult:
+    """One attack measured on an evaluation set: its figures (``mia_metrics``), its raw scores
+    (members first, as ``is_member`` orders them) and the decision threshold of its accuracy."""
+
+    metrics: dict
+    scores: np.ndarray
+    threshold: float = 0.5
+
+
 class Attack(Protocol):
-    """A trainable membership-inference attack."""
+    """A membership-inference attack fitted on known members and non-members."""
+
+    last_fit: dict  # what the last ``fit`` did (epochs run, early stop, threshold), for history
 
     def fit(self, members: Signals, nonmembers: Signals, epochs: int,
             generator: torch.Generator) -> None:

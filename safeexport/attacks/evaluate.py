@@ -6,30 +6,63 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from safeexport.attacks.base import Attack, Signals
-from safeexport.metrics import mia_metrics, roc_curve
+from safeexport.attacks.base import Attack, AttackResult, Signals
+from safeexport.metrics import RESAMPLES, fold, mia_metrics, roc_curve
 
 
 @dataclass
 class MembershipResult:
-    """Metrics, per-sample scores and ROC of one attack evaluation, and the trained attacker;
-    ``threshold`` holds the threshold attacks' metrics on the same signals when computed."""
+    """Every attack of one evaluation on the same samples: the configured attack (``attack``,
+    whose fitted ``attacker`` is kept) first, then the threshold attacks; and, with several
+    attacker seeds, the spread of the configured attack over them."""
 
-    metrics: dict
-    scores: np.ndarray
-    is_member: np.ndarray
+    attack: str
     attacker: Attack
-    threshold: dict = field(default_factory=dict)
+    results: dict[str, AttackResult]
+    is_member: np.ndarray
+    seeds: dict = field(default_factory=dict)
 
-    def roc(self) -> tuple[np.ndarray, np.ndarray]:
-        """(fpr, tpr)."""
-        return roc_curve(self.scores, self.is_member)
+    @property
+    def metrics(self) -> dict:
+        """The configured attack's figures."""
+        return self.results[self.attack].metrics
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.results[self.attack].scores
+
+    def strongest(self) -> str:
+        """The attack with the highest folded MIA accuracy (then folded AUC) here."""
+        return max(self.results, key=lambda k: (fold(self.results[k].metrics["mia_acc"]),
+                                                fold(self.results[k].metrics["auc"])))
+
+    def roc(self, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(fpr, tpr) of the configured attack, or of ``name``."""
+        return roc_curve(self.results[name or self.attack].scores, self.is_member)
+
+    def summary(self) -> dict:
+        """The JSON form: the configured attack's figures at the top level, every threshold
+        attack under ``threshold_attacks``, the strongest attack's name and figures, and the
+        attacker-seed spread."""
+        thresholds = {k: {**r.metrics, "threshold": r.threshold}
+                      for k, r in self.results.items() if k != self.attack}
+        name = self.strongest()
+        out = {**self.metrics, "attack": self.attack, "threshold_attacks": thresholds,
+               "strongest": {"attack": name, **self.results[name].metrics}}
+        if self.seeds:
+            out["attack_seeds"] = self.seeds
+        return out
 
 
-def evaluate_membership(attacker: Attack, known_members: Signals, known_nonmembers: Signals,
-                        eval_members: Signals, eval_nonmembers: Signals, epochs: int,
-                        gen: torch.Generator) -> MembershipResult:
-    """Train ``attacker`` on the known parts, then score the evaluation parts.
+def is_member_of(members: Signals, nonmembers: Signals) -> np.ndarray:
+    """Members first, then non-members: the order every score array here uses."""
+    return np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
+
+
+def fit_and_score(attacker: Attack, known_members: Signals, known_nonmembers: Signals,
+                  eval_members: Signals, eval_nonmembers: Signals, epochs: int,
+                  gen: torch.Generator, resamples: int = RESAMPLES) -> AttackResult:
+    """Train ``attacker`` on the known parts, then score and measure the evaluation parts.
 
     The evaluation parts must be balanced (equal counts) for MIA accuracy to read against 0.5.
     """
@@ -37,5 +70,5 @@ def evaluate_membership(attacker: Attack, known_members: Signals, known_nonmembe
         raise ValueError("the membership evaluation set must be balanced")
     attacker.fit(known_members, known_nonmembers, epochs, gen)
     scores = np.concatenate([attacker.score(eval_members), attacker.score(eval_nonmembers)])
-    is_member = np.r_[np.ones(len(eval_members), bool), np.zeros(len(eval_nonmembers), bool)]
-    return MembershipResult(mia_metrics(scores, is_member), scores, is_member, attacker)
+    return AttackResult(mia_metrics(scores, is_member_of(eval_members, eval_nonmembers),
+                                    resamples=resamples), scores)

@@ -9,26 +9,63 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from safeexport.attacks import ATTACKS, MembershipResult, Signals, evaluate_membership
+from safeexport.attacks import ATTACKS, MembershipResult, Signals, fit_and_score, is_member_of
 from safeexport.attacks.threshold import threshold_attacks
 from safeexport.data.splits import Splits, balanced
+from safeexport.metrics import (
+    RESAMPLES,
+    accuracy_interval,
+    chance_accuracy,
+    figure_warnings,
+    tm_score,
+)
 from safeexport.seeding import derive_seed, generator, seeded
 
 
 def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
                      splits: Splits, num_classes: int, attack: str, epochs: int, seed: int,
-                     tag: str, device: torch.device) -> MembershipResult:
+                     tag: str, device: torch.device, attack_seeds: int = 1) -> MembershipResult:
     """Train the ``attack`` on ALL known members/non-members and measure it on the BALANCED
     unknown members/non-members; the threshold attacks run on the same signals.
-    ``logits(indices)`` gives the model's outputs on samples; softmax is applied on the host."""
-    with seeded(derive_seed(seed, "final-attacker", tag), device):
-        attacker = ATTACKS.get(attack)(num_classes, device)
+    ``logits(indices)`` gives the model's outputs on samples; softmax is applied on the host.
+    With ``attack_seeds`` > 1 the attack is trained again from that many seeds: the first
+    gives the figures, all of them give ``seeds`` (mean ± std of each figure)."""
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
 
     def signals(idx: np.ndarray) -> Signals:
         return Signals.from_logits(logits(idx), labels[idx])
 
     parts = [signals(i) for i in (splits.known_members, splits.known_nonmembers, um, un)]
-    res = evaluate_membership(attacker, *parts, epochs, generator(seed, "final-attack", tag))
-    res.threshold = threshold_attacks(*parts)
-    return res
+    runs = []
+    for k in range(attack_seeds):
+        tags = (tag,) if k == 0 else (tag, k)
+        with seeded(derive_seed(seed, "final-attacker", *tags), device):
+            attacker = ATTACKS.get(attack)(num_classes, device)
+        res = fit_and_score(attacker, *parts, epochs, generator(seed, "final-attack", *tags),
+                            resamples=RESAMPLES if k == 0 else 0)
+        runs.append((attacker, res))
+    results = {attack: runs[0][1], **threshold_attacks(*parts)}
+    spread = {}
+    if attack_seeds > 1:
+        spread = {"n": attack_seeds}
+        for key in ("mia_acc", "auc", "tpr_at_1pct_fpr"):
+            values = [r.metrics[key] for _, r in runs]
+            if None not in values:
+                spread[key] = {"mean": float(np.mean(values)),
+                               "std": float(np.std(values, ddof=1)), "values": values}
+    return MembershipResult(attack, runs[0][0], results, is_member_of(parts[2], parts[3]),
+                            spread)
+
+
+def model_figures(res: MembershipResult, test_logits: np.ndarray, test_labels: np.ndarray,
+                  train_acc: float, lam: float) -> dict:
+    """One model's row of a report: task accuracy on the test split (with its interval), train
+    accuracy, every attack's figures (``MembershipResult.summary``), TM-score on the folded
+    MIA accuracy, and ``warnings`` when the figures are unfit to rank on."""
+    correct = np.asarray(test_logits).argmax(1) == np.asarray(test_labels)
+    task = float(correct.mean())
+    task_ci = accuracy_interval(correct)
+    return {"task_acc": task, "task_acc_ci": task_ci, "train_acc": train_acc, **res.summary(),
+            "tm_score": tm_score(task, res.metrics["mia_acc"], lam),
+            "warnings": figure_warnings(task_ci, chance_accuracy(test_labels), res.attack,
+                                        res.metrics)}

@@ -9,9 +9,11 @@ The pool (every sample the dataset has) is cut, class-stratified, into six disjo
     validation         never trained on; task test during candidate selection
     test               never trained on; final task accuracy
 
-During selection the attacker trains on the first 80% of each known part and its accuracy
-(the safety test) is measured on the remaining 20%, so selection never touches the unknown
-parts, the validation of the final report, or the test split.
+During selection the attacker trains on the first half of each known part and its accuracy
+(the safety test) is measured on the other half, so selection never touches the unknown parts,
+the validation of the final report, or the test split. Half, not a fifth: on the digits default
+a fifth was 45 + 45 samples (one sample = 1.1 points of MIA accuracy), and rounds were won on
+one sample of noise.
 """
 
 from dataclasses import dataclass, fields
@@ -33,7 +35,7 @@ FRACTIONS = {
     "validation": 0.125,
     "test": 0.125,
 }
-SELECT_FRACTION = 0.2  # share of each known part held out for the in-loop safety test
+SELECT_FRACTION = 0.5  # share of each known part held out for the in-loop safety test
 MIN_PART = 20  # smallest part that still gives a meaningful accuracy
 
 

@@ -1,0 +1,204 @@
+"""The measuring instrument: an attacker that learns, figures with bootstrap intervals, folded
+scores, a verdict that compares two models on the same samples, and warnings where figures are
+unfit to rank on."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import compress
+from device_eval import evaluate
+from device_eval.config import EvalConfig
+from exporters import export
+from exporters.config import ExportConfig
+from safeexport.attacks import NasrAttack, Signals, fit_and_score
+from safeexport.attacks.threshold import loss_score, threshold_attacks
+from safeexport.errors import ConfigError
+from safeexport.metrics import (
+    detectable_rise,
+    figure_warnings,
+    mia_metrics,
+    paired_difference,
+)
+from study.tables import Column, Row, markdown
+from tests.conftest import FAST_EXPORT, tiny_config
+
+
+def _gap_signals(n: int, margin: float, spread: float, g: torch.Generator,
+                 classes: int = 10) -> Signals:
+    """Outputs whose true-class margin is drawn around ``margin``: members get a larger one
+    (a model that overfits), as a realistic, known gap."""
+    y = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    logits[torch.arange(n), y] += margin + spread * torch.randn(n, generator=g,
+                                                                  dtype=torch.float64)
+    return Signals.from_logits(logits, y)
+
+
+def test_nasr_learns_as_well_as_the_best_threshold_attack_and_is_never_constant():
+    g = torch.Generator().manual_seed(3)
+    known_m, known_n = _gap_signals(1500, 5.0, 1.5, g), _gap_signals(1500, 3.5, 2.0, g)
+    eval_m, eval_n = _gap_signals(1500, 5.0, 1.5, g), _gap_signals(1500, 3.5, 2.0, g)
+    best = max(r.metrics["mia_acc"] for r in
+               threshold_attacks(known_m, known_n, eval_m, eval_n, resamples=0).values())
+    assert best > 0.6  # the regime has a gap to learn
+    for seed in range(2):
+        torch.manual_seed(seed)
+        attacker = NasrAttack(10)
+        res = fit_and_score(attacker, known_m, known_n, eval_m, eval_n, 100,
+                            torch.Generator().manual_seed(seed), resamples=0)
+        member = res.scores > 0.5
+        assert res.scores.std() > 0.05 and 0.1 < member.mean() < 0.9, "constant attacker"
+        assert res.metrics["mia_acc"] >= best - 0.01, (res.metrics, best)
+        assert attacker.last_fit["best_epoch"] >= 1
+
+
+def test_early_stopping_keeps_a_warm_start_that_fine_tuning_cannot_improve():
+    g = torch.Generator().manual_seed(4)
+    attacker = NasrAttack(10)
+    attacker.fit(_gap_signals(400, 5.0, 1.0, g), _gap_signals(400, 2.0, 1.0, g), 20, g)
+    before = {k: v.clone() for k, v in attacker.state_dict().items()}
+    # no gap at all: fine-tuning on pure noise must not beat the held-out loss it starts from
+    # often enough to move far; the warm start is a candidate for "best"
+    attacker.fit(_gap_signals(400, 3.0, 1.0, g), _gap_signals(400, 3.0, 1.0, g), 3, g)
+    fit = attacker.last_fit
+    assert fit["early_stopping"] and fit["best_epoch"] in range(0, 4)
+    if fit["best_epoch"] == 0:
+        assert all(torch.equal(before[k], v) for k, v in attacker.state_dict().items())
+
+
+def test_float64_signals_keep_confident_outputs_apart():
+    # float32 softmax rounds both true-class probabilities to exactly 1.0
+    logits = torch.tensor([[40.0, 0.0], [50.0, 0.0]])
+    assert torch.softmax(logits, 1)[:, 0].tolist() == [1.0, 1.0]
+    s = Signals.from_logits(logits, torch.tensor([0, 0]))
+    assert s.logits.dtype == torch.float64
+    lo = loss_score(s)
+    assert lo[1] > lo[0] and np.isfinite(lo).all()
+
+
+def test_intervals_hold_the_estimate_and_shrink_with_the_sample():
+    rng = np.random.default_rng(0)
+
+    def metrics(n):
+        scores = np.r_[rng.normal(0.6, 0.2, n), rng.normal(0.4, 0.2, n)]
+        return mia_metrics(scores, np.r_[np.ones(n, bool), np.zeros(n, bool)], resamples=400)
+
+    small, large = metrics(250), metrics(4000)
+    for m in (small, large):
+        for key in ("mia_acc", "auc", "tpr_at_1pct_fpr"):
+            lo, hi = m["ci"][key]
+            assert lo <= m[key] <= hi and lo < hi, key
+    width = {k: (m["ci"]["mia_acc"][1] - m["ci"]["mia_acc"][0]) for k, m in
+             (("small", small), ("large", large))}
+    # 16x the samples: about a quarter of the width (binomial: 1.96·2·sqrt(p(1-p)/N))
+    assert 2.5 < width["small"] / width["large"] < 6
+    assert width["large"] == pytest.approx(2 * 1.96 * np.sqrt(0.69 * 0.31 / 8000), rel=0.3)
+
+
+def test_fpr_targets_below_one_over_n_are_not_measurable():
+    rng = np.random.default_rng(1)
+    scores = rng.random(1000)
+    m = mia_metrics(scores, np.r_[np.ones(500, bool), np.zeros(500, bool)], resamples=50)
+    assert m["tpr_at_1pct_fpr"] is not None and m["ci"]["tpr_at_1pct_fpr"] is not None
+    assert m["tpr_at_0.1pct_fpr"] is None and m["ci"]["tpr_at_0.1pct_fpr"] is None
+    assert m["not_measurable"] == [
+        "TPR at 0.1% FPR is not measurable with 500 non-members (needs 1000)"]
+
+
+def test_paired_difference_of_identical_models_is_exactly_zero():
+    rng = np.random.default_rng(2)
+    scores = rng.random(600)
+    member = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    d = paired_difference(scores, scores + 1e-9 * rng.random(600), member, resamples=200)
+    assert d["mia_acc"]["delta"] == 0 and d["mia_acc"]["ci"] == [0.0, 0.0]
+    # a model that separates better: a positive rise whose interval excludes zero
+    better = scores + 0.3 * member
+    up = paired_difference(scores, better, member, resamples=200)
+    assert up["auc"]["delta"] > 0.1 and up["auc"]["ci"][0] > 0
+    assert up["mia_acc"]["ci"][0] > 0
+
+
+def test_detectable_rise_follows_the_sample_size():
+    assert detectable_rise(2500, 2500) == pytest.approx(2.8016 * np.sqrt(0.5 / 5000), rel=1e-3)
+    assert detectable_rise(112, 112) > 4 * detectable_rise(2500, 2500)
+
+
+def test_warnings_for_a_chance_model_and_an_attacker_below_chance():
+    assert figure_warnings([0.08, 0.13], 0.1, "nasr", {"mia_acc": 0.5, "auc": 0.5}) != []
+    assert figure_warnings([0.80, 0.85], 0.1, "nasr", {"mia_acc": 0.5, "auc": 0.5}) == []
+    below = {"mia_acc": 0.44, "auc": 0.43, "ci": {"mia_acc": [0.41, 0.47], "auc": [0.40, 0.46]}}
+    (w,) = figure_warnings([0.8, 0.85], 0.1, "nasr", below)
+    assert "below chance" in w and "folded" in w
+    noisy = {"mia_acc": 0.49, "auc": 0.49, "ci": {"mia_acc": [0.45, 0.53], "auc": [0.45, 0.53]}}
+    assert figure_warnings([0.8, 0.85], 0.1, "nasr", noisy) == []
+
+
+def test_tables_rank_privacy_on_folded_values_and_show_intervals():
+    col = Column("mia_acc", "MIA Acc", better=-1, fold=True)
+    rows = [Row("a"), Row("b")]
+    rows[0].add({"mia_acc": 0.456}, {"mia_acc": [0.40, 0.51]})  # below chance: folds to 0.544
+    rows[1].add({"mia_acc": 0.52}, {"mia_acc": [0.47, 0.57]})
+    table = markdown(rows, [], [col], ranked=["a", "b"])
+    assert "| b | **0.5200 [0.4700, 0.5700]** |" in table
+    assert "| a | 0.4560 [0.4000, 0.5100] |" in table
+    unmeasurable = Row("c")
+    unmeasurable.add({"mia_acc": None})
+    assert "| c | n/m |" in markdown([unmeasurable], [], [col])
+
+
+# ---------------------------------------------------------------- through compress and evaluate
+
+
+def test_a_budget_without_mask_updates_is_refused_with_the_smallest_budget(tmp_path):
+    # synthetic 400: 200 members, batch 32 -> 6 full batches an epoch; 1 epoch < 40 iterations
+    with pytest.raises(ConfigError, match=r"--epochs 7 or --update-frequency 5"):
+        compress(tiny_config(epochs=1, update_frequency=40), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    run = compress(tiny_config(epochs=1, update_frequency=40, allow_no_updates=True,
+                               dense_reference=False), tmp_path / "r")
+    report = json.loads(run.report.read_text())
+    assert report["rounds"] == 0
+    assert any("no mask update" in w for w in report["compressed"]["warnings"])
+
+
+def test_loss_attack_selects_deterministically_and_random_selection_is_an_ablation(tmp_path):
+    histories = [compress(tiny_config(attack="loss", dense_reference=False),
+                          tmp_path / f"loss{i}").read_history() for i in range(2)]
+    assert len(histories[0]) == 3
+    for a, b in zip(*histories, strict=True):
+        assert [c["mia_acc"] for c in a["candidates"]] == [c["mia_acc"] for c in b["candidates"]]
+        assert a["winner"] == b["winner"] and a["select"] == "tm"
+        assert all("threshold" in c["attacker_fit"] for c in a["candidates"])
+    rows = compress(tiny_config(select="random", dense_reference=False),
+                    tmp_path / "random").read_history()
+    assert all(r["select"] == "random" for r in rows)
+    argmax = [int(np.argmax([c["tm_score"] for c in r["candidates"]])) for r in rows]
+    assert [r["winner"] for r in rows] != argmax  # not the TM-score choice every round
+
+
+def test_attack_seeds_give_mean_and_std_of_the_trained_attacker(tmp_path):
+    run = compress(tiny_config(attack_seeds=3, final_attack_epochs=20, dense_reference=False),
+                   tmp_path / "r")
+    m = json.loads(run.report.read_text())["compressed"]
+    spread = m["attack_seeds"]
+    assert spread["n"] == 3 and spread["mia_acc"]["values"][0] == m["mia_acc"]
+    values = spread["auc"]["values"]
+    assert len(set(values)) > 1  # the seeds train different attackers
+    assert spread["auc"]["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lossless_exports_pass_the_verdict(seed, tmp_path):
+    """float32 and float16 files differ from PyTorch by rounding only: whatever the attacks
+    read, the paired comparison must not call that a privacy loss."""
+    run = compress(tiny_config(seed=seed, final_attack_epochs=40, dense_reference=False),
+                   tmp_path / "r").path
+    for fmt, bits in (("onnx", 32), ("onnx", 16), ("tflite", 32)):
+        exp = export(ExportConfig(format=fmt, bits=bits, **FAST_EXPORT), run)
+        res = evaluate(exp.path, EvalConfig(), json_out=tmp_path / f"{fmt}{bits}.json")
+        v = res.report["verdict"]
+        assert res.passed, (fmt, bits, v)
+        assert v["detectable_rise"] > 0 and v["paired"]["mia_acc"]["ci"] is not None
