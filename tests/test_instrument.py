@@ -202,3 +202,15 @@ def test_lossless_exports_pass_the_verdict(seed, tmp_path):
         v = res.report["verdict"]
         assert res.passed, (fmt, bits, v)
         assert v["detectable_rise"] > 0 and v["paired"]["mia_acc"]["ci"] is not None
+
+
+def test_a_run_without_mask_updates_is_flagged_and_never_ranked(tmp_path):
+    from study import compare
+
+    res = compare(tiny_config(epochs=1, update_frequency=40, allow_no_updates=True),
+                  tmp_path / "c", ["prune", "safecompress"])
+    rows = {r.label: r for r in res.rows}
+    assert "SafeCompress (!)" in rows
+    line = next(x for x in res.markdown.splitlines() if x.startswith("| SafeCompress (!)"))
+    assert "**" not in line
+    assert "no mask update" in (tmp_path / "c" / "compare.md").read_text()

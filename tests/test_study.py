@@ -5,10 +5,11 @@ import csv
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from study import compare, study
-from study.run import STUDY_COLUMNS
+from study.run import STUDY_COLUMNS, row_figures
 from tests.conftest import tiny_config
 from tests.test_compress import _one_line_error, cli
 
@@ -38,8 +39,12 @@ def test_study_table_has_every_row_measured_where_it_says(studied):
     for row, run in zip(res.rows[:3], ("dense", "prune-no-retrain", "prune"), strict=True):
         report = json.loads((seed / run / "report.json").read_text())
         assert row.text["Measured by"] == "PyTorch"
-        for c in STUDY_COLUMNS:
-            assert row.figures[c.key] == [report["compressed"][c.key]], (run, c.key)
+        assert row.text["Strongest"] == report["compressed"]["strongest"]["attack"]
+        expected, _ = row_figures(report["compressed"], STUDY_COLUMNS)
+        assert expected["strongest_mia_acc"] == report["compressed"]["strongest"]["mia_acc"]
+        for c in STUDY_COLUMNS:  # None (not measurable) is stored as NaN
+            want = np.nan if expected[c.key] is None else expected[c.key]
+            np.testing.assert_equal(row.figures[c.key], [want], err_msg=f"{run} {c.key}")
     pruned = json.loads((seed / "prune-no-retrain" / "report.json").read_text())
     assert pruned["two_step"]["iters"] == 0 and pruned["compressed"]["density"] < 0.25
     # the quantized rows are device_eval's figures for the exported files, in LiteRT
