@@ -63,7 +63,8 @@ def cost(seeds: int) -> None:
           f"trained attacker {attacker:.1f} s ({attacker / whole:.0%}), threshold attacks "
           f"{thresholds:.2f} s ({thresholds / whole:.0%}), bootstrap intervals of "
           f"{len(res.results)} attacks {intervals:.1f} s ({intervals / whole:.0%})")
-    print(f"  nasr MIA {res.metrics['mia_acc']:.4f} {res.metrics['ci']['mia_acc']}, best "
+    lo, hi = res.metrics["ci"]["mia_acc"]
+    print(f"  nasr MIA {res.metrics['mia_acc']:.4f} [{lo:.4f}, {hi:.4f}], best "
           f"threshold {max(r.metrics['mia_acc'] for r in res.results.values()):.4f}")
 
 

@@ -370,8 +370,10 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
                    f"  {v['attack']} {s['mia_acc']:.4f}")
     d = v["paired"]["mia_acc"]
     click.echo(f"{v['attack']} MIA accuracy change {100 * d['delta']:+.2f} points (paired 95% "
-               f"interval {100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}); the smallest "
-               f"rise this sample size detects is about {100 * v['detectable_rise']:.1f} points")
+               f"interval {100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}); two independent "
+               f"measurements on these {r['samples']['eval_members']}+"
+               f"{r['samples']['eval_nonmembers']} samples would detect a rise of about "
+               f"{100 * v['detectable_rise']:.1f} points, the paired comparison less")
     click.echo(f"top-1 agreement {r['parity']['agreement']:.4f}; report {res.json_path}, "
                f"ROC {res.plot_path.name}")
     for w in r["warnings"]:
