@@ -27,7 +27,7 @@ from compressor.train import (
     predict_logits,
     train_steps,
 )
-from safeexport.attacks import ATTACKS, Attack, Signals
+from safeexport.attacks import ATTACKS, Attack, Signals, is_member_of
 from safeexport.data import ArrayDataset
 from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import accuracy, mia_metrics, tm_score
@@ -64,8 +64,7 @@ class SafetyTest:
         m, n = balanced(*self.splits.attack_select())
         scores = np.concatenate([attacker.score(self.signals(model, m)),
                                  attacker.score(self.signals(model, n))])
-        is_member = np.r_[np.ones(len(m), bool), np.zeros(len(n), bool)]
-        mia = mia_metrics(scores, is_member, resamples=SELECT_RESAMPLES, seed=seed)
+        mia = mia_metrics(scores, is_member_of(m, n), resamples=SELECT_RESAMPLES, seed=seed)
         return {"task_acc": task, **mia, "tm_score": tm_score(task, mia["mia_acc"], lam)}
 
 

@@ -34,9 +34,9 @@ COMPARE_COLUMNS = [Column("task_acc", "Task Acc", better=1), PRIVACY_COLUMNS[0],
 
 
 def row_figures(m: dict, columns: list[Column]) -> tuple[dict, dict]:
-    """(figures, intervals) of ``columns`` from one model's report entry; the strongest
+    """(figures, intervals) of ``columns`` from one model's report entry, with the strongest
     attack's MIA accuracy (the configured attack or a threshold attack, whichever reads
-    highest) as ``strongest_mia_acc``, and its attack named in ``text``."""
+    highest) as ``strongest_mia_acc``."""
     m = {**m, "strongest_mia_acc": m["strongest"]["mia_acc"]}
     ci = {**m.get("ci", {}), "task_acc": m.get("task_acc_ci"),
           "strongest_mia_acc": m["strongest"].get("ci", {}).get("mia_acc")}

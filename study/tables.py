@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safeexport.metrics import fold
 from safeexport.plots import save_figure
 from safeexport.rundir import atomic_write
 
@@ -62,8 +63,7 @@ def _cell(row: Row, col: Column) -> str:
 
 def best_rows(rows: list[Row], col: Column, ranked: list[str]) -> set[str]:
     """Labels of the rows (among ``ranked``) with the best mean of ``col`` (ties all win)."""
-    means = {r.label: max(r.mean(col.key), 1 - r.mean(col.key)) if col.fold
-             else r.mean(col.key) for r in rows
+    means = {r.label: fold(r.mean(col.key)) if col.fold else r.mean(col.key) for r in rows
              if r.label in ranked and col.key in r.figures and not np.isnan(r.mean(col.key))}
     if not means or col.better == 0:
         return set()

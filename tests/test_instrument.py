@@ -221,3 +221,4 @@ def test_a_run_without_mask_updates_is_flagged_and_never_ranked(tmp_path):
     line = next(x for x in res.markdown.splitlines() if x.startswith("| SafeCompress (!)"))
     assert "**" not in line
     assert "no mask update" in (tmp_path / "c" / "compare.md").read_text()
+

@@ -11,8 +11,8 @@ training-free in-loop scores.
 from collections.abc import Callable
 from functools import partial
 
-from safeexport.attacks.base import Attack, AttackResult, Signals
-from safeexport.attacks.evaluate import MembershipResult, fit_and_score, is_member_of
+from safeexport.attacks.base import Attack, AttackResult, Signals, is_member_of
+from safeexport.attacks.evaluate import MembershipResult, fit_and_score
 from safeexport.attacks.nasr import NasrAttack
 from safeexport.attacks.threshold import THRESHOLD_ATTACKS, ThresholdAttack
 from safeexport.registry import Registry

@@ -1,5 +1,6 @@
 """What every attack sees and what it must provide."""
 
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,12 @@ class Signals:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def is_member_of(members: Sized, nonmembers: Sized) -> np.ndarray:
+    """Membership labels of the score order every attack uses: members first, then
+    non-members (``members`` and ``nonmembers`` are signals or index arrays)."""
+    return np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from safeexport.attacks.base import Attack, AttackResult, Signals
+from safeexport.attacks.base import Attack, AttackResult, Signals, is_member_of
 from safeexport.metrics import RESAMPLES, fold, mia_metrics, roc_curve
 
 
@@ -52,11 +52,6 @@ class MembershipResult:
         if self.seeds:
             out["attack_seeds"] = self.seeds
         return out
-
-
-def is_member_of(members: Signals, nonmembers: Signals) -> np.ndarray:
-    """Members first, then non-members: the order every score array here uses."""
-    return np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
 
 
 def fit_and_score(attacker: Attack, known_members: Signals, known_nonmembers: Signals,

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import torch
 
-from safeexport.attacks.base import AttackResult, Signals
+from safeexport.attacks.base import AttackResult, Signals, is_member_of
 from safeexport.metrics import RESAMPLES, mia_metrics
 
 
@@ -99,7 +99,7 @@ def threshold_attacks(known_members: Signals, known_nonmembers: Signals,
     """Every threshold attack, its threshold fitted on the known parts, measured (with
     intervals) on the evaluation parts."""
     out = {}
-    is_member = np.r_[np.ones(len(eval_members), bool), np.zeros(len(eval_nonmembers), bool)]
+    is_member = is_member_of(eval_members, eval_nonmembers)
     for name, score in THRESHOLD_ATTACKS.items():
         t = best_threshold(score(known_members), score(known_nonmembers))
         scores = np.r_[score(eval_members), score(eval_nonmembers)]
