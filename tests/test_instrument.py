@@ -14,7 +14,7 @@ from device_eval.config import EvalConfig
 from exporters import export
 from exporters.config import ExportConfig
 from safeexport.attacks import NasrAttack, Signals, fit_and_score
-from safeexport.attacks.threshold import loss_score, threshold_attacks
+from safeexport.attacks.threshold import loss_score, modified_entropy_score, threshold_attacks
 from safeexport.errors import ConfigError
 from safeexport.metrics import (
     detectable_rise,
@@ -222,3 +222,15 @@ def test_a_run_without_mask_updates_is_flagged_and_never_ranked(tmp_path):
     assert "**" not in line
     assert "no mask update" in (tmp_path / "c" / "compare.md").read_text()
 
+
+def test_a_confidently_wrong_output_scores_finite_and_as_a_non_member():
+    # class 1 at a logit gap of 50: p_1 rounds to 1 in float64, the true class is 0
+    s = Signals.from_logits(torch.tensor([[0.0, 50.0, 0.0], [3.0, 0.0, 0.0]]),
+                            torch.tensor([0, 0]))
+    scores = modified_entropy_score(s)
+    assert np.isfinite(scores).all() and scores[0] < scores[1]
+    # (1−p_y)·log p_y + Σ_{i≠y} p_i·log(1−p_i), up to e^−50: log p_0 = −50 − log(1 + 2e^−50)
+    # and log(1 − p_1) = log(2 / (2 + e^50)) = −50 + log 2
+    assert scores[0] == pytest.approx(-100.0 + np.log(2), rel=1e-9)
+    m = threshold_attacks(s, s, s, s, resamples=0)["modified_entropy"].metrics
+    assert m["auc"] == 0.5  # measurable at all: the ROC accepts the scores

@@ -35,13 +35,17 @@ class Signals:
 
     @property
     def margin(self) -> np.ndarray:
-        """Logit-scaled confidence φ = z_y − logsumexp_{j≠y} z_j = log(p_y / (1 − p_y)),
-        computed from the logits so it stays exact where p_y rounds to 1 (SPEC §8)."""
+        """Logit-scaled confidence of the true label (SPEC §8); see ``margin_of``."""
+        return self.margin_of(self.labels)
+
+    def margin_of(self, classes: torch.Tensor) -> np.ndarray:
+        """φ = z_c − logsumexp_{j≠c} z_j = log(p_c / (1 − p_c)) for class ``classes[i]`` of
+        each sample, computed from the logits so it stays exact where p_c rounds to 1."""
         z = self.logits.clone()
         rows = torch.arange(len(z))
-        zy = z[rows, self.labels].clone()
-        z[rows, self.labels] = -torch.inf
-        return (zy - torch.logsumexp(z, dim=1)).numpy()
+        zc = z[rows, classes].clone()
+        z[rows, classes] = -torch.inf
+        return (zc - torch.logsumexp(z, dim=1)).numpy()
 
     def __len__(self) -> int:
         return len(self.labels)

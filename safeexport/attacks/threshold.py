@@ -45,7 +45,13 @@ def modified_entropy_score(s: Signals) -> np.ndarray:
     lp = s.log_probs.numpy()
     p = np.exp(lp)
     rows = _rows(s)
-    log_not = np.log1p(-np.minimum(p, 1 - 1e-300))  # log(1 − p), finite when p rounds to 1
+    # log(1 − p_i): log1p(−p) is exact wherever p is not close to 1, and only the top class can
+    # be; for it, −log(1 + e^φ) from its logit-scaled confidence stays finite where p rounds to
+    # 1 (a confidently WRONG output would otherwise score −inf)
+    top = s.logits.argmax(dim=1)
+    with np.errstate(divide="ignore"):
+        log_not = np.log1p(-p)
+    log_not[np.arange(len(s)), top.numpy()] = -np.logaddexp(0.0, s.margin_of(top))
     other = p * log_not
     other[rows] = 0
     return (1 - p[rows]) * lp[rows] + other.sum(axis=1)
