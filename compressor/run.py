@@ -36,15 +36,21 @@ from safeexport.data import ArrayDataset, load_dataset
 from safeexport.data.splits import Splits, make_splits
 from safeexport.errors import ConfigError, DataError
 from safeexport.metrics import accuracy
-from safeexport.models import DEFAULT_MODEL, build_model, check_compatible, image_kwargs
+from safeexport.models import (
+    DEFAULT_MODEL,
+    build_model,
+    check_compatible,
+    image_kwargs,
+    weight_shapes,
+)
 from safeexport.plots import fmt_figure, plot_curve, plot_roc, roc_curves
 from safeexport.rundir import (
     RunDir,
     atomic_write,
     load_metadata,
     load_tensors,
+    make_dir,
     save_tensors,
-    sha256_file,
     write_json,
 )
 from safeexport.seeding import derive_seed, generator, seeded
@@ -59,26 +65,63 @@ def _versions() -> dict:
 
 
 def _check_out(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs; nothing is deleted here (``--overwrite`` clears only after the new
-    run's inputs have been validated)."""
+    """Refuse to mix runs or to touch a folder that is not provably a run; nothing is deleted
+    here (``--overwrite`` clears only after the new run's inputs have been validated)."""
+    if run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"--out {run.path} is a file, not a folder; choose another --out")
     if resume:
         if not run.is_run():
-            raise ConfigError(f"--resume: {run.path} holds no run to resume (no config.json)")
+            raise ConfigError(f"--resume: {run.path} holds no run to resume (no safeexport "
+                              "config.json)")
         return
     if run.is_run() and not overwrite:
-        cfg = run.read_config().get("config", {})
+        cfg = run.read_config()["config"]
         raise ConfigError(
             f"{run.path} already holds a run ({cfg.get('model')} on {cfg.get('dataset')}, "
             f"sparsity {cfg.get('sparsity')}); pass --resume to continue it, --overwrite to "
             "replace it, or choose another --out")
-    if run.path.exists() and not run.is_run() and any(run.path.iterdir()):
-        raise ConfigError(f"{run.path} exists, is not empty and is not a run directory; "
-                          "choose another --out")
+    foreign = run.foreign()
+    if foreign and not run.is_run():
+        raise ConfigError(f"{run.path} exists, is not empty and is not a run directory "
+                          f"(it holds {', '.join(foreign[:3])}); choose another --out")
+    if foreign:
+        raise ConfigError(f"{run.path} holds a run and files that are not the run's own "
+                          f"({', '.join(foreign[:3])}); --overwrite replaces only a run's own "
+                          "files, so move them or choose another --out")
+
+
+def _check_budget(cfg: CompressConfig, model_name: str, model_kwargs: dict,
+                  ds: ArrayDataset) -> None:
+    """Refuse, before anything is written, a model that cannot take the data's images or
+    features (too small for its pooling, say) and a sparsity that keeps less than one weight
+    per layer. Checked on the meta device: nothing is allocated. (Text inputs are token ids
+    of the run's own length, which every text model takes.)"""
+    if ds.kind != "text":
+        with torch.device("meta"):
+            model = build_model(model_name, model_kwargs).eval()
+            try:
+                model(torch.zeros((2, *ds.input_shape())))
+            except (RuntimeError, ValueError) as e:
+                raise ConfigError(f"model {model_name} cannot take inputs of shape "
+                                  f"{list(ds.input_shape())} ({str(e).splitlines()[0]}); use "
+                                  "larger inputs or another --model (mlp takes any size)") from e
+    if cfg.method == "dense" or cfg.sparsity >= 1:
+        return
+    shapes = weight_shapes(model_name, model_kwargs)
+    total = sum(math.prod(s) for s in shapes)
+    if round(cfg.sparsity * total) < len(shapes):
+        raise ConfigError(
+            f"--sparsity {cfg.sparsity:g} keeps round({cfg.sparsity:g} x {total:,}) = "
+            f"{round(cfg.sparsity * total)} of {model_name}'s weights, fewer than one per layer "
+            f"({len(shapes)} layers); the smallest --sparsity that keeps one per layer is "
+            f"{len(shapes) / total:.2g}")
 
 
 def _prepare_text(cfg: CompressConfig, model_name: str, ds: ArrayDataset, splits: Splits,
-                  run: RunDir, resume: bool) -> tuple[ArrayDataset, dict]:
-    """Tokenize text with the pretrained folder's tokenizer, or one trained on the members."""
+                  run: RunDir, resume: bool) -> tuple[ArrayDataset, dict, bytes]:
+    """Tokenize text with the pretrained folder's tokenizer, or one trained on the members
+    (the run's own on resume); also returns the tokenizer file's bytes, to be written once the
+    run's inputs are all valid."""
     from tokenizers import Tokenizer
 
     from safeexport.models.text import (
@@ -97,12 +140,10 @@ def _prepare_text(cfg: CompressConfig, model_name: str, ds: ArrayDataset, splits
         tok = train_tokenizer(model_name, list(ds.x[splits.members]), cfg.vocab_size)
     ids = encode(tok, ds.x, cfg.max_length)
     pad = pad_id_of(tok)
-    if not resume:
-        data = tok.to_str().encode()
-        atomic_write(run.tokenizer, lambda f: f.write(data))
     kwargs = {"config": text_config(model_name, tok.get_vocab_size(), ds.num_classes,
                                     cfg.max_length, pad, cfg.pretrained), "pad_id": pad}
-    return ArrayDataset(ds.name, "text", ids, ds.y, ds.num_classes, ds.class_names), kwargs
+    return (ArrayDataset(ds.name, "text", ids, ds.y, ds.num_classes, ds.class_names), kwargs,
+            tok.to_str().encode())
 
 
 def _save_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler, rnd: int, it: int,
@@ -126,6 +167,9 @@ def _load_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler) -> d
     t = load_tensors(run.checkpoint)
     meta = load_metadata(run.checkpoint)
     try:
+        for key, kind in (("round", int), ("iteration", int), ("elapsed", float | int)):
+            if not isinstance(meta[key], kind):
+                raise TypeError(f"{key} is {meta[key]!r}")
         state.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         masks = [t[f"mask.{i}"] for i in range(len(state.masking.masks))]
         opt_state: dict = {}
@@ -263,11 +307,11 @@ def _check_updates(cfg: CompressConfig, n_members: int) -> None:
         "plain sparse model)")
 
 
-def _setup(cfg: CompressConfig, out: Path | str, resume: bool, overwrite: bool,
+def _setup(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
            progress: bool | None) -> tuple[CompressConfig, Setup | None]:
-    """Validate, load the data, split it and write config.json, splits.npz and model.json;
-    None when ``resume`` finds the run already complete."""
-    run = RunDir(out)
+    """Validate, load the data, split it and write config.json, splits.npz and model.json
+    (nothing is written or cleared before every input is valid); None when ``resume`` finds
+    the run already complete. The caller holds the run folder's lock."""
     _check_out(run, resume, overwrite)
     if resume:
         cfg = CompressConfig.from_dict(run.read_config()["config"])
@@ -293,15 +337,18 @@ def _setup(cfg: CompressConfig, out: Path | str, resume: bool, overwrite: bool,
         raise ConfigError(f"--pretrained works with bert and roberta, not {model_name}")
     opt_name, lr = resolve_optimizer(cfg.optimizer, model_name, cfg.lr, bool(cfg.pretrained))
 
+    tokenizer = None
+    if ds.kind == "text":
+        ds, model_kwargs, tokenizer = _prepare_text(cfg, model_name, ds, splits, run, resume)
+    else:
+        model_kwargs = image_kwargs(model_name, ds, splits.members)
+    _check_budget(cfg, model_name, model_kwargs, ds)
     if not resume:
         if run.is_run():  # --overwrite, and the new run's inputs are valid: clear the old one
             run.clear()
-        run.path.mkdir(parents=True, exist_ok=True)
-    if ds.kind == "text":
-        ds, model_kwargs = _prepare_text(cfg, model_name, ds, splits, run, resume)
-    else:
-        model_kwargs = image_kwargs(model_name, ds, splits.members)
-    if not resume:
+        make_dir(run.path)
+        if tokenizer is not None:
+            atomic_write(run.tokenizer, lambda f: f.write(tokenizer))
         write_json(run.config, {"config": cfg.to_dict(), "model": model_name,
                                 "dataset_fingerprint": fingerprint, "num_samples": len(ds),
                                 "num_classes": ds.num_classes, "input_shape": ds.input_shape(),
@@ -327,22 +374,25 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     the baselines start from instead of training the same dense model again.
     """
     t_start = time.time()
-    cfg, setup = _setup(cfg, out, resume, overwrite, progress)
-    if setup is None:
-        return RunDir(out)
-    if dense_from is not None:
-        setup.dense_from = _check_dense_from(RunDir(dense_from), setup)
-    if cfg.method == "safecompress":
-        state, history, elapsed = _safecompress(setup, resume, on_round, t_start)
-        _finish(setup, state, history, elapsed)
-        return setup.run
-    from compressor.baselines import METHODS
+    run = RunDir(out)
+    _check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
+    with run.lock(create=not resume):  # a second process writing this folder is refused
+        cfg, setup = _setup(cfg, run, resume, overwrite, progress)
+        if setup is None:
+            return run
+        if dense_from is not None:
+            setup.dense_from = _check_dense_from(RunDir(dense_from), setup)
+        if cfg.method == "safecompress":
+            state, history, elapsed = _safecompress(setup, resume, on_round, t_start)
+            _finish(setup, state, history, elapsed)
+            return run
+        from compressor.baselines import METHODS
 
-    result = METHODS.get(cfg.method)(setup)
-    if result.spec is not None:
-        write_json(setup.run.model_json, result.spec)
-    _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra)
-    return setup.run
+        result = METHODS.get(cfg.method)(setup)
+        if result.spec is not None:
+            write_json(setup.run.model_json, result.spec)
+        _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra)
+        return run
 
 
 # What decides the dense model: a dense run may stand in for another run's only if these agree.
@@ -461,7 +511,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
             "not SafeCompress's selection")
     report = {"method": cfg.method, "compressed": compressed, **(extra or {}),
               "layers": state.masking.report(),
-              "files": {run.model.name: sha256_file(run.model)},
+              "files": run.file_hashes(),
               "rounds": len(history),
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},

@@ -12,6 +12,7 @@ from torch import nn
 
 from compressor.masking import Masking
 from safeexport.data import ArrayDataset, to_tensor
+from safeexport.errors import TrainingError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,6 +140,11 @@ def train_batches(state: TrainState, batches: Iterable[np.ndarray],
         for g in state.optimizer.param_groups:
             g["lr"] = lr(i)
         loss = loss_fn(idx)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"training diverged: the loss became {value} at step {i + 1} (learning rate "
+                f"{lr(i):.3g}); lower --lr, or check the data for extreme values")
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if state.masking is not None:
@@ -146,7 +152,7 @@ def train_batches(state: TrainState, batches: Iterable[np.ndarray],
         state.optimizer.step()
         if state.masking is not None:
             state.masking.apply()
-        losses.append(float(loss.detach()))
+        losses.append(value)
         if on_step is not None:
             on_step()
     return losses

@@ -21,7 +21,7 @@ from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_difference
 from safeexport.plots import plot_roc, roc_curves
-from safeexport.rundir import RunDir, sha256_file, write_json
+from safeexport.rundir import read_json_file, regular_file, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data, open_run
 from safeexport.runtimes import Runtime, open_runtime
 
@@ -49,7 +49,16 @@ def _manifest(model_file: Path) -> dict | None:
     if not path.exists():
         raise ConfigError(f"{model_file} has no manifest ({path.name}) beside it; evaluate "
                           "files written by `safeexport export`")
-    manifest = RunDir(model_file.parent).read_json(path)
+    manifest = read_json_file(path)
+    source, inp = manifest.get("source"), manifest.get("input")
+    if not (isinstance(manifest.get("sha256"), str) and isinstance(source, dict)
+            and isinstance(source.get("run"), str) and isinstance(source.get("model_sha256"), str)
+            and isinstance(inp, dict) and isinstance(inp.get("shape"), list)
+            and isinstance(inp.get("dtype"), str)
+            and all(k in manifest for k in ("format", "bits", "scheme"))):
+        raise ConfigError(f"{path} is not a complete export manifest (it needs sha256, format, "
+                          "bits, scheme, source.run, source.model_sha256, input.shape and "
+                          "input.dtype); export the file again with `safeexport export`")
     actual = sha256_file(model_file)
     if actual != manifest.get("sha256"):
         raise ConfigError(f"{model_file} does not match its manifest (sha256 {actual[:12]} vs "
@@ -102,16 +111,41 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
             "rise_within_noise": bool(rise > 0 and lo <= 0)}
 
 
+def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
+    """A report path the user named must not replace a file (or the plot beside it) unless
+    --overwrite says so; the default path in RUN/evals/ is the run's own."""
+    if json_out is None:
+        return
+    existing = [p for p in (json_out, json_out.with_suffix(".png")) if p.exists()]
+    if any(not p.is_file() for p in existing):
+        raise ConfigError(f"--json {json_out}: {existing[0]} is not a file; choose another path")
+    if existing and not overwrite:
+        raise ConfigError(f"--json {json_out}: {' and '.join(map(str, existing))} already "
+                          "exist(s); pass --overwrite to replace them or choose another path")
+
+
 def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,
-             json_out: Path | None = None, data_dir: Path | None = None) -> EvalReport:
-    """Evaluate ``model_file`` (an export, or a run's model.safetensors) against its run."""
+             json_out: Path | None = None, data_dir: Path | None = None,
+             overwrite: bool = False) -> EvalReport:
+    """Evaluate ``model_file`` (an export, or a run's model.safetensors) against its run; the
+    report goes to ``json_out`` (refused when it exists, unless ``overwrite``) or
+    RUN/evals/. The run folder is held under a shared lock meanwhile."""
     model_file = Path(model_file)
-    if not model_file.is_file():
+    json_out = Path(json_out) if json_out is not None else None
+    if not model_file.exists():
         raise ConfigError(f"model file {model_file} does not exist")
+    regular_file(model_file)
+    _check_json_out(json_out, overwrite)
     manifest = _manifest(model_file)
     if run is None:
         run = manifest["source"]["run"] if manifest else model_file.parent
     rd = open_run(run)
+    with rd.lock(shared=True):
+        return _evaluate(model_file, manifest, rd, cfg, json_out, data_dir)
+
+
+def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
+              json_out: Path | None, data_dir: Path | None) -> EvalReport:
     if manifest and manifest["source"]["model_sha256"] != sha256_file(rd.model):
         raise ConfigError(f"{model_file.name} was exported from another model than "
                           f"{rd.model} (sha256 differs); pass the --run it came from")
@@ -134,7 +168,9 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     options = ({"serial": cfg.serial, "adb": cfg.adb, "runner": cfg.runner,
                 "runner_path": cfg.runner_path, "runner_binary": cfg.runner_binary,
                 "timeout": cfg.timeout} if cfg.runtime == "adb" else {})
-    with open_runtime(model_file, cfg.runtime, cfg.threads, **options) as rt:
+    # the file came from elsewhere: a native runtime loads and runs it in a child process first
+    with open_runtime(model_file, cfg.runtime, cfg.threads, probe=inputs[:1],
+                      probe_timeout=cfg.timeout, **options) as rt:
         probe = rt(inputs[:1])
         if probe.ndim != 2 or probe.shape[1] != ds.num_classes:
             raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}, the "

@@ -26,7 +26,14 @@ from safeexport.console import quiet
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
 from safeexport.registry import Registry
-from safeexport.rundir import RunDir, sha256_file, write_json
+from safeexport.rundir import (
+    RunDir,
+    cannot_write,
+    make_dir,
+    read_json_file,
+    sha256_file,
+    write_json,
+)
 from safeexport.runio import inputs_of, load_data, load_model, open_run
 from safeexport.runtimes import open_runtime, torch_runtime
 
@@ -63,6 +70,7 @@ class Source:
     #                     which can be fewer than the mask's active count: a weight grown at
     #                     the last update may still be exactly zero)
     params: dict[str, int]  # parameter name -> count
+    fingerprint: str  # the dataset's, as the run recorded it
 
     @classmethod
     def load(cls, run: Path | str | None, parity_samples: int, calibration: int,
@@ -75,12 +83,17 @@ class Source:
         inputs = inputs_of(ds, test)
         reference = torch_runtime(model)(inputs)
         params = dict(model.named_parameters())
+        unknown = [x["name"] for x in rd.read_report()["layers"] if x["name"] not in params]
+        if unknown:
+            raise ConfigError(f"{rd.report} lists layers the model does not have "
+                              f"({', '.join(unknown[:3])})")
         layers = [{"name": layer["name"], "size": layer["size"],
                    "nnz": int(torch.count_nonzero(params[layer["name"]]))}
                   for layer in rd.read_report()["layers"]]
         return cls(rd, model, inputs, ds.y[test], reference,
                    inputs_of(ds, splits.known_members[:calibration]), layers,
-                   {n: p.numel() for n, p in params.items()})
+                   {n: p.numel() for n, p in params.items()},
+                   rd.read_config()["dataset_fingerprint"])
 
 
 @dataclass
@@ -98,6 +111,32 @@ def _out_path(src: Source, cfg: ExportConfig, out: Path | None) -> Path:
     if path.suffix != suffix:
         raise ConfigError(f"--out {path}: a {cfg.format} file must end in {suffix}")
     return path
+
+
+def is_manifest(path: Path) -> bool:
+    """True when ``path`` is an export manifest (what ``export`` writes beside a file)."""
+    try:
+        m = read_json_file(path)
+    except ConfigError:
+        return False
+    return all(k in m for k in ("format", "bits", "sha256", "source", "parity"))
+
+
+def _check_targets(path: Path, manifest_path: Path, overwrite: bool) -> None:
+    """Refuse to write over anything that is not an earlier export: the manifest goes to
+    ``--out`` with .json, which may name a run's report.json or any user file."""
+    if manifest_path.exists() and not is_manifest(manifest_path):
+        raise ConfigError(f"the manifest of --out {path.name} would be written to "
+                          f"{manifest_path}, which exists and is not an export manifest; "
+                          "choose another --out")
+    for p in (path, manifest_path):
+        if p.exists() and not p.is_file():
+            raise ConfigError(f"{p} exists and is not a file; choose another --out")
+    existing = [p for p in (path, manifest_path) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{' and '.join(map(str, existing))} already "
+                          f"{'exist' if len(existing) > 1 else 'exists'}; pass --overwrite to "
+                          "replace the export or choose another --out")
 
 
 def _check_keep(src: Source, keep: list[str]) -> set[str]:
@@ -185,14 +224,18 @@ def export(cfg: ExportConfig, run: Path | str | None = None, out: Path | None = 
            overwrite: bool = False, data_dir: Path | None = None,
            source: Source | None = None) -> ExportedModel:
     """Export the run's model with ``cfg`` into ``out`` (default RUN/exports/<name>.<suffix>)
-    and its manifest beside it. ``source`` reuses a loaded run (as ``export_all`` does)."""
+    and its manifest beside it. ``source`` reuses a loaded run (as ``export_all`` does). The
+    run folder is held under a shared lock, so it cannot be overwritten meanwhile."""
     src = source or Source.load(run, cfg.parity_samples, cfg.calibration, data_dir)
+    with src.run.lock(shared=True):
+        return _export(cfg, src, out, overwrite)
+
+
+def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -> ExportedModel:
     keep = _check_keep(src, cfg.keep_float)
     path = _out_path(src, cfg, out)
     manifest_path = path.with_suffix(".json")
-    if not overwrite and (path.exists() or manifest_path.exists()):
-        raise ConfigError(f"{path} already exists; pass --overwrite to replace it or choose "
-                          "another --out")
+    _check_targets(path, manifest_path, overwrite)
     fmt = FORMATS.get(cfg.format)
     batch = cfg.batch_size if cfg.format == "tflite" else 2
     sample = np.repeat(src.inputs[:1], batch, axis=0)
@@ -200,12 +243,19 @@ def export(cfg: ExportConfig, run: Path | str | None = None, out: Path | None = 
     with quiet():
         data = fmt.convert(src.model, sample, cfg.bits, cfg.scheme, keep, calibration)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    make_dir(path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                                        suffix=path.suffix)
+    except OSError as e:
+        raise cannot_write(path, e) from e
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise cannot_write(path, e) from e
         with quiet():
             runtime = open_runtime(tmp)
             logits = runtime(src.inputs)
@@ -225,7 +275,7 @@ def export(cfg: ExportConfig, run: Path | str | None = None, out: Path | None = 
             "file": path.name, "sha256": sha256_file(tmp),
             "source": {"run": str(src.run.path.resolve()), "model": src.run.model.name,
                        "model_sha256": sha256_file(src.run.model),
-                       "dataset_fingerprint": src.run.read_config()["dataset_fingerprint"]},
+                       "dataset_fingerprint": src.fingerprint},
             "input": {"shape": [batch if cfg.format == "tflite" else None,
                                 *src.inputs.shape[1:]], "dtype": str(src.inputs.dtype)},
             "sizes": {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
@@ -242,7 +292,10 @@ def export(cfg: ExportConfig, run: Path | str | None = None, out: Path | None = 
             "tensors": [w.to_dict() for w in stored],
             "config": cfg.to_dict(), "versions": _versions(),
         }
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise cannot_write(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
     try:

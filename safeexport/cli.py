@@ -34,12 +34,13 @@ def _default_out(dataset: str, model: str, sparsity: float) -> Path:
 
 
 class Main(click.Group):
-    """Turns SafeExportError into one clear line and a non-zero exit (a traceback with --debug)."""
+    """Turns SafeExportError (and a file system's OSError) into one clear line and exit status
+    2 (a traceback with --debug)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except SafeExportError as e:
+        except (SafeExportError, OSError) as e:  # an OSError is the file system's "no"
             if ctx.meta.get("debug"):
                 traceback.print_exc()
             click.echo(f"error: {e}", err=True)
@@ -340,8 +341,10 @@ def _print_export_table(rows: list[dict]) -> None:
 @click.option("--chunk", type=int, default=256, show_default=True, help=EVAL_HELP["chunk"])
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the run's dataset is now (default: the folder the run recorded).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --json report (and the .png beside it).")
 def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
-                 data_dir: Path | None, **flags) -> None:
+                 data_dir: Path | None, overwrite: bool, **flags) -> None:
     """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
     same figures for the run's PyTorch model, and say whether safety survived.
@@ -352,7 +355,7 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     """
     from device_eval import evaluate
 
-    res = evaluate(model_file, EvalConfig(**flags), run_dir, json_out, data_dir)
+    res = evaluate(model_file, EvalConfig(**flags), run_dir, json_out, data_dir, overwrite)
     r = res.report
     click.echo(f"{model_file.name} on {r['runtime']['name']} ({r['runtime']['version']}), "
                f"{r['samples']['eval_members']}+{r['samples']['eval_nonmembers']} unknown "

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from dataclasses import field
 from typing import Any
 
@@ -23,7 +24,13 @@ class StageConfig:
     """
 
     def __post_init__(self) -> None:
-        problems = self.problems()
+        # NaN compares false with everything, so range checks would let it through (and a
+        # NaN tolerance disables the check it sets): non-finite numbers are refused first.
+        problems = [f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                    for f in dataclasses.fields(self)
+                    if isinstance(getattr(self, f.name), float)
+                    and not math.isfinite(getattr(self, f.name))]
+        problems = problems or self.problems()
         if problems:
             raise ConfigError("; ".join(problems))
 

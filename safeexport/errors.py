@@ -19,3 +19,7 @@ class ExportError(SafeExportError):
 
 class DeviceError(SafeExportError):
     """A runtime or device that cannot run the model."""
+
+
+class TrainingError(SafeExportError):
+    """Training that cannot go on (the loss became NaN or infinite)."""

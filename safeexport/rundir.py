@@ -4,12 +4,18 @@ Every file is written atomically (temporary file, fsync, rename), so a crash nev
 file that looks whole. Nothing here unpickles: weights are safetensors, the rest JSON or npz.
 """
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,11 +32,35 @@ def _umask() -> int:
     return mask
 
 
+# The errors with which a file system refuses a write.
+FS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+             errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP,
+             errno.ENOENT, errno.EIO}
+
+
+def cannot_write(path: Path, e: OSError) -> ConfigError:
+    """The one-line error for a file or folder the file system refuses to let us write."""
+    return ConfigError(f"cannot write {path}: {e.strerror or e} (a read-only or full disk, "
+                       "or a path through a file?); choose another output location")
+
+
+def make_dir(path: Path) -> None:
+    """``mkdir -p path``, refused with one line when the file system says no."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(path, e) from e
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over."""
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over.
+    A file system error (read-only, full) leaves ``path`` as it was and raises ConfigError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise cannot_write(path, e) from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run is meant to be shared
         with os.fdopen(fd, "wb") as f:
@@ -38,15 +68,52 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in FS_ERRNOS:  # the writer's own errors (a download's) pass unchanged
+            raise cannot_write(path, e) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    """Atomically write ``obj`` as indented JSON. NaN and infinity are refused (they are not
+    JSON, and in a report they mean a figure went wrong upstream)."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as e:
+        raise ConfigError(f"refusing to write {path}: it would hold a NaN or infinite value "
+                          f"({e}); the run's numbers went wrong upstream") from e
+    data = (text + "\n").encode()
     atomic_write(path, lambda f: f.write(data))
+
+
+def regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file (a symlink to one is fine); a folder, FIFO, device or
+    socket raises ConfigError instead of being read (a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror})") from e
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise ConfigError(f"{path} is {kind}, not a regular file")
+    return Path(path)
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object from a regular file; anything else (invalid UTF-8 or JSON, a list, a FIFO)
+    raises ConfigError naming the file."""
+    try:
+        obj = json.loads(regular_file(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path}: cannot read it as JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
+    return obj
 
 
 METADATA_KEY = "safeexport"
@@ -65,8 +132,17 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor],
 def load_metadata(path: Path) -> dict:
     """The metadata ``save_tensors`` wrote ({} when there is none)."""
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(regular_file(path)), "pt") as f:
             return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path} is damaged or not a safetensors file ({e})") from e
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a safetensors file, read from its header only."""
+    try:
+        with safe_open(str(regular_file(path)), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{path} is damaged or not a safetensors file ({e})") from e
 
@@ -74,7 +150,7 @@ def load_metadata(path: Path) -> dict:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; a damaged one raises ConfigError naming it."""
     try:
-        return load_file(str(path))
+        return load_file(str(regular_file(path)))
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{path} is damaged or not a safetensors file ({e})") from e
 
@@ -82,10 +158,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(regular_file(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# Every name a run directory's own files and folders have; nothing else in the folder is ours.
+RUN_FILES = ("config.json", "splits.npz", "model.safetensors", "model.json",
+             "attacker.safetensors", "dense.safetensors", "tokenizer.json", "history.jsonl",
+             "report.json", "curve.png", "roc.png")
+RUN_FOLDERS = ("checkpoint", "exports", "evals", "references")
+LOCK = ".lock"
 
 
 class RunDir:
@@ -107,16 +191,43 @@ class RunDir:
     roc_png = property(lambda self: self.path / "roc.png")
     checkpoint = property(lambda self: self.path / "checkpoint" / "state.safetensors")
 
+    lock_file = property(lambda self: self.path / LOCK)
+
     def is_run(self) -> bool:
-        """True when the folder holds a safeexport run (it has a config.json)."""
-        return self.config.exists()
+        """True when the folder provably holds a safeexport run: its config.json is one that
+        ``safeexport compress`` wrote (the resolved config, the data fingerprint and
+        safeexport's version), not merely a file of that name."""
+        if not self.config.is_file():
+            return False
+        try:
+            rec = read_json_file(self.config)
+        except ConfigError:
+            return False
+        return (isinstance(rec.get("config"), dict)
+                and isinstance(rec.get("dataset_fingerprint"), str)
+                and isinstance(rec.get("versions"), dict) and "safeexport" in rec["versions"])
+
+    def foreign(self) -> list[str]:
+        """Names in the folder that are not a run's own files (sorted)."""
+        if not self.path.is_dir():
+            return []
+        own = {*RUN_FILES, *RUN_FOLDERS, LOCK}
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name not in own and not p.name.startswith(tuple(f".{n}." for n in own)))
 
     def read_json(self, path: Path) -> dict:
         """One of the run's JSON files as a dict; an unreadable one raises ConfigError."""
-        try:
-            return json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read it ({e})") from e
+        return read_json_file(path)
+
+    def hashed_files(self) -> list[Path]:
+        """The files a later stage reads, whose sha256 the report records and ``open_run``
+        checks: config, splits, architecture, weights (and a text run's tokenizer)."""
+        files = [self.config, self.splits, self.model_json, self.model]
+        return files + [self.tokenizer] if self.tokenizer.exists() else files
+
+    def file_hashes(self) -> dict[str, str]:
+        """name -> sha256 of every file in ``hashed_files``."""
+        return {p.name: sha256_file(p) for p in self.hashed_files()}
 
     def read_config(self) -> dict:
         """The run's config.json as a dict."""
@@ -130,7 +241,16 @@ class RunDir:
         """Every line of history.jsonl (empty when there is none yet)."""
         if not self.history.exists():
             return []
-        return [json.loads(line) for line in self.history.read_text().splitlines() if line]
+        try:
+            rows = [json.loads(line) for line in
+                    regular_file(self.history).read_bytes().decode("utf-8").splitlines() if line]
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.history} is damaged ({e}); start over with "
+                              "--overwrite") from e
+        if not all(isinstance(r, dict) for r in rows):
+            raise ConfigError(f"{self.history} is damaged (a line is not a JSON object); start "
+                              "over with --overwrite")
+        return rows
 
     def write_history(self, rows: list[dict]) -> None:
         """Rewrite history.jsonl atomically with ``rows`` (one JSON object per line)."""
@@ -138,8 +258,71 @@ class RunDir:
         atomic_write(self.history, lambda f: f.write(data))
 
     def clear(self) -> None:
-        """Remove a previous run from this folder (only if it is a run directory)."""
+        """Remove a previous run's own files from this folder. Refused unless the folder is
+        provably a run and holds nothing else (a folder that also holds someone's files is
+        not ours to empty). The lock file stays: the caller holds it."""
         if not self.is_run():
             raise ConfigError(f"{self.path} is not a safeexport run directory; refusing to "
                               "delete it, choose another --out")
-        shutil.rmtree(self.path)
+        foreign = self.foreign()
+        if foreign:
+            raise ConfigError(f"{self.path} holds files that are not the run's own "
+                              f"({', '.join(foreign[:5])}); refusing to replace it, move "
+                              "them or choose another --out")
+        try:
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+            for name in RUN_FOLDERS:
+                p = self.path / name
+                if p.is_symlink():
+                    p.unlink()
+                elif p.is_dir():
+                    shutil.rmtree(p)
+        except OSError as e:
+            raise cannot_write(self.path, e) from e
+
+    @contextlib.contextmanager
+    def lock(self, shared: bool = False, create: bool = False) -> Iterator[None]:
+        """Hold the run folder's lock: exclusive for a writer (compress), shared for readers
+        that add files (export, evaluate). A second writer, or a writer while someone reads,
+        is refused at once with one line naming the holder. ``create`` makes the folder
+        (and removes it again on failure if it is left holding nothing but the lock). A
+        reader of a folder it cannot write (a read-only share) proceeds without the lock."""
+        created = create and not self.path.exists()
+        if create:
+            if self.path.exists() and not self.path.is_dir():
+                raise ConfigError(f"{self.path} is a file, not a folder; choose another --out")
+            make_dir(self.path)
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            if shared:
+                yield
+                return
+            raise cannot_write(self.path, e) from e
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                raise ConfigError(
+                    f"{self.path} is in use by another safeexport process "
+                    f"({holder or 'a reader: an export or evaluation'}); wait for it to end or "
+                    "choose another --out") from None
+            os.ftruncate(fd, 0)  # a holder killed by SIGKILL may have left its line behind
+            if not shared:
+                info = f"pid {os.getpid()} on {socket.gethostname()}, since " + time.strftime(
+                    "%H:%M:%S")
+                os.pwrite(fd, info.encode(), 0)
+            try:
+                yield
+            except BaseException:
+                if created and [p.name for p in self.path.iterdir()] == [LOCK]:
+                    self.lock_file.unlink()
+                    self.path.rmdir()
+                raise
+            finally:
+                if not shared:
+                    os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)

@@ -10,7 +10,7 @@ from safeexport.data import ArrayDataset, load_dataset, to_tensor
 from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, DataError
 from safeexport.models import build_from_spec
-from safeexport.rundir import RunDir, load_tensors, sha256_file
+from safeexport.rundir import RunDir, load_tensors, regular_file, sha256_file, tensor_shapes
 
 RUNS_ROOT = Path("runs")
 
@@ -24,9 +24,65 @@ def latest_run(root: Path = RUNS_ROOT) -> RunDir:
     return RunDir(done[-1].parent)
 
 
+# What the later stages read from config.json's "config" and the types they need.
+CONFIG_KEYS = {"dataset": str, "data_dir": (str, type(None)), "max_samples": (int, type(None)),
+               "seed": int, "attack": str, "final_attack_epochs": int, "lam": (int, float),
+               "max_length": int}
+
+
+def _need(obj: dict, key: str, kind, where: Path) -> object:
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: {key!r} is missing or not a {want}; the file is damaged, "
+                          "re-run `safeexport compress` to make the run again")
+    return value
+
+
+def _check_records(run: RunDir) -> None:
+    """Every file a later stage reads must match the sha256 the report recorded for it."""
+    files = _need(run.read_report(), "files", dict, run.report)
+    for path in run.hashed_files():
+        recorded = files.get(path.name)
+        if not isinstance(recorded, str):
+            raise ConfigError(f"{run.report} has no sha256 record of {path.name} (a run made "
+                              "by an older safeexport, or an edited report); re-run "
+                              "`safeexport compress` to make the run again")
+        actual = sha256_file(path)
+        if actual != recorded:
+            raise ConfigError(f"{path} does not match its record in report.json (sha256 "
+                              f"{actual[:12]} vs {recorded[:12]}): the file was changed or "
+                              "replaced")
+
+
+def _check_structure(run: RunDir) -> None:
+    """The fields the later stages use, present and of the right type, before any work."""
+    rec = run.read_config()
+    cfg = _need(rec, "config", dict, run.config)
+    for key, kind in CONFIG_KEYS.items():
+        _need(cfg, key, kind, run.config)
+    _need(rec, "dataset_fingerprint", str, run.config)
+    n = _need(rec, "num_samples", int, run.config)
+    classes = _need(rec, "num_classes", int, run.config)
+    layers = _need(run.read_report(), "layers", list, run.report)
+    if not all(isinstance(x, dict) and isinstance(x.get("name"), str)
+               and isinstance(x.get("size"), int) for x in layers):
+        raise ConfigError(f"{run.report}: 'layers' must list objects with a name and a size")
+    spec = run.read_json(run.model_json)
+    _need(spec, "name", str, run.model_json)
+    kwargs = _need(spec, "kwargs", dict, run.model_json)
+    if kwargs.get("num_classes", classes) != classes:
+        raise ConfigError(f"{run.model_json}: num_classes {kwargs['num_classes']} differs from "
+                          f"the run's {classes} classes")
+    splits = Splits.load(run.splits)
+    splits.check(n)
+    if splits.fingerprint != rec["dataset_fingerprint"]:
+        raise ConfigError(f"{run.splits} was made for other data than {run.config} records")
+
+
 def open_run(path: Path | str | None) -> RunDir:
-    """A finished, intact run directory: every file a later stage reads is present, and the
-    model file is the one the run recorded (sha256)."""
+    """A finished, intact run directory: every file a later stage reads is a regular file,
+    has the fields that stage needs, and is the one the run recorded (sha256)."""
     run = latest_run() if path is None else RunDir(path)
     if not run.path.is_dir():
         raise ConfigError(f"run directory {run.path} does not exist")
@@ -35,13 +91,10 @@ def open_run(path: Path | str | None) -> RunDir:
     if missing:
         raise ConfigError(f"{run.path} is not a finished run (missing {', '.join(missing)}); "
                           "finish it with `safeexport compress --out RUN --resume`")
-    recorded = run.read_report().get("files", {}).get(run.model.name)
-    if recorded is None:
-        raise ConfigError(f"{run.report} has no sha256 record of {run.model.name}")
-    actual = sha256_file(run.model)
-    if actual != recorded:
-        raise ConfigError(f"{run.model} does not match its record in report.json (sha256 "
-                          f"{actual[:12]} vs {recorded[:12]}): the file was changed or replaced")
+    for p in (run.config, run.model_json, run.model, run.splits, run.report):
+        regular_file(p)
+    _check_records(run)
+    _check_structure(run)
     return run
 
 
@@ -49,12 +102,22 @@ def load_model(run: RunDir, weights: Path | None = None) -> torch.nn.Module:
     """The run's architecture with its weights (``weights`` defaults to model.safetensors),
     on CPU in eval mode."""
     spec = run.read_json(run.model_json)
-    model = build_from_spec(spec)
-    state = load_tensors(weights or run.model)
+    weights = weights or run.model
+    # Built on the meta device first (nothing allocated), so a model.json that asks for a
+    # model of absurd size, or one the weights do not fit, is refused before memory is spent.
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"{weights or run.model} does not fit {spec['name']} ({e})") from e
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_from_spec(spec).state_dict().items()}
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"{run.model_json}: cannot build {spec.get('name')!r} from it "
+                          f"({e})") from e
+    stored = tensor_shapes(weights)
+    if stored != shapes:
+        diff = sorted(set(stored.items()) ^ set(shapes.items()))[:3]
+        raise ConfigError(f"{weights} does not fit the model {run.model_json} describes "
+                          f"(e.g. {diff})")
+    model = build_from_spec(spec)
+    model.load_state_dict(load_tensors(weights))
     return model.eval()
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from safeexport.data.base import stratified_order
-from safeexport.errors import DataError
-from safeexport.rundir import atomic_write
+from safeexport.errors import ConfigError, DataError
+from safeexport.rundir import atomic_write, regular_file
 
 # Fractions of the pool; members are half of it, as CIFAR's 50k train / 10k test split is close
 # to. Non-members are split four ways so the final MIA evaluation is balanced and unseen.
@@ -69,6 +69,22 @@ class Splits:
         return (self.known_members[self._select_cut(self.known_members):],
                 self.known_nonmembers[self._select_cut(self.known_nonmembers):])
 
+    def check(self, n: int) -> None:
+        """Refuse a split that cannot index a dataset of ``n`` samples as the method needs:
+        an empty part, an index outside [0, n), or a sample in two parts (a member scored as a
+        test sample would report training accuracy as test accuracy)."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fingerprint"}
+        empty = [k for k, v in parts.items() if v.ndim != 1 or len(v) == 0]
+        if empty:
+            raise DataError(f"the splits file has empty or malformed parts ({', '.join(empty)})")
+        bad = [k for k, v in parts.items() if v.min() < 0 or v.max() >= n]
+        if bad:
+            raise DataError(f"the splits file indexes samples outside the dataset's {n} "
+                            f"({', '.join(bad)})")
+        every = np.concatenate(list(parts.values()))
+        if len(np.unique(every)) != len(every):
+            raise DataError("the splits file puts a sample in two parts (or twice in one)")
+
     def save(self, path: Path) -> None:
         """Write as npz (no pickles) with the fingerprint as a string array."""
         def write(f):
@@ -81,10 +97,16 @@ class Splits:
     def load(cls, path: Path) -> "Splits":
         """Read a split written by ``save``."""
         try:
-            with np.load(path, allow_pickle=False) as f:
-                return cls(**{k.name: (str(f[k.name]) if k.name == "fingerprint"
-                                       else f[k.name].astype(np.int64)) for k in fields(cls)})
-        except (KeyError, ValueError, OSError) as e:
+            with np.load(regular_file(path), allow_pickle=False) as f:
+                parts = {k.name: f[k.name] for k in fields(cls)}
+        except (KeyError, ValueError, OSError, EOFError, TypeError, ConfigError) as e:
+            raise DataError(f"{path}: not a valid splits file ({e})") from e
+        if any(v.dtype.kind not in "iu" for k, v in parts.items() if k != "fingerprint"):
+            raise DataError(f"{path}: not a valid splits file (indices must be integers)")
+        try:
+            return cls(**{k: (str(v) if k == "fingerprint" else v.astype(np.int64))
+                          for k, v in parts.items()})
+        except (ValueError, OverflowError) as e:
             raise DataError(f"{path}: not a valid splits file ({e})") from e
 
 
