@@ -46,6 +46,15 @@ class ArrayDataset:
                             f"{self.x.dtype} {self.x.shape}")
         if self.kind == "tabular" and self.x.ndim != 2:
             raise DataError(f"{self.name}: tabular data must be N×D, got {self.x.shape}")
+        if self.x.dtype.kind == "c":
+            raise DataError(f"{self.name}: inputs are complex numbers; models take real ones")
+        if self.x.dtype.kind == "f" and not np.isfinite(self.x).all():
+            raise DataError(f"{self.name}: {int((~np.isfinite(self.x)).sum())} input values are "
+                            "NaN or infinite; clean or impute them first")
+        present = len(np.unique(self.y))
+        if present < 2:
+            raise DataError(f"{self.name}: every sample has label {self.y[0]}; membership "
+                            "inference and task accuracy need at least two classes")
 
     def __len__(self) -> int:
         return len(self.y)

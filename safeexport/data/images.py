@@ -3,8 +3,12 @@ and a user's own image folder."""
 
 import gzip
 import io
+import os
 import pickle
+import stat
 import tarfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -12,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from safeexport.data.base import ArrayDataset, stratified_sample
-from safeexport.errors import DataError
+from safeexport.errors import ConfigError, DataError
+from safeexport.rundir import regular_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -45,9 +50,9 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an idx-ubyte file (optionally gzip-compressed) into a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        with opener(regular_file(path), "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error, ConfigError) as e:
         raise DataError(f"{path}: cannot read idx file ({e})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte idx file")
@@ -114,10 +119,14 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: Path, required: str = "data") -> dict:
     """One CIFAR python file (a batch, or the meta file) as a dict holding ``required``."""
     try:
-        with open(path, "rb") as f:
+        with open(regular_file(path), "rb") as f:
             d = _ArrayOnlyUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"{path}: not a CIFAR python batch ({e})") from e
+    # The file is untrusted: besides the refused classes, numpy's reconstruction can be asked
+    # for absurd sizes (MemoryError) or given bad arguments (TypeError, ...). Any failure
+    # means "not a CIFAR batch"; nothing it names ever runs.
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a CIFAR python batch ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from e
     if not isinstance(d, dict) or required not in d:
         raise DataError(f"{path}: not a CIFAR python file (no {required!r} entry)")
     return d
@@ -128,12 +137,24 @@ def load_cifar_pickles(name: str, root: Path, files: list[str], label_key: str,
     xs, ys = [], []
     for fname in files:
         d = read_cifar_batch(root / fname)
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        data, labels = np.asarray(d["data"]), np.asarray(d.get(label_key))
+        if data.dtype != np.uint8 or data.size == 0 or data.size % 3072:
+            raise DataError(f"{root / fname}: 'data' must hold uint8 pixels, 3072 per image, "
+                            f"got {data.dtype} of {data.size} values")
+        data = data.reshape(-1, 3, 32, 32)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
+            raise DataError(f"{root / fname}: {label_key!r} must list one integer label per "
+                            f"image ({len(data)}), got {labels.dtype} {labels.shape}")
+        xs.append(data)
+        ys.append(labels)
     meta = read_cifar_batch(root / meta_file, names_key) if (root / meta_file).exists() else {}
-    names = list(meta.get(names_key, []))
-    num_classes = int(max(int(y.max()) for y in ys) + 1) if not names else len(names)
-    return ArrayDataset(name, "image", np.concatenate(xs), np.concatenate(ys), num_classes, names)
+    names = meta.get(names_key, [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{root / meta_file}: {names_key!r} must be a list of class names")
+    y, num_classes = class_labels(np.concatenate(ys), str(root))
+    if names and num_classes > len(names):
+        raise DataError(f"{root}: a label {num_classes - 1} but only {len(names)} class names")
+    return ArrayDataset(name, "image", np.concatenate(xs), y, len(names) or num_classes, names)
 
 
 def load_cifar(name: str, data_dir: Path, max_samples: int | None, seed: int) -> ArrayDataset:
@@ -163,10 +184,20 @@ def load_cifar(name: str, data_dir: Path, max_samples: int | None, seed: int) ->
 
 # ---------------------------------------------------------------- image folders
 
-def _decode(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+# Limits on one image: the models here take phone-sized inputs, and a file or header claiming
+# more is a decompression bomb or damage, not a picture to train on.
+MAX_IMAGE_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _decode(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise DataError(f"an image of {w}x{h} pixels, more than the "
+                            f"{MAX_IMAGE_PIXELS:,} allowed; resize the images first")
         im = im.convert(mode)
-        if im.size != size:
+        if size is not None and im.size != size:
             im = im.resize(size, Image.BILINEAR)
         a = np.asarray(im, dtype=np.uint8)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -177,15 +208,23 @@ def _decode_all(items: list[tuple[object, int]], read: Callable[[object], bytes]
     """Decode (source, label) pairs to uint8 N×C×H×W; the first image fixes mode and size."""
     if not items:
         raise DataError(f"{name}: no images found")
-    try:
-        with Image.open(io.BytesIO(read(items[0][0]))) as first:
-            mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-            size = first.size
-        x = np.stack([_decode(read(src), mode, size) for src, _ in items])
-    except (OSError, ValueError) as e:
-        raise DataError(f"{name}: cannot decode an image ({e})") from e
+    x, mode, size = [], "RGB", None
+    for src, _ in items:
+        try:
+            data = read(src)
+            if size is None:
+                with Image.open(io.BytesIO(data)) as first:
+                    mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
+            x.append(_decode(data, mode, size))
+        except DataError as e:
+            raise DataError(f"{name}: {src}: {e}") from e
+        except (OSError, ValueError, EOFError, zlib.error, tarfile.TarError,
+                Image.DecompressionBombError) as e:
+            raise DataError(f"{name}: cannot read the image {src} ({e})") from e
+        if size is None:
+            size = (x[0].shape[2], x[0].shape[1])
     y = np.array([label for _, label in items], dtype=np.int64)
-    return x, y
+    return np.stack(x), y
 
 
 def _limit(items: list, max_samples: int | None, seed: int) -> list:
@@ -193,6 +232,23 @@ def _limit(items: list, max_samples: int | None, seed: int) -> list:
         return items
     labels = np.array([label for _, label in items])
     return [items[i] for i in stratified_sample(labels, max_samples, seed)]
+
+
+def _image_file(p: Path, name: str) -> Path:
+    """``p`` if it is a regular file (a symlink to one is fine) of at most MAX_IMAGE_BYTES; a
+    folder, FIFO or device named like an image is refused (a FIFO or /dev/zero would never
+    end)."""
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise DataError(f"{name}: cannot read {p} ({e.strerror})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{name}: {p} is named like an image but is not a regular file "
+                        "(a folder, FIFO, device or socket); remove it")
+    if st.st_size > MAX_IMAGE_BYTES:
+        raise DataError(f"{name}: {p} is {st.st_size:,} bytes, more than an image here may be "
+                        f"({MAX_IMAGE_BYTES:,})")
+    return p
 
 
 def load_image_folder(root: Path, name: str, max_samples: int | None = None,
@@ -209,7 +265,7 @@ def load_image_folder(root: Path, name: str, max_samples: int | None = None,
         raise DataError(f"{name}: no class folders in {root} (expected {root}/<class>/<image>)")
     index = {c: i for i, c in enumerate(classes)}
     items = [
-        (p, index[c.name])
+        (_image_file(p, name), index[c.name])
         for r in split_roots for c in sorted(r.iterdir()) if c.is_dir()
         for p in sorted(c.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
     ]
@@ -217,16 +273,53 @@ def load_image_folder(root: Path, name: str, max_samples: int | None = None,
     return ArrayDataset(name, "image", x, y, len(classes), classes)
 
 
+def _tar_members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
+    """The archive's image members, refusing damage instead of reading part of it: tarfile
+    ends its listing silently at a corrupt header, so whatever follows the last member must be
+    the zero blocks that close an archive. Image-named entries that are not plain files, and
+    sizes no image has, are refused too."""
+    try:
+        members = tar.getmembers()
+    except tarfile.ReadError as e:  # a member's data runs past the end of the file
+        last = tar.members[-1].name if tar.members else "(none)"
+        raise DataError(f"{path}: damaged tar archive: truncated in or after member {last} "
+                        f"({e})") from e
+    last = members[-1].name if members else "(none)"
+    f = tar.fileobj
+    f.seek(tar.offset)
+    while chunk := f.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise DataError(f"{path}: damaged tar archive: unreadable data after member {last} "
+                            f"(byte {tar.offset:,}); only part of it could be read")
+    # an uncompressed archive can be seeked past its end silently; a compressed one raises
+    if isinstance(f, io.BufferedReader) and os.fstat(f.fileno()).st_size < tar.offset:
+        raise DataError(f"{path}: damaged tar archive: truncated in member {last}")
+    images = []
+    for m in members:
+        if Path(m.name).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not m.isreg() or m.issparse():
+            raise DataError(f"{path}: member {m.name} is named like an image but is a "
+                            f"{'sparse file' if m.issparse() else 'link, folder or device'}")
+        if m.size > MAX_IMAGE_BYTES:
+            raise DataError(f"{path}: member {m.name} claims {m.size:,} bytes, more than an "
+                            f"image here may be ({MAX_IMAGE_BYTES:,})")
+        images.append(m)
+    return images
+
+
 def load_image_tar(path: Path, name: str, max_samples: int | None = None,
                    seed: int = 0) -> ArrayDataset:
     """An image-folder tree inside an (uncompressed or gzip) tar, read without extracting."""
     try:
-        tar = tarfile.open(path)
-    except (tarfile.TarError, OSError) as e:
+        tar = tarfile.open(regular_file(path))
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ConfigError) as e:
         raise DataError(f"{path}: not a readable tar archive ({e})") from e
     with tar:
-        members = [m for m in tar.getmembers()
-                   if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        try:
+            members = _tar_members(tar, path)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: damaged tar archive ({e or 'truncated'})") from e
         parts = [Path(m.name).parts for m in members]
         # The class is the folder right above the image: .../<split>/<class>/<image>.
         classes = sorted({p[-2] for p in parts if len(p) >= 2})
@@ -262,23 +355,82 @@ def load_tinyimagenet(data_dir: Path, max_samples: int | None, seed: int) -> Arr
     return ArrayDataset("tinyimagenet", "image", x, y, len(wnids), wnids)
 
 
+def _npz_member_fits(f, key: str, path: Path) -> None:
+    """Refuse a member whose header asks for more bytes than the archive says it holds (or
+    than this machine has memory for) before numpy allocates it."""
+    name = f"{key}.npy"
+    info = f.zip.getinfo(name)
+    with f.zip.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = header(member)
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > info.file_size or need > memory_bytes() // 2:
+        raise DataError(f"{path}: array {key!r} claims shape {shape} of {dtype} ({need:,} bytes) "
+                        f"but the file holds {info.file_size:,} bytes for it; the file is "
+                        "damaged or not what it says")
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def class_labels(y: np.ndarray, where: str) -> tuple[np.ndarray, int]:
+    """Integer labels as int64 and the number of classes (largest label + 1), refusing labels
+    that are not class indices 0..K-1."""
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) == 0:
+        raise DataError(f"{where}: labels must be a non-empty 1-D integer array, got "
+                        f"{y.dtype} {y.shape}")
+    lo, hi = int(y.min()), int(y.max())  # Python ints: a uint64 label does not wrap
+    if lo < 0 or hi >= len(y):
+        raise DataError(f"{where}: labels must be class indices 0..K-1 with K at most the "
+                        f"{len(y)} samples, found {lo}..{hi}")
+    return y.astype(np.int64), hi + 1
+
+
 def load_npz(path: Path) -> ArrayDataset:
     """A user's arrays ``x`` and ``y`` (no pickles). Images: N×H×W, N×C×H×W or N×H×W×C with
-    C in {1, 3}, uint8 or float in [0, 1]; any other 2-D array is tabular."""
+    C in {1, 3}, uint8 or float in [0, 1]; any other 2-D array of numbers is tabular."""
     if not path.exists():
         raise DataError(f"npz file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(regular_file(path), allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: a single .npy array, not an npz archive; save x and y "
+                                "with numpy.savez(path, x=..., y=...)")
             if "x" not in f or "y" not in f:
                 raise DataError(f"{path}: needs arrays named 'x' and 'y', found {list(f.keys())}")
+            for key in ("x", "y"):
+                _npz_member_fits(f, key, path)
             x, y = f["x"], f["y"]
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: cannot read as npz without pickles ({e})") from e
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise DataError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
+    except TypeError as e:  # np.load gave a bare array, which is no context manager
+        raise DataError(f"{path}: a single .npy array, not an npz archive; save x and y with "
+                        "numpy.savez(path, x=..., y=...)") from e
+    except (ValueError, OSError, EOFError, KeyError, ConfigError, zipfile.BadZipFile,
+            MemoryError) as e:
+        raise DataError(f"{path}: cannot read as npz without pickles ({e or 'empty file'})") from e
+    y, num_classes = class_labels(y, str(path))
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: x holds {x.dtype} values; it must hold real numbers "
+                        "(complex and string arrays are refused)")
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise DataError(f"{path}: x must be N×D, N×H×W or N×C×H×W with no empty axis, got "
+                        f"shape {x.shape}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{path}: x holds {int((~np.isfinite(x)).sum())} NaN or infinite "
+                        f"values (first in sample {int(np.argwhere(~np.isfinite(x))[0][0])}); "
+                        "clean or impute them first")
     if x.ndim == 2:
-        return ArrayDataset(f"npz:{path}", "tabular", x.astype(np.float32), y,
-                            int(y.max()) + 1)
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: x holds values too large for float32 (|x| > 3.4e38); "
+                            "rescale them first")
+        return ArrayDataset(f"npz:{path}", "tabular", x, y, num_classes)
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
@@ -289,4 +441,4 @@ def load_npz(path: Path) -> ArrayDataset:
         if x.dtype.kind != "f" or x.min() < 0 or x.max() > 1:
             raise DataError(f"{path}: float images must lie in [0, 1]; use uint8 for 0..255")
         x = np.round(x * 255).astype(np.uint8)
-    return ArrayDataset(f"npz:{path}", "image", np.ascontiguousarray(x), y, int(y.max()) + 1)
+    return ArrayDataset(f"npz:{path}", "image", np.ascontiguousarray(x), y, num_classes)
