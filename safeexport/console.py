@@ -10,7 +10,11 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the converters' own chatter (progress lines, C++ logs on fd 1 and 2, warnings)
-    so the command prints its table and errors only."""
+    so the command prints its table and errors only. SAFEEXPORT_KEEP_STDERR=1 keeps stderr:
+    the crash probe's child sets it, so a runtime's message before an abort is not lost."""
+    if os.environ.get("SAFEEXPORT_KEEP_STDERR") == "1":
+        yield
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]

@@ -10,6 +10,10 @@ the file's interface is integer, and returns float32 logits.
 """
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +61,13 @@ class Runtime:
 
 @dataclass(frozen=True)
 class RuntimeInfo:
-    """How to open a model file (``open(path, threads, **options)``) and which suffixes."""
+    """How to open a model file (``open(path, threads, **options)``) and which suffixes;
+    ``native``: it parses the file with native code inside this process, where a crash on a
+    damaged or hostile file would end the tool without a word (see ``probe_in_child``)."""
 
     open: Callable[..., Runtime]
     suffixes: tuple[str, ...]
+    native: bool = False
 
 
 RUNTIMES: Registry[RuntimeInfo] = Registry("runtime")
@@ -144,13 +151,44 @@ def torch_runtime(model) -> Runtime:
 
 
 RUNTIMES.register("torch", RuntimeInfo(_open_torch, (".safetensors",)))
-RUNTIMES.register("onnxruntime", RuntimeInfo(_open_onnx, (".onnx",)))
-RUNTIMES.register("tflite", RuntimeInfo(_open_tflite, (".tflite",)))
+RUNTIMES.register("onnxruntime", RuntimeInfo(_open_onnx, (".onnx",), native=True))
+RUNTIMES.register("tflite", RuntimeInfo(_open_tflite, (".tflite",), native=True))
+
+
+def probe_in_child(path: Path, runtime: str, sample: np.ndarray, timeout: float) -> None:
+    """Load ``path`` in ``runtime`` and run ``sample`` through it in a child process, so that
+    a native crash (an abort inside the runtime on a damaged file) is reported as an error with
+    the runtime's own last words instead of killing this process silently."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "sample.npy", sample)
+        try:
+            r = subprocess.run([sys.executable, "-m", "safeexport.probe", str(path), runtime,
+                                str(Path(tmp) / "sample.npy")],
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise DeviceError(f"{runtime} did not finish loading and running {path} within "
+                              f"{timeout:g} s (--timeout)") from e
+    if r.returncode == 0:
+        return
+    said = [line for line in r.stderr.splitlines() if line.strip()]
+    if r.returncode < 0:
+        try:
+            how = signal.Signals(-r.returncode).name
+        except ValueError:
+            how = f"signal {-r.returncode}"
+        raise DeviceError(f"the runtime crashed loading {path} ({runtime}, {how}): "
+                          f"{' / '.join(said[-3:]) or 'it printed nothing'}")
+    raise DeviceError(said[-1].removeprefix("error: ") if said else
+                      f"{runtime} failed on {path} (exit status {r.returncode})")
 
 
 def open_runtime(path: Path, runtime: str = "auto", threads: int | None = None,
+                 probe: np.ndarray | None = None, probe_timeout: float = 300.0,
                  **options) -> Runtime:
-    """Open a model file in ``runtime`` (``auto``: the first registered for its suffix)."""
+    """Open a model file in ``runtime`` (``auto``: the first registered for its suffix). With
+    ``probe`` (a sample input), a native runtime first loads and runs the file in a child
+    process (``probe_in_child``, at most ``probe_timeout`` s): use it for files from
+    elsewhere."""
     path = Path(path)
     if not path.is_file():
         raise DeviceError(f"model file {path} does not exist")
@@ -166,4 +204,6 @@ def open_runtime(path: Path, runtime: str = "auto", threads: int | None = None,
     if suffix not in info.suffixes:
         raise DeviceError(f"runtime {runtime} runs {', '.join(info.suffixes)} files, not "
                           f"{path.name}")
+    if probe is not None and info.native:
+        probe_in_child(path, runtime, probe, probe_timeout)
     return info.open(path, _threads(threads), **options)
