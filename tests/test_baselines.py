@@ -150,7 +150,7 @@ def test_dp_noise_is_calibrated_to_the_target_epsilon(tmp_path):
 def _setup(tmp_path, **overrides):
     from compressor.run import _setup
 
-    return _setup(tiny_config(**overrides), tmp_path / "run", False, False, False)[1]
+    return _setup(tiny_config(**overrides), RunDir(tmp_path / "run"), False, False, False)[1]
 
 
 def test_advreg_target_step_lowers_the_attackers_gain(tmp_path):

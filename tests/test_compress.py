@@ -24,7 +24,12 @@ TINY_FLAGS = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0
               "--attack-finetune-epochs", "1", "--final-attack-epochs", "2", "--device", "cpu"]
 
 
-def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+# Only a guard against a hung child, never a speed check: the suite has taken 51 minutes on a
+# loaded machine, and a tighter limit failed correct code there.
+HANG_GUARD_S = 3600
+
+
+def cli(*args, timeout=HANG_GUARD_S, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "safeexport", *map(str, args)], cwd=kw.pop(
         "cwd", REPO), env=env, capture_output=True, text=True, timeout=timeout, **kw)
@@ -118,7 +123,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
                              str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint" / "state.safetensors"
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -137,6 +142,8 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
         rb[part].pop("wall_time_s")
     ra.pop("final_eval_time_s")
     rb.pop("final_eval_time_s")
+    for r in (ra, rb):  # config.json records when each run was created
+        r["files"].pop("config.json")
     assert ra == rb
     assert (ref / "history.jsonl").read_text() == (killed / "history.jsonl").read_text()
     # a finished run has nothing left to resume

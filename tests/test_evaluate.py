@@ -20,7 +20,7 @@ from safeexport.rundir import RunDir, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data
 from safeexport.runtimes import open_runtime
 from tests.conftest import tiny_config
-from tests.test_compress import cli
+from tests.test_compress import HANG_GUARD_S, cli
 from tests.test_export import _one_line
 
 
@@ -78,7 +78,7 @@ def test_verdict_and_exit_codes(run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     m = subprocess.run([sys.executable, "-m", "device_eval", str(two_bit), "--json",
                         str(tmp_path / "d.json"), "--max-task-drop", "1", "--max-mia-rise",
-                        "1"], capture_output=True, text=True, env=env, timeout=300)
+                        "1"], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert m.returncode == 0 and "PASS" in m.stdout, m.stderr
 
 

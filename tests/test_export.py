@@ -255,7 +255,7 @@ def test_cli_all_prints_every_variant(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["mlp"], run)
     r = cli("export", "--run", run, "--all", "--parity-samples", "32", "--min-agreement",
-            "0.99", timeout=600)
+            "0.99")
     rows = [line for line in r.stdout.splitlines() if line.startswith("model-")]
     assert len(rows) == 12, r.stdout + r.stderr
     failed = [line for line in rows if "FAILED" in line]

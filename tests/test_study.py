@@ -110,7 +110,9 @@ def test_study_errors_are_one_clear_line(tmp_path):
     r = cli("study", *FLAGS, "--bits", "8,16", "--out", tmp_path / "b")
     _one_line_error(r, "--bits must list widths tflite can store below float")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": asdict(tiny_config())}))
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {"config": asdict(tiny_config()), "dataset_fingerprint": "0" * 64,
+         "versions": {"safeexport": "0.1.0"}}))
     r = cli("study", *FLAGS, "--out", tmp_path / "run")
     _one_line_error(r, "is a run directory")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
