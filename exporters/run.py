@@ -6,9 +6,7 @@ only then renamed into place, followed by its manifest.
 """
 
 import gzip
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,14 +24,7 @@ from safeexport.console import quiet
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
 from safeexport.registry import Registry
-from safeexport.rundir import (
-    RunDir,
-    cannot_write,
-    make_dir,
-    read_json_file,
-    sha256_file,
-    write_json,
-)
+from safeexport.rundir import RunDir, read_json_file, sha256_file, staged, write_json
 from safeexport.runio import inputs_of, load_data, load_model, open_run
 from safeexport.runtimes import open_runtime, torch_runtime
 
@@ -243,19 +234,8 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
     with quiet():
         data = fmt.convert(src.model, sample, cfg.bits, cfg.scheme, keep, calibration)
 
-    make_dir(path.parent)
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                                        suffix=path.suffix)
-    except OSError as e:
-        raise cannot_write(path, e) from e
-    tmp = Path(tmp_name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except OSError as e:
-            raise cannot_write(path, e) from e
+    with staged(path) as tmp:
+        tmp.write_bytes(data)
         with quiet():
             runtime = open_runtime(tmp)
             logits = runtime(src.inputs)
@@ -292,12 +272,6 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
             "tensors": [w.to_dict() for w in stored],
             "config": cfg.to_dict(), "versions": _versions(),
         }
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            raise cannot_write(path, e) from e
-    finally:
-        tmp.unlink(missing_ok=True)
     try:
         write_json(manifest_path, manifest)
     except BaseException:

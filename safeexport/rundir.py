@@ -52,30 +52,64 @@ def make_dir(path: Path) -> None:
         raise cannot_write(path, e) from e
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over.
-    A file system error (read-only, full) leaves ``path`` as it was and raises ConfigError."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Temporary files of ``path`` left by a process that was killed while staging it (their
+    names carry the writer's pid; a live writer's are left alone)."""
+    for p in path.parent.glob(f".{path.name}.*"):
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` (hidden, same suffix) for the caller to write and
+    check; when the block ends without error it is fsynced, given the run's file mode and
+    renamed over ``path``, otherwise removed, so ``path`` is never a half-written file. A file
+    system error (read-only, full) raises ConfigError naming ``path``; leftovers of a writer
+    killed while staging the same path are removed first."""
     path = Path(path)
     make_dir(path.parent)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        _remove_leftovers(path)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                    suffix=path.suffix)
+        os.close(fd)
     except OSError as e:
         raise cannot_write(path, e) from e
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run is meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run is meant to be shared
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.errno in FS_ERRNOS:  # the writer's own errors (a download's) pass unchanged
+        if e.errno in FS_ERRNOS:  # other errors (a download's) pass unchanged
             raise cannot_write(path, e) from e
         raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a staged temporary file (``staged``) that replaces ``path`` only
+    when complete."""
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -665,3 +665,21 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch, copy):
     refused("cannot write .*No space left on device", "export", "--run", copy, "--format",
             "onnx", "--bits", "32", "--out", copy / "exports" / "new.onnx")
     assert snapshot(copy) == before  # neither the file nor its manifest, nor a temporary
+
+
+def test_export_after_a_killed_export_leaves_no_leftover_and_shares_its_mode(copy):
+    """A SIGKILL while a file is staged leaves its hidden temporary behind; the next export of
+    that path removes it (a live writer's is kept), and files get the run's mode, not 0600."""
+    exports = copy / "exports"
+    target = exports / "again.onnx"
+    dead = exports / ".again.onnx.4194303.x1.onnx"  # above Linux's pid_max: no such process
+    live = exports / f".again.onnx.{os.getppid()}.x2.onnx"
+    dead.write_bytes(b"half a model")
+    live.write_bytes(b"being written")
+    code, err = invoke("export", "--run", copy, "--format", "onnx", "--bits", "32", "--out",
+                       target)
+    assert code == 0, err
+    assert not dead.exists() and live.exists()
+    mode = target.stat().st_mode & 0o777
+    assert mode == target.with_suffix(".json").stat().st_mode & 0o777
+    assert mode & 0o044  # readable by the group and others, as the run's other files
