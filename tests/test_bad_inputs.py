@@ -184,6 +184,39 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, done):
                 "onnx", "--bits", "32", "--out", tmp_path / "x.onnx")
 
 
+def test_two_compress_processes_on_one_out(tmp_path):
+    """The case as a user meets it: a second `compress` on a folder another process is
+    writing is refused with that process's pid, and the first run's files are its own; once
+    the holder dies (even by SIGKILL) the folder is free again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_compress import HANG_GUARD_S, REPO
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "safeexport", "compress", *TINY, "--epochs",
+                             "50", "--out", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + HANG_GUARD_S
+        while (proc.poll() is None and time.time() < deadline
+               and not (out / "config.json").exists()):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the first run ended before the second could meet it"
+        # without --overwrite it is "already holds a run"; with it, the lock decides
+        refused(rf"in use by another safeexport process \(pid {proc.pid} ", "compress", *TINY,
+                "--seed", "1", "--overwrite", "--out", out)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with RunDir(out).lock():  # released by the kernel when its holder died
+        pass
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 0
+
+
 @pytest.mark.parametrize("flag,value", [("--weight-decay", "nan"), ("--lr", "inf"),
                                         ("--beta", "nan"), ("--prune-rate", "nan")])
 def test_non_finite_options_are_refused(tmp_path, flag, value):
