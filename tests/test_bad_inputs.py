@@ -716,3 +716,26 @@ def test_export_after_a_killed_export_leaves_no_leftover_and_shares_its_mode(cop
     mode = target.stat().st_mode & 0o777
     assert mode == target.with_suffix(".json").stat().st_mode & 0o777
     assert mode & 0o044  # readable by the group and others, as the run's other files
+
+
+def _agnews(tmp: Path, data: bytes) -> Path:
+    (tmp / "ag_news").mkdir(parents=True)
+    (tmp / "ag_news" / "train.csv").write_bytes(data)
+    return tmp
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda t: _agnews(t, b'"1","caf\xe9 au lait","x"\n'), r"train\.csv:1: not a readable UTF-8"),
+    (lambda t: _agnews(t, b'"1","' + b"w" * (1 << 18) + b'"\n'), r"train\.csv:1: not a readable"),
+])
+def test_bad_text_csv_gets_one_line(tmp_path, make, pattern):
+    refused(pattern, "compress", "--dataset", "agnews", "--data-dir", make(tmp_path),
+            "--out", tmp_path / "run")
+
+
+def test_fractional_tabular_labels_are_refused_not_truncated(tmp_path):
+    rows = "\n".join(f"{1.5 if i == 0 else 1 + i % 100}," + ",".join(["0"] * 600)
+                     for i in range(300))
+    (tmp_path / "dataset_purchase").write_text(rows)
+    refused(r"dataset_purchase: labels must be whole class numbers", "compress", "--dataset",
+            "purchase100", "--data-dir", tmp_path, "--out", tmp_path / "run")

@@ -6,7 +6,8 @@ import numpy as np
 
 from safeexport.data.base import ArrayDataset
 from safeexport.data.images import find_file
-from safeexport.errors import DataError
+from safeexport.errors import ConfigError, DataError
+from safeexport.rundir import regular_file
 
 HINT = ("these files are not redistributable here; get them from the authors of 'Membership "
         "Inference Attacks against Machine Learning Models' and place them in --data-dir")
@@ -14,9 +15,16 @@ HINT = ("these files are not redistributable here; get them from the authors of 
 
 def _read_matrix(path: Path, what: str) -> np.ndarray:
     try:
-        return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    except ValueError as e:
+        return np.loadtxt(regular_file(path), delimiter=",", dtype=np.float64, ndmin=2)
+    except (ValueError, OSError, ConfigError) as e:  # invalid UTF-8 is a ValueError too
         raise DataError(f"{path}: not a comma-separated numeric {what} file ({e})") from e
+
+
+def _labels(column: np.ndarray, path: Path) -> np.ndarray:
+    """Class numbers 1..100 as indices 0..99; a fractional label is refused, not truncated."""
+    if not np.all(np.isfinite(column)) or not np.all(column == np.round(column)):
+        raise DataError(f"{path}: labels must be whole class numbers 1..100")
+    return column.astype(np.int64) - 1
 
 
 def load_purchase100(data_dir: Path) -> ArrayDataset:
@@ -26,7 +34,8 @@ def load_purchase100(data_dir: Path) -> ArrayDataset:
     m = _read_matrix(path, "purchase")
     if m.shape[1] != 601:
         raise DataError(f"{path}: expected 601 columns (label + 600 features), got {m.shape[1]}")
-    return ArrayDataset("purchase100", "tabular", m[:, 1:], m[:, 0].astype(np.int64) - 1, 100)
+    return ArrayDataset("purchase100", "tabular", _float32(m[:, 1:], path), _labels(m[:, 0], path),
+                        100)
 
 
 def load_texas100(data_dir: Path) -> ArrayDataset:
@@ -34,6 +43,14 @@ def load_texas100(data_dir: Path) -> ArrayDataset:
     roots = [data_dir / "texas" / "100", data_dir]
     feats = find_file([r / "feats" for r in roots], "texas100 file feats", HINT)
     labels = find_file([r / "labels" for r in roots], "texas100 file labels", HINT)
-    x = _read_matrix(feats, "texas features")
-    y = _read_matrix(labels, "texas labels").ravel().astype(np.int64) - 1
+    x = _float32(_read_matrix(feats, "texas features"), feats)
+    y = _labels(_read_matrix(labels, "texas labels").ravel(), labels)
     return ArrayDataset("texas100", "tabular", x, y, 100)
+
+
+def _float32(x: np.ndarray, path: Path) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = x.astype(np.float32)
+    if np.isfinite(x).all() and not np.isfinite(out).all():
+        raise DataError(f"{path}: values too large for float32 (|x| > 3.4e38); rescale them")
+    return out

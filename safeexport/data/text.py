@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from safeexport.data.base import ArrayDataset
-from safeexport.errors import DataError
+from safeexport.errors import ConfigError, DataError
+from safeexport.rundir import regular_file
 
 AGNEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -15,17 +16,22 @@ def read_class_csv(paths: list[Path], num_classes: int, name: str) -> tuple[list
     """Rows ``label(1..K), field, field...``; the text is the fields joined by a space."""
     texts, labels = [], []
     for path in paths:
-        with open(path, newline="", encoding="utf-8") as f:
-            for lineno, row in enumerate(csv.reader(f), 1):
-                try:
-                    label = int(row[0]) - 1
-                except (ValueError, IndexError):
-                    raise DataError(f"{path}:{lineno}: first column must be a class number") \
-                        from None
-                if not 0 <= label < num_classes or len(row) < 2:
-                    raise DataError(f"{path}:{lineno}: expected class 1..{num_classes} and text")
-                texts.append(" ".join(s.replace("\\n", " ").strip() for s in row[1:]))
-                labels.append(label)
+        lineno = 0
+        try:
+            with open(regular_file(path), newline="", encoding="utf-8") as f:
+                for lineno, row in enumerate(csv.reader(f), 1):
+                    try:
+                        label = int(row[0]) - 1
+                    except (ValueError, IndexError):
+                        raise DataError(f"{path}:{lineno}: first column must be a class "
+                                        "number") from None
+                    if not 0 <= label < num_classes or len(row) < 2:
+                        raise DataError(f"{path}:{lineno}: expected class 1..{num_classes} "
+                                        "and text")
+                    texts.append(" ".join(s.replace("\\n", " ").strip() for s in row[1:]))
+                    labels.append(label)
+        except (UnicodeDecodeError, csv.Error, OSError, ConfigError) as e:
+            raise DataError(f"{path}:{lineno + 1}: not a readable UTF-8 CSV file ({e})") from e
     if not texts:
         raise DataError(f"{name}: no rows in {', '.join(map(str, paths))}")
     return texts, labels
