@@ -83,10 +83,25 @@ def _base(cfg: CompressConfig, seed: int) -> CompressConfig:
     return replace(cfg, seed=seed, dense_reference=False)
 
 
+# What a study folder holds: one folder per seed and the tables and plots of both commands.
+STUDY_FILES = {f"{name}.{ext}" for name in ("study", "compare") for ext in ("md", "csv", "png")}
+
+
 def _check_out(out: Path) -> None:
+    """A study writes (and rewrites) its tables into ``out``: refuse a run directory and a
+    folder holding anything a study does not write, so nobody's files are replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     if RunDir(out).is_run():
         raise ConfigError(f"{out} is a run directory; a study writes its runs into a folder "
                           "of its own, choose another --out")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (p.name in STUDY_FILES or p.name.startswith(".")
+                             or (p.is_dir() and p.name.startswith("seed-")))) \
+        if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"{out} holds files a study does not write ({', '.join(foreign[:3])});"
+                          " a study writes into a folder of its own, choose another --out")
 
 
 def _describe(cfg: CompressConfig, seeds: list[int]) -> str:

@@ -739,3 +739,16 @@ def test_fractional_tabular_labels_are_refused_not_truncated(tmp_path):
     (tmp_path / "dataset_purchase").write_text(rows)
     refused(r"dataset_purchase: labels must be whole class numbers", "compress", "--dataset",
             "purchase100", "--data-dir", tmp_path, "--out", tmp_path / "run")
+
+
+def test_study_never_writes_over_a_folder_of_someone_elses_files(tmp_path):
+    mine = tmp_path / "paper"
+    mine.mkdir()
+    (mine / "study.md").write_text("my draft")
+    (mine / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    refused(r"holds files a study does not write \(notes\.txt\)", "study", *TINY, "--out",
+            mine)
+    refused(r"holds files a study does not write", "study", *TINY, "--compare", "dense",
+            "--out", mine)
+    assert snapshot(mine) == before
