@@ -61,6 +61,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     \b
     safeexport compress   SafeCompress: sparse training with membership-inference-aware selection
+    safeexport run        replay a run's recorded config (or a YAML of the same keys)
     safeexport export     quantize the run's model and convert it to ONNX or TFLite, checked
     safeexport evaluate   re-run task test and membership attacks on the exported file: verdict
     safeexport study      pruning/quantization privacy study, or methods compared (--compare)
@@ -190,6 +191,27 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
         out = _default_out(cfg.dataset, cfg.model, cfg.sparsity)
     run = run_compress(cfg or CompressConfig(), out, resume=resume, overwrite=overwrite,
                        progress=progress)
+    click.echo(f"run directory: {run.path}")
+
+
+@main.command("run")
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default runs/<dataset>-<model>-s<sparsity>-<time>).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars (default: only on a terminal).")
+def run_cmd(config_file: Path, out: Path | None, overwrite: bool,
+            progress: bool | None) -> None:
+    """Replay a run: compress again with the config a run recorded (RUN/config.json) or a
+    hand-written YAML/JSON file of the same keys (see config.json's "config" entry; keys left
+    out take the defaults of `safeexport compress`), into a new run directory. The file is
+    validated with the same messages as the command line."""
+    from compressor import compress as run_compress
+
+    cfg = CompressConfig.from_file(config_file)
+    run = run_compress(cfg, out or _default_out(cfg.dataset, cfg.model, cfg.sparsity),
+                       overwrite=overwrite, progress=progress)
     click.echo(f"run directory: {run.path}")
 
 

@@ -3,7 +3,10 @@
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from safeexport.errors import ConfigError
@@ -44,12 +47,44 @@ class StageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StageConfig":
-        """Inverse of ``to_dict``; unknown keys are an error (a typo must not pass silently)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
+        """Inverse of ``to_dict``; unknown keys and values of the wrong type are an error (a
+        typo, or a hand-written file, must not pass silently or crash a range check)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of keys to values, got "
+                              f"{type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        extra = set(d) - set(fields)
         if extra:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(extra))}")
+        wrong = [f"{k} must be {_type_name(fields[k].type)}, got {v!r}"
+                 for k, v in d.items() if not _fits(v, fields[k].type)]
+        if wrong:
+            raise ConfigError("; ".join(wrong))
         return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "StageConfig":
+        """A config from a JSON or YAML file: a run's recorded ``config.json`` (its ``config``
+        entry) or a hand-written mapping of the same keys. YAML is read with ``safe_load``
+        (plain data only: a file cannot construct Python objects)."""
+        import yaml
+
+        from safeexport.rundir import regular_file
+
+        try:
+            text = regular_file(path).read_bytes().decode("utf-8")
+            data = (json.loads(text) if Path(path).suffix == ".json"
+                    else yaml.safe_load(text))
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read it as a {Path(path).suffix[1:] or 'YAML'} "
+                              f"config ({str(e).splitlines()[0]})") from e
+        if isinstance(data, dict) and isinstance(data.get("config"), dict) \
+                and "dataset_fingerprint" in data:
+            data = data["config"]  # a run's config.json: the resolved config it ran with
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     def to_json(self) -> str:
         """JSON text of the config."""
@@ -64,3 +99,29 @@ class StageConfig:
     def help_texts(cls) -> dict[str, str]:
         """Field name → help text."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (from JSON or YAML) is of the field type ``tp`` (an int is a float)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(tp)[0]) for v in value)
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, int | float)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))

@@ -264,3 +264,49 @@ def test_tabular_with_the_mlp_and_regularizer(tmp_path):
                       dense_reference=False)
     run = compress(cfg, tmp_path / "run")
     assert json.loads(run.config.read_text())["model"] == "mlp"
+
+
+def test_run_replays_a_recorded_config_and_a_yaml_of_the_same_keys(tmp_path):
+    from click.testing import CliRunner
+
+    from safeexport.cli import main
+    from safeexport.rundir import sha256_file
+
+    first = compress(tiny_config(epochs=2, update_frequency=5, dense_reference=False),
+                     tmp_path / "first").path
+    runner = CliRunner()
+    r = runner.invoke(main, ["run", str(first / "config.json"), "--out",
+                             str(tmp_path / "again"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert sha256_file(tmp_path / "again" / "model.safetensors") == \
+        sha256_file(first / "model.safetensors")
+    # the same keys by hand, in YAML: only what differs from the defaults
+    own = {k: v for k, v in tiny_config(epochs=2, update_frequency=5,
+                                        dense_reference=False).to_dict().items()
+           if v != getattr(CompressConfig(), k)}
+    import yaml
+
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(own))
+    r = runner.invoke(main, ["run", str(tmp_path / "mine.yaml"), "--out",
+                             str(tmp_path / "yaml"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert sha256_file(tmp_path / "yaml" / "model.safetensors") == \
+        sha256_file(first / "model.safetensors")
+    # replaying into the run it came from is refused like compress would refuse it
+    r = runner.invoke(main, ["run", str(first / "config.json"), "--out", str(first)])
+    assert r.exit_code == 2 and "already holds a run" in r.stderr, r.output
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("epoch: 3\n", "mine.yaml: unknown config keys: epoch"),
+    ("epochs: ten\n", "epochs must be an integer, got 'ten'"),
+    ("sparsity: 1.5\n", r"--sparsity is the fraction of weights kept and must be in \(0, 1\]"),
+    ("prune: magnitude\n", "prune must be a list of strings"),
+    ("!!python/object/apply:os.system ['true']\n", "cannot read it as a yaml config"),
+    ("- 1\n- 2\n", "a config must be a mapping"),
+])
+def test_run_refuses_a_bad_config_file_in_one_line(tmp_path, text, pattern):
+    (tmp_path / "mine.yaml").write_text(text)
+    r = cli("run", tmp_path / "mine.yaml", "--out", tmp_path / "run")
+    _one_line_error(r, pattern)
+    assert not (tmp_path / "run").exists()
