@@ -17,7 +17,13 @@ class CompressConfig(StageConfig):
                       "pr-dmp (prune, then fine-tune with DP-SGD, adversarial regularisation or "
                       "DMP distillation); kd (a narrow dense student of the same size, "
                       "distilled), kd-dp, kd-advreg, kd-dmp; mia-pr (ADMM pruning)")
-    model: str = opt("auto", "architecture; auto = cnn for images, mlp for tables, bert for text")
+    model: str = opt("auto", "architecture: auto (cnn for images, mlp for tables, bert for "
+                     "text), cnn, mlp, alexnet, vgg16, resnet18, bert, roberta, a plugin's name, "
+                     "or your own as package.module:factory, called as factory(input_shape=(C, "
+                     "H, W) or (D,), num_classes=K)")
+    init_weights: str | None = opt(None, "start from these trained weights (a .safetensors "
+                                   "state dict of --model, e.g. a run's model.safetensors); "
+                                   "the initial mask keeps each layer's largest weights")
     dataset: str = opt("digits", "dataset name, npz:PATH or folder:PATH")
     data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
     download: bool = opt(False, "fetch a public dataset (checksum-verified) into data_dir")
@@ -82,7 +88,7 @@ class CompressConfig(StageConfig):
         from compressor.train import OPTIMIZERS
         from safeexport.attacks import ATTACKS
         from safeexport.data import DATASETS, dataset_names
-        from safeexport.models import MODELS
+        from safeexport.models import MODELS, known_model
 
         p = []
         if self.method != "safecompress" and self.method not in METHODS:
@@ -91,8 +97,9 @@ class CompressConfig(StageConfig):
         if not (isinstance(self.sparsity, int | float) and 0 < self.sparsity <= 1):
             p.append(f"--sparsity is the fraction of weights kept and must be in (0, 1], got "
                      f"{self.sparsity}")
-        if self.model != "auto" and self.model not in MODELS:
-            p.append(f"unknown model {self.model!r}; known: auto, {', '.join(MODELS.names())}")
+        if self.model != "auto" and not known_model(self.model):
+            p.append(f"unknown model {self.model!r}; known: auto, {', '.join(MODELS.names())}, "
+                     "or your own as package.module:factory")
         if not (self.dataset.startswith(("npz:", "folder:")) or self.dataset in DATASETS):
             p.append(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
         for name in ("epochs", "update_frequency", "batch_size", "attack_epochs",
@@ -145,6 +152,10 @@ class CompressConfig(StageConfig):
             p.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_length < 8 or self.vocab_size < 100:
             p.append("max_length must be >= 8 and vocab_size >= 100")
+        if self.init_weights is not None and not (self.init_weights.endswith(".safetensors")
+                                                  and Path(self.init_weights).is_file()):
+            p.append(f"--init-weights {self.init_weights} is not a .safetensors file (weights "
+                     "are read as safetensors only, never unpickled)")
         if self.pretrained is not None and not Path(self.pretrained).is_dir():
             p.append(f"--pretrained {self.pretrained} is not a folder")
         return p

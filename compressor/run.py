@@ -51,8 +51,10 @@ from safeexport.rundir import (
     load_tensors,
     make_dir,
     save_tensors,
+    sha256_file,
     write_json,
 )
+from safeexport.runio import check_fits
 from safeexport.seeding import derive_seed, generator, seeded
 
 
@@ -100,14 +102,24 @@ def _check_budget(cfg: CompressConfig, model_name: str, model_kwargs: dict,
         with torch.device("meta"):
             model = build_model(model_name, model_kwargs).eval()
             try:
-                model(torch.zeros((2, *ds.input_shape())))
+                out = model(torch.zeros((2, *ds.input_shape())))
             except (RuntimeError, ValueError) as e:
                 raise ConfigError(f"model {model_name} cannot take inputs of shape "
                                   f"{list(ds.input_shape())} ({str(e).splitlines()[0]}); use "
                                   "larger inputs or another --model (mlp takes any size)") from e
+            if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (2, ds.num_classes)):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError(f"model {model_name} must return logits of shape (batch, "
+                                  f"{ds.num_classes}), got {got} for a batch of 2")
+    shapes = weight_shapes(model_name, model_kwargs)
+    if not shapes:
+        raise ConfigError(f"model {model_name} has no Conv or Linear layer: there are no "
+                          "weights to prune")
+    if cfg.init_weights:
+        check_fits(Path(cfg.init_weights), {"name": model_name, "kwargs": model_kwargs},
+                   f"--model {model_name}")
     if cfg.method == "dense" or cfg.sparsity >= 1:
         return
-    shapes = weight_shapes(model_name, model_kwargs)
     total = sum(math.prod(s) for s in shapes)
     if round(cfg.sparsity * total) < len(shapes):
         raise ConfigError(
@@ -238,12 +250,21 @@ class Setup:
                                                  self.cfg.batch_size)
 
     def new_model(self, seed_tag: str, kwargs: dict | None = None) -> torch.nn.Module:
-        """A freshly initialised model (from the pretrained folder when given), on the device;
-        ``kwargs`` replaces the run's model kwargs (a narrower student)."""
+        """A freshly initialised model (from the pretrained folder or --init-weights when
+        given), on the device; ``kwargs`` replaces the run's model kwargs (a narrower student,
+        which starts fresh)."""
         with seeded(derive_seed(self.cfg.seed, seed_tag), self.device):
             model = build_model(self.model_name, kwargs or self.model_kwargs)
         if self.cfg.pretrained:
             model.load_pretrained(self.cfg.pretrained)
+        if self.cfg.init_weights and kwargs is None:
+            tensors = load_tensors(Path(self.cfg.init_weights))
+            bad = [k for k, v in tensors.items() if v.is_floating_point() and
+                   not torch.isfinite(v).all()]
+            if bad:
+                raise ConfigError(f"--init-weights {self.cfg.init_weights}: non-finite values "
+                                  f"in {', '.join(bad[:3])}")
+            model.load_state_dict(tensors)
         return model.to(self.device)
 
     def new_state(self, model: torch.nn.Module,
@@ -335,6 +356,8 @@ def _setup(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
     check_compatible(model_name, ds.kind, cfg.dataset)
     if cfg.pretrained and model_name not in ("bert", "roberta"):
         raise ConfigError(f"--pretrained works with bert and roberta, not {model_name}")
+    if cfg.pretrained and cfg.init_weights:
+        raise ConfigError("--pretrained and --init-weights both give starting weights; pass one")
     opt_name, lr = resolve_optimizer(cfg.optimizer, model_name, cfg.lr, bool(cfg.pretrained))
 
     tokenizer = None
@@ -353,6 +376,8 @@ def _setup(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
                                 "dataset_fingerprint": fingerprint, "num_samples": len(ds),
                                 "num_classes": ds.num_classes, "input_shape": ds.input_shape(),
                                 "optimizer": {"name": opt_name, "lr": lr},
+                                "init_weights_sha256": (sha256_file(Path(cfg.init_weights))
+                                                        if cfg.init_weights else None),
                                 "versions": _versions(), "device": str(device),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         splits.save(run.splits)
@@ -396,8 +421,9 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
 
 
 # What decides the dense model: a dense run may stand in for another run's only if these agree.
-DENSE_KEYS = ("model", "dataset", "max_samples", "epochs", "batch_size", "optimizer", "lr",
-              "momentum", "weight_decay", "seed", "pretrained", "max_length", "vocab_size")
+DENSE_KEYS = ("model", "init_weights", "dataset", "max_samples", "epochs", "batch_size",
+              "optimizer", "lr", "momentum", "weight_decay", "seed", "pretrained", "max_length",
+              "vocab_size")
 
 
 def _check_dense_from(dense: RunDir, setup: Setup) -> RunDir:
@@ -426,7 +452,7 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
     model = setup.new_model("init")
     weights = [p for _, p in maskable(model)]
     masks = init_masks(weights, cfg.sparsity, generator(cfg.seed, "mask"),
-                       by_magnitude=bool(cfg.pretrained))
+                       by_magnitude=bool(cfg.pretrained or cfg.init_weights))
     state = setup.new_state(model, masks)
     state.masking.apply()
     sampler = BatchSampler(splits.members, cfg.batch_size, generator(cfg.seed, "sampler"))

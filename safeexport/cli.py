@@ -30,6 +30,7 @@ def _split_list(ctx, param, value):
 
 def _default_out(dataset: str, model: str, sparsity: float) -> Path:
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.split(":", 1)[-1]).name or dataset)
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)  # package.module:factory
     return Path("runs") / f"{tag}-{model}-s{sparsity:g}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -79,9 +80,9 @@ def _field_option(name: str):
 
 # The options that decide how a model is trained, shared by `compress` and `study`.
 TRAINING_OPTIONS = [
-    click.option("--model", default="auto", show_default=True,
-                 help="auto, cnn, mlp, alexnet, vgg16, resnet18, bert, roberta "
-                      "(auto = cnn for images, mlp for tables, bert for text)."),
+    click.option("--model", default="auto", show_default=True, help=COMPRESS_HELP["model"]),
+    click.option("--init-weights", type=click.Path(dir_okay=False),
+                 help=COMPRESS_HELP["init_weights"]),
     click.option("--dataset", default="digits", show_default=True,
                  help="digits (embedded, no download), synthetic, fashionmnist, mnist, cifar10, "
                       "cifar100, tinyimagenet, purchase100, texas100, agnews, yelp5, npz:PATH "

@@ -103,22 +103,28 @@ def load_model(run: RunDir, weights: Path | None = None) -> torch.nn.Module:
     on CPU in eval mode."""
     spec = run.read_json(run.model_json)
     weights = weights or run.model
-    # Built on the meta device first (nothing allocated), so a model.json that asks for a
-    # model of absurd size, or one the weights do not fit, is refused before memory is spent.
+    check_fits(weights, spec, str(run.model_json))
+    model = build_from_spec(spec)
+    model.load_state_dict(load_tensors(weights))
+    return model.eval()
+
+
+def check_fits(weights: Path, spec: dict, described_by: str) -> None:
+    """Refuse a safetensors file whose tensor names and shapes are not those of the model
+    ``spec`` (a model.json dict) describes. The model is built on the meta device (nothing
+    allocated), so a spec asking for a model of absurd size is refused before memory is spent;
+    ``described_by`` names where the spec came from."""
     try:
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in build_from_spec(spec).state_dict().items()}
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"{run.model_json}: cannot build {spec.get('name')!r} from it "
+        raise ConfigError(f"{described_by}: cannot build {spec.get('name')!r} from it "
                           f"({e})") from e
     stored = tensor_shapes(weights)
     if stored != shapes:
         diff = sorted(set(stored.items()) ^ set(shapes.items()))[:3]
-        raise ConfigError(f"{weights} does not fit the model {run.model_json} describes "
+        raise ConfigError(f"{weights} does not fit the model {described_by} describes "
                           f"(e.g. {diff})")
-    model = build_from_spec(spec)
-    model.load_state_dict(load_tensors(weights))
-    return model.eval()
 
 
 def load_data(run: RunDir, data_dir: Path | None = None) -> tuple[ArrayDataset, Splits]:

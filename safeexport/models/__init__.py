@@ -1,9 +1,22 @@
 """Model registry. A model is named and built from JSON kwargs (saved as ``model.json``) so any
-stage can rebuild it without code from the run directory."""
+stage can rebuild it without code from the run directory.
 
+Besides the built-in names, a model is a user's factory, named ``package.module:factory`` (from
+the working directory or PYTHONPATH) or installed as a plugin under the ``safeexport.models``
+entry-point group. A factory is called as ``factory(input_shape=(C, H, W) or (D,),
+num_classes=K)`` and returns an ``nn.Module`` taking float inputs (images scaled to [0, 1]).
+model.json records the name, so export and evaluate import the same factory again: a run
+names code that is already installed, it never carries code itself.
+"""
+
+import importlib
 import math
+import os
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import numpy as np
 import torch
@@ -39,10 +52,87 @@ MODELS.register("roberta", ModelInfo(lambda **kw: TextClassifier("roberta", **kw
 
 DEFAULT_MODEL = {"image": "cnn", "tabular": "mlp", "text": "bert"}
 
+ENTRY_POINT_GROUP = "safeexport.models"
+FACTORY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+USER_KINDS = ("image", "tabular")  # what a factory's (input_shape, num_classes) can describe
+
+
+def is_factory(name: str) -> bool:
+    """Whether ``name`` is written as a user factory, ``package.module:factory``."""
+    return FACTORY_RE.fullmatch(name) is not None
+
+
+def plugin_names() -> list[str]:
+    """Models installed by other packages under the ``safeexport.models`` entry points."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def known_model(name: str) -> bool:
+    """Whether ``name`` can name a model (checked without importing anything): a built-in, a
+    plugin, or a ``package.module:factory`` reference."""
+    return name in MODELS or is_factory(name) or name in plugin_names()
+
+
+def _import_factory(ref: str) -> Callable[..., nn.Module]:
+    """The callable ``package.module:factory`` names; the working directory is searched as
+    Python itself does for ``python -m`` (a console script's path does not include it)."""
+    module_name, attr = ref.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - a user's module can fail in any way on import
+        raise ConfigError(f"cannot import the model factory {ref}: {type(e).__name__}: {e} "
+                          "(is its folder the working directory or on PYTHONPATH?)") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model factory {ref}: module {module_name} has no callable "
+                          f"{attr!r}")
+    return factory
+
+
+def _user_build(ref: str, factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``build(**model_json_kwargs)`` for a user factory: calls it with the input shape and
+    class count and checks that it built a module."""
+
+    def build(input_shape: list[int], num_classes: int) -> nn.Module:
+        try:
+            model = factory(input_shape=tuple(input_shape), num_classes=num_classes)
+        except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
+            raise ConfigError(f"model factory {ref} failed to build a model for input_shape="
+                              f"{tuple(input_shape)}, num_classes={num_classes}: "
+                              f"{type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model factory {ref} returned {type(model).__name__}, not a "
+                              "torch.nn.Module")
+        return model
+
+    return build
+
+
+def model_info(name: str) -> ModelInfo:
+    """The built-in model ``name``, a plugin of that name, or the user factory
+    ``package.module:factory``; a ConfigError naming the choices otherwise."""
+    if name in MODELS:
+        return MODELS.get(name)
+    if is_factory(name):
+        return ModelInfo(_user_build(name, _import_factory(name)), USER_KINDS,
+                         f"user model {name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            factory = ep.load()
+        except Exception as e:  # noqa: BLE001 - an installed plugin can fail in any way
+            raise ConfigError(f"cannot load the model plugin {name} ({ep.value}): "
+                              f"{type(e).__name__}: {e}") from e
+        return ModelInfo(_user_build(name, factory), USER_KINDS, f"plugin model {ep.value}")
+    known = [*MODELS.names(), *plugin_names()]
+    raise ConfigError(f"unknown model {name!r}; known: {', '.join(known)}, or your own as "
+                      "package.module:factory")
+
 
 def check_compatible(model: str, kind: str, dataset: str) -> None:
     """Refuse a model that cannot read this kind of data, naming the ones that can."""
-    info = MODELS.get(model)
+    info = model_info(model)
     if kind not in info.kinds:
         ok = [n for n in MODELS.names() if kind in MODELS.get(n).kinds]
         raise ConfigError(f"model {model} takes {'/'.join(info.kinds)} data but {dataset} is "
@@ -51,7 +141,10 @@ def check_compatible(model: str, kind: str, dataset: str) -> None:
 
 def image_kwargs(model: str, ds: ArrayDataset, train_idx: np.ndarray) -> dict:
     """Constructor kwargs for an image or tabular model, from the data (stats of training data
-    only, so normalisation leaks nothing about non-members)."""
+    only, so normalisation leaks nothing about non-members). A user's model gets the input
+    shape and class count."""
+    if model not in MODELS:
+        return {"input_shape": list(ds.input_shape()), "num_classes": ds.num_classes}
     if model == "mlp":
         return {"in_features": int(np.prod(ds.input_shape())), "num_classes": ds.num_classes}
     x = ds.x[train_idx].astype(np.float32) / 255.0
@@ -65,7 +158,7 @@ def image_kwargs(model: str, ds: ArrayDataset, train_idx: np.ndarray) -> dict:
 def build_model(name: str, kwargs: dict) -> nn.Module:
     """Instantiate a registered model from its JSON kwargs."""
     try:
-        return MODELS.get(name).build(**kwargs)
+        return model_info(name).build(**kwargs)
     except TypeError as e:
         raise ConfigError(f"model {name}: bad arguments in model.json ({e})") from e
 

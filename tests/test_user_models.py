@@ -1,0 +1,190 @@
+"""A user's own model: ``--model package.module:factory`` from the working directory, a plugin
+installed under the ``safeexport.models`` entry points, and ``--init-weights``."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from compressor import compress
+from compressor.run import _setup
+from device_eval import evaluate
+from device_eval.config import EvalConfig
+from exporters import export
+from exporters.config import ExportConfig
+from safeexport.cli import main
+from safeexport.errors import ConfigError
+from safeexport.models import build_model, model_info, plugin_names
+from safeexport.rundir import RunDir, load_tensors, sha256_file
+from tests.conftest import FAST_EXPORT, REPO, tiny_config
+
+# A module a user keeps beside their data: one factory that builds, and broken ones.
+USER_MODULE = textwrap.dedent("""
+    from torch import nn
+
+    BUILT = []
+
+    def tinynet(input_shape, num_classes):
+        BUILT.append((input_shape, num_classes))
+        return nn.Sequential(nn.Conv2d(input_shape[0], 6, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(24, num_classes))
+
+    def raises(input_shape, num_classes):
+        raise RuntimeError("my factory is broken")
+
+    def not_a_module(input_shape, num_classes):
+        return "a string"
+
+    def wrong_logits(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[1] * input_shape[2], 3))
+
+    class Mean(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.num_classes = num_classes
+
+        def forward(self, x):
+            return x.flatten(1).mean(1, keepdim=True).expand(-1, self.num_classes)
+
+    def no_weights(input_shape, num_classes):
+        return Mean(num_classes)
+""")
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """A working directory holding the user's module (a fresh name per test, so an import
+    cached by an earlier test cannot stand in for this one's)."""
+    name = f"usernets_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield tmp_path, name
+    sys.modules.pop(name, None)
+
+
+def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
+    """The user's factory, named on the command line as a new user would (the console script
+    does not have the working directory on its path), trains, and export and evaluate rebuild
+    it from model.json in this process."""
+    folder, name = user_dir
+    out = folder / "run"
+    cfg = tiny_config(model=f"{name}:tinynet")
+    args = [sys.executable, "-c", "from safeexport.cli import main; main()", "compress",
+            "--out", str(out), "--no-progress"]
+    for key, value in cfg.to_dict().items():
+        if value is not None and key in ("dataset", "model", "sparsity", "epochs",
+                                         "update_frequency", "batch_size", "finetune_iters",
+                                         "attack_epochs", "attack_finetune_epochs",
+                                         "final_attack_epochs", "max_samples", "device"):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(folder)}
+    done = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    spec = json.loads((out / "model.json").read_text())
+    assert spec == {"name": f"{name}:tinynet",
+                    "kwargs": {"input_shape": [1, 8, 8], "num_classes": 4}}
+    weights = load_tensors(out / "model.safetensors")
+    assert set(weights) == {"0.weight", "0.bias", "4.weight", "4.bias"}
+    density = sum(int((weights[k] != 0).sum()) for k in ("0.weight", "4.weight")) / \
+        sum(weights[k].numel() for k in ("0.weight", "4.weight"))
+    assert abs(density - 0.2) < 0.01  # the factory's Conv and Linear were masked at Ω = 0.2
+
+    exported = export(ExportConfig(format="onnx", bits=8, **FAST_EXPORT), out)
+    assert exported.manifest["parity"]["agreement"] > 0.9
+    res = evaluate(exported.path, EvalConfig(attack_epochs=2, attack_seeds=1))
+    assert res.report["before"]["task_acc"] == pytest.approx(
+        json.loads((out / "report.json").read_text())["compressed"]["task_acc"], abs=1e-6)
+    assert sys.modules[name].BUILT  # export/evaluate imported the factory again
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("no_such_module_xyz:build", "cannot import the model factory no_such_module_xyz:build"),
+    ("{name}:missing", "has no callable 'missing'"),
+    ("{name}:raises", "failed to build a model for input_shape=(1, 8, 8), num_classes=4: "
+                      "RuntimeError: my factory is broken"),
+    ("{name}:not_a_module", "returned str, not a torch.nn.Module"),
+    ("{name}:wrong_logits", "must return logits of shape (batch, 4), got (2, 3)"),
+    ("{name}:no_weights", "has no Conv or Linear layer"),
+    ("not a module path", "unknown model 'not a module path'"),
+])
+def test_a_factory_that_cannot_build_is_one_line_and_writes_nothing(user_dir, factory, message):
+    folder, name = user_dir
+    out = folder / "run"
+    result = CliRunner().invoke(main, ["compress", "--model", factory.format(name=name),
+                                       "--dataset", "synthetic", "--max-samples", "200",
+                                       "--update-frequency", "10", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert not out.exists()
+
+
+def test_a_plugin_under_the_entry_point_group_is_a_model(tmp_path, monkeypatch):
+    """An installed package's ``[safeexport.models]`` entry point: discovered through its
+    dist-info, listed with the known models, built with the input shape and class count."""
+    site = tmp_path / "site"
+    (site / "acme_nets").mkdir(parents=True)
+    (site / "acme_nets" / "__init__.py").write_text(
+        "from torch import nn\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], num_classes))\n")
+    info = site / "acme_nets-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-nets\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[safeexport.models]\nacme-mlp = acme_nets:build\n")
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        assert "acme-mlp" in plugin_names()
+        model = build_model("acme-mlp", {"input_shape": [30], "num_classes": 4})
+        assert model(torch.zeros(2, 30)).shape == (2, 4)
+        assert model_info("acme-mlp").kinds == ("image", "tabular")
+        with pytest.raises(ConfigError, match="acme-mlp, or your own as package.module"):
+            model_info("acme-cnn")
+    finally:
+        sys.modules.pop("acme_nets", None)
+
+
+def test_init_weights_start_from_the_file_and_are_recorded(tmp_path, monkeypatch):
+    """--init-weights: the initial model holds the file's weights (the dense run's here), the
+    initial mask keeps each layer's largest of them, and config.json records the file's hash."""
+    dense = compress(tiny_config(method="dense", epochs=2), tmp_path / "dense", progress=False)
+    init = str(dense.model)
+    cfg = tiny_config(init_weights=init, epochs=2, update_frequency=4, dense_reference=False)
+    _, setup = _setup(cfg, RunDir(tmp_path / "run"), False, False, False)
+    model = setup.new_model("init")
+    given = load_tensors(dense.model)
+    assert all(torch.equal(v, given[k]) for k, v in model.state_dict().items())
+    student = setup.new_model("student", {**setup.model_kwargs, "width": 0.5})
+    assert student.state_dict()["features.0.weight"].shape[0] < given["features.0.weight"].shape[0]
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["init_weights_sha256"] == sha256_file(dense.model)
+
+    import compressor.run
+
+    calls = []
+    real = compressor.run.init_masks
+    monkeypatch.setattr(compressor.run, "init_masks",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    compress(cfg, tmp_path / "sc", progress=False)
+    assert calls == [{"by_magnitude": True}]
+
+
+def test_init_weights_that_do_not_fit_the_model_are_refused_before_writing(tmp_path):
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, str(wrong))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="does not fit the model --model cnn describes"):
+        compress(tiny_config(init_weights=str(wrong)), out, progress=False)
+    assert not out.exists()
+    pickle = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, pickle)
+    with pytest.raises(ConfigError, match="is not a .safetensors file"):
+        tiny_config(init_weights=str(pickle))
