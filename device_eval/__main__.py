@@ -2,7 +2,7 @@
 
 import sys
 
-from safeexport.cli import main
+from commands.cli import main
 
 if __name__ == "__main__":
     main(["evaluate", *sys.argv[1:]], prog_name="python -m device_eval")

@@ -1,3 +1,22 @@
-"""safeexport: compress a network for phones without making it leak its training data."""
+"""safeexport: compress a network for phones without making it leak its training data.
+
+The public API, one function per command (see ``commands.api`` for the parameters)::
+
+    from safeexport import compress, export, evaluate, replay, study
+"""
 
 __version__ = "0.1.0"
+
+API = ("compress", "replay", "export", "evaluate", "study")
+__all__ = [*API, "__version__"]
+
+
+def __getattr__(name: str):
+    # The API lives in the command layer above the stages (commands/api.py); it is resolved on
+    # first use so that importing the core (safeexport.config, .rundir, ...) never pulls the
+    # stages in, and no module of the core imports a stage.
+    if name in API:
+        from commands import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'safeexport' has no attribute {name!r}")

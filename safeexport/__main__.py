@@ -1,5 +1,5 @@
 """``python -m safeexport`` is the ``safeexport`` command."""
 
-from safeexport.cli import main
+from commands.cli import main
 
 main()

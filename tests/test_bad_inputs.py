@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from commands.cli import main
 from compressor import compress
-from safeexport.cli import main
 from safeexport.errors import ConfigError, TrainingError
 from safeexport.rundir import RunDir, sha256_file, write_json
 from tests.conftest import tiny_config

@@ -269,7 +269,7 @@ def test_tabular_with_the_mlp_and_regularizer(tmp_path):
 def test_run_replays_a_recorded_config_and_a_yaml_of_the_same_keys(tmp_path):
     from click.testing import CliRunner
 
-    from safeexport.cli import main
+    from commands.cli import main
     from safeexport.rundir import sha256_file
 
     first = compress(tiny_config(epochs=2, update_frequency=5, dense_reference=False),

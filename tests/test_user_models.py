@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from commands.cli import main
 from compressor import compress
 from compressor.run import _setup
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from exporters import export
 from exporters.config import ExportConfig
-from safeexport.cli import main
 from safeexport.errors import ConfigError
 from safeexport.models import build_model, model_info, plugin_names
 from safeexport.rundir import RunDir, load_tensors, sha256_file
@@ -76,7 +76,7 @@ def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
     folder, name = user_dir
     out = folder / "run"
     cfg = tiny_config(model=f"{name}:tinynet")
-    args = [sys.executable, "-c", "from safeexport.cli import main; main()", "compress",
+    args = [sys.executable, "-c", "from commands.cli import main; main()", "compress",
             "--out", str(out), "--no-progress"]
     for key, value in cfg.to_dict().items():
         if value is not None and key in ("dataset", "model", "sparsity", "epochs",

@@ -2,14 +2,13 @@
 stage's verb. Heavy imports happen inside the commands so ``--help`` stays instant."""
 
 import dataclasses
-import re
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import click
 
+from commands import api
 from compressor.config import CompressConfig
 from device_eval.config import EvalConfig
 from exporters.config import ExportConfig
@@ -26,12 +25,6 @@ def _split_list(ctx, param, value):
     if value is None:
         return None
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _default_out(dataset: str, model: str, sparsity: float) -> Path:
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.split(":", 1)[-1]).name or dataset)
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)  # package.module:factory
-    return Path("runs") / f"{tag}-{model}-s{sparsity:g}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class Main(click.Group):
@@ -174,8 +167,6 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
     Writes config.json, splits.npz, model.safetensors, attacker.safetensors, history.jsonl,
     report.json, curve.png and roc.png into the run directory.
     """
-    from compressor import compress as run_compress
-
     fields = [f.name for f in dataclasses.fields(CompressConfig)]  # every flag but the run's own
     if resume:
         if out is None:
@@ -185,13 +176,10 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
         if given:
             raise click.UsageError(f"--resume takes the configuration from {out}/config.json; "
                                    f"drop {', '.join(given)}")
-        cfg = None
+        run = api.compress(out, resume=True, progress=progress)
     else:
-        cfg = CompressConfig(**{k: flags[k] for k in fields})
-    if out is None:
-        out = _default_out(cfg.dataset, cfg.model, cfg.sparsity)
-    run = run_compress(cfg or CompressConfig(), out, resume=resume, overwrite=overwrite,
-                       progress=progress)
+        run = api.compress(out, overwrite=overwrite, progress=progress,
+                           **{k: flags[k] for k in fields})
     click.echo(f"run directory: {run.path}")
 
 
@@ -208,11 +196,7 @@ def run_cmd(config_file: Path, out: Path | None, overwrite: bool,
     hand-written YAML/JSON file of the same keys (see config.json's "config" entry; keys left
     out take the defaults of `safeexport compress`), into a new run directory. The file is
     validated with the same messages as the command line."""
-    from compressor import compress as run_compress
-
-    cfg = CompressConfig.from_file(config_file)
-    run = run_compress(cfg, out or _default_out(cfg.dataset, cfg.model, cfg.sparsity),
-                       overwrite=overwrite, progress=progress)
+    run = api.replay(config_file, out, overwrite=overwrite, progress=progress)
     click.echo(f"run directory: {run.path}")
 
 
@@ -245,17 +229,12 @@ def study_cmd(methods: list[str] | None, bits: list[str], fmt: str, seeds: int, 
     With --compare METHODS: each method at --sparsity on the same split and seeds (the
     paper's table: task accuracy, MIA accuracy, TM-score, AUC, TPR, wall time).
     """
-    from study import compare, study
-
-    cfg = CompressConfig(**flags)
-    if methods is not None:
-        res = compare(cfg, out, methods, seeds, progress)
-    else:
-        try:
-            widths = [int(b) for b in bits]
-        except ValueError as e:
-            raise click.BadParameter(f"--bits takes integers, got {','.join(bits)}") from e
-        res = study(cfg, out, widths, fmt, seeds, progress)
+    try:
+        widths = [int(b) for b in bits]
+    except ValueError as e:
+        raise click.BadParameter(f"--bits takes integers, got {','.join(bits)}") from e
+    res = api.study(out, compare=methods, bits=widths, format=fmt, seeds=seeds,
+                    progress=progress, **flags)
     click.echo(res.markdown)
     click.echo("wrote " + ", ".join(str(p) for p in res.files))
 
@@ -302,21 +281,21 @@ def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_
     compared with the PyTorch model, then read back to verify the stored bit widths and that
     pruned weights are still zero; the figures go into a manifest beside the file.
     """
-    from exporters import export, export_all
-
-    cfg = ExportConfig(format=fmt, bits=int(bits), **flags)
     if all_variants:
         if out is not None:
             raise click.UsageError("--all writes into RUN/exports/; drop --out")
-        rows = export_all(cfg, run_dir, overwrite, data_dir, progress)
+        rows = api.export(run_dir, all_variants=True, overwrite=overwrite, data_dir=data_dir,
+                          progress=progress, format=fmt, bits=int(bits), **flags)
         _print_export_table(rows)
         if any(r["status"] != "ok" for r in rows):
             sys.exit(1)
         return
-    res = export(cfg, run_dir, out, overwrite, data_dir)
+    res = api.export(run_dir, out=out, overwrite=overwrite, data_dir=data_dir, format=fmt,
+                     bits=int(bits), **flags)
     from exporters.run import summary
 
-    _print_export_table([{"name": cfg.name(), "status": "ok", **summary(res.manifest)}])
+    name = ExportConfig(format=fmt, bits=int(bits), **flags).name()
+    _print_export_table([{"name": name, "status": "ok", **summary(res.manifest)}])
     for w in res.manifest["warnings"]:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"wrote {res.path} and {res.manifest_path.name}")
@@ -376,9 +355,8 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     --max-mia-rise with a paired 95% interval that excludes zero, and task accuracy fell by at
     most --max-task-drop; 1 when not; 2 for an error.
     """
-    from device_eval import evaluate
-
-    res = evaluate(model_file, EvalConfig(**flags), run_dir, json_out, data_dir, overwrite)
+    res = api.evaluate(model_file, run=run_dir, json_out=json_out, data_dir=data_dir,
+                       overwrite=overwrite, **flags)
     r = res.report
     click.echo(f"{model_file.name} on {r['runtime']['name']} ({r['runtime']['version']}), "
                f"{r['samples']['eval_members']}+{r['samples']['eval_nonmembers']} unknown "

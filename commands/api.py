@@ -1,0 +1,110 @@
+"""The public Python API: one function per command, with the command's options as keyword
+arguments (``--update-frequency`` is ``update_frequency=``; ``--json`` is ``json_out=``, ``--all``
+is ``all_variants=``, ``study --compare`` is ``compare=``). The command line calls these
+functions, so both take the same path and give the same errors: a ``SafeExportError``
+(``ConfigError``, ``DataError``, ...) whose message is the command's one line, or ``TypeError``
+for an option that does not exist.
+
+    from safeexport import compress, export, evaluate
+
+    run = compress("runs/digits", dataset="digits", sparsity=0.05, epochs=40)
+    exported = export(run.path, format="tflite", bits=8)
+    report = evaluate(exported.path)
+    print(report.passed, report.report["verdict"]["attack"])
+"""
+
+import re
+import time
+from pathlib import Path
+
+from compressor.config import CompressConfig
+from device_eval.config import EvalConfig
+from exporters.config import ExportConfig
+from safeexport.errors import ConfigError
+
+
+def default_out(dataset: str, model: str, sparsity: float) -> Path:
+    """``runs/<dataset>-<model>-s<sparsity>-<time>``, with characters a folder name should not
+    carry (a path's slashes, a factory's colon) replaced."""
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.split(":", 1)[-1]).name or dataset)
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    return Path("runs") / f"{tag}-{model}-s{sparsity:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def compress(out: Path | str | None = None, *, resume: bool = False, overwrite: bool = False,
+             progress: bool | None = None, **options):
+    """``safeexport compress``: SafeCompress (or ``method=`` a baseline) into the run directory
+    ``out`` (default ``runs/<dataset>-<model>-s<sparsity>-<time>``); ``options`` are
+    CompressConfig's fields. ``resume=True`` continues the run in ``out`` with its recorded
+    config (no options then). Returns the ``RunDir``."""
+    from compressor.run import compress as run_compress
+
+    if resume:
+        if out is None:
+            raise ConfigError("resume needs the run directory (out)")
+        if options:
+            raise ConfigError(f"resume takes the configuration from {out}/config.json; drop "
+                              f"{', '.join(sorted(options))}")
+        return run_compress(CompressConfig(), out, resume=True, progress=progress)
+    cfg = CompressConfig(**options)
+    return run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
+                        overwrite=overwrite, progress=progress)
+
+
+def replay(config_file: Path | str, out: Path | str | None = None, *, overwrite: bool = False,
+           progress: bool | None = None):
+    """``safeexport run``: compress again with a run's recorded config.json, or a YAML/JSON file
+    of the same keys, into ``out``. Returns the new ``RunDir``."""
+    from compressor.run import compress as run_compress
+
+    cfg = CompressConfig.from_file(Path(config_file))
+    return run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
+                        overwrite=overwrite, progress=progress)
+
+
+def export(run: Path | str | None = None, *, out: Path | str | None = None,
+           all_variants: bool = False, overwrite: bool = False,
+           data_dir: Path | str | None = None, progress: bool | None = None, **options):
+    """``safeexport export``: quantize and convert the run's model (default: the newest
+    finished run under runs/); ``options`` are ExportConfig's fields (``format``, ``bits``,
+    ``scheme``...). Returns the ``ExportedModel`` (file, manifest), or with
+    ``all_variants=True`` one row per format x bit width (failed ones carry their reason)."""
+    from exporters.run import export as run_export
+    from exporters.run import export_all
+
+    cfg = ExportConfig(**options)
+    data = Path(data_dir) if data_dir is not None else None
+    if all_variants:
+        if out is not None:
+            raise ConfigError("all_variants writes into RUN/exports/; drop out")
+        return export_all(cfg, run, overwrite, data, progress)
+    return run_export(cfg, run, Path(out) if out is not None else None, overwrite, data)
+
+
+def evaluate(model_file: Path | str, *, run: Path | str | None = None,
+             json_out: Path | str | None = None, data_dir: Path | str | None = None,
+             overwrite: bool = False, **options):
+    """``safeexport evaluate``: task accuracy and membership attacks on ``model_file`` in its
+    runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
+    fields. Returns the ``EvalReport`` (``.passed``, ``.report``, ``.json_path``)."""
+    from device_eval.run import evaluate as run_evaluate
+
+    return run_evaluate(model_file, EvalConfig(**options), run,
+                        Path(json_out) if json_out is not None else None,
+                        Path(data_dir) if data_dir is not None else None, overwrite)
+
+
+def study(out: Path | str, *, compare: list[str] | None = None,
+          bits: list[int] = (8, 4, 3, 2), format: str = "tflite", seeds: int = 1,
+          progress: bool | None = None, **options):
+    """``safeexport study``: the prune → retrain → quantize study (``bits`` in ``format``), or
+    with ``compare=[methods]`` the methods side by side, ``seeds`` seeds each, into ``out``;
+    ``options`` are the training fields of CompressConfig. Returns the ``StudyResult``
+    (``rows``, ``markdown``, ``files``)."""
+    from study import compare as run_compare
+    from study import study as run_study
+
+    cfg = CompressConfig(**options)
+    if compare is not None:
+        return run_compare(cfg, out, list(compare), seeds, progress)
+    return run_study(cfg, out, list(bits), format, seeds, progress)
