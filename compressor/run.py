@@ -1,161 +1,41 @@
 """``compress(config, out)``: data → membership split → sparse init → SafeCompress loop →
 final evaluation (and a dense reference) → run directory."""
 
-import math
-import platform
 import shutil
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import safeexport
 from compressor.config import CompressConfig
 from compressor.masking import Masking, init_masks, maskable
 from compressor.regularizers import REGULARIZERS
 from compressor.safecompress import mask_update
+from compressor.setup import Setup, check_dense_from, check_out, mask_updates, prepare, train_dense
 from compressor.train import (
     BatchSampler,
     TrainState,
     cosine,
-    iters_per_epoch,
-    make_optimizer,
-    model_loss,
     predict_logits,
-    resolve_device,
-    resolve_optimizer,
-    train_batches,
     train_steps,
 )
 from safeexport.attacks.final import final_membership, model_figures
-from safeexport.data import ArrayDataset, load_dataset
-from safeexport.data.splits import Splits, make_splits
-from safeexport.errors import ConfigError, DataError
+from safeexport.data import ArrayDataset
+from safeexport.data.splits import Splits
+from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy
-from safeexport.models import (
-    DEFAULT_MODEL,
-    build_model,
-    check_compatible,
-    image_kwargs,
-    weight_shapes,
-)
 from safeexport.plots import fmt_figure, plot_curve, plot_roc, roc_curves
 from safeexport.rundir import (
     RunDir,
-    atomic_write,
     load_metadata,
     load_tensors,
-    make_dir,
     save_tensors,
-    sha256_file,
     write_json,
 )
-from safeexport.runio import check_fits
-from safeexport.seeding import derive_seed, generator, seeded
-
-
-def _versions() -> dict:
-    import transformers
-
-    return {"safeexport": safeexport.__version__, "torch": torch.__version__,
-            "numpy": np.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def _check_out(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs or to touch a folder that is not provably a run; nothing is deleted
-    here (``--overwrite`` clears only after the new run's inputs have been validated)."""
-    if run.path.exists() and not run.path.is_dir():
-        raise ConfigError(f"--out {run.path} is a file, not a folder; choose another --out")
-    if resume:
-        if not run.is_run():
-            raise ConfigError(f"--resume: {run.path} holds no run to resume (no safeexport "
-                              "config.json)")
-        return
-    if run.is_run() and not overwrite:
-        cfg = run.read_config()["config"]
-        raise ConfigError(
-            f"{run.path} already holds a run ({cfg.get('model')} on {cfg.get('dataset')}, "
-            f"sparsity {cfg.get('sparsity')}); pass --resume to continue it, --overwrite to "
-            "replace it, or choose another --out")
-    foreign = run.foreign()
-    if foreign and not run.is_run():
-        raise ConfigError(f"{run.path} exists, is not empty and is not a run directory "
-                          f"(it holds {', '.join(foreign[:3])}); choose another --out")
-    if foreign:
-        raise ConfigError(f"{run.path} holds a run and files that are not the run's own "
-                          f"({', '.join(foreign[:3])}); --overwrite replaces only a run's own "
-                          "files, so move them or choose another --out")
-
-
-def _check_budget(cfg: CompressConfig, model_name: str, model_kwargs: dict,
-                  ds: ArrayDataset) -> None:
-    """Refuse, before anything is written, a model that cannot take the data's images or
-    features (too small for its pooling, say) and a sparsity that keeps less than one weight
-    per layer. Checked on the meta device: nothing is allocated. (Text inputs are token ids
-    of the run's own length, which every text model takes.)"""
-    if ds.kind != "text":
-        with torch.device("meta"):
-            model = build_model(model_name, model_kwargs).eval()
-            try:
-                out = model(torch.zeros((2, *ds.input_shape())))
-            except (RuntimeError, ValueError) as e:
-                raise ConfigError(f"model {model_name} cannot take inputs of shape "
-                                  f"{list(ds.input_shape())} ({str(e).splitlines()[0]}); use "
-                                  "larger inputs or another --model (mlp takes any size)") from e
-            if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (2, ds.num_classes)):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ConfigError(f"model {model_name} must return logits of shape (batch, "
-                                  f"{ds.num_classes}), got {got} for a batch of 2")
-    shapes = weight_shapes(model_name, model_kwargs)
-    if not shapes:
-        raise ConfigError(f"model {model_name} has no Conv or Linear layer: there are no "
-                          "weights to prune")
-    if cfg.init_weights:
-        check_fits(Path(cfg.init_weights), {"name": model_name, "kwargs": model_kwargs},
-                   f"--model {model_name}")
-    if cfg.method == "dense" or cfg.sparsity >= 1:
-        return
-    total = sum(math.prod(s) for s in shapes)
-    if round(cfg.sparsity * total) < len(shapes):
-        raise ConfigError(
-            f"--sparsity {cfg.sparsity:g} keeps round({cfg.sparsity:g} x {total:,}) = "
-            f"{round(cfg.sparsity * total)} of {model_name}'s weights, fewer than one per layer "
-            f"({len(shapes)} layers); the smallest --sparsity that keeps one per layer is "
-            f"{len(shapes) / total:.2g}")
-
-
-def _prepare_text(cfg: CompressConfig, model_name: str, ds: ArrayDataset, splits: Splits,
-                  run: RunDir, resume: bool) -> tuple[ArrayDataset, dict, bytes]:
-    """Tokenize text with the pretrained folder's tokenizer, or one trained on the members
-    (the run's own on resume); also returns the tokenizer file's bytes, to be written once the
-    run's inputs are all valid."""
-    from tokenizers import Tokenizer
-
-    from safeexport.models.text import (
-        encode,
-        pad_id_of,
-        pretrained_tokenizer,
-        text_config,
-        train_tokenizer,
-    )
-
-    if resume:
-        tok = Tokenizer.from_file(str(run.tokenizer))
-    elif cfg.pretrained:
-        tok = pretrained_tokenizer(cfg.pretrained)
-    else:
-        tok = train_tokenizer(model_name, list(ds.x[splits.members]), cfg.vocab_size)
-    ids = encode(tok, ds.x, cfg.max_length)
-    pad = pad_id_of(tok)
-    kwargs = {"config": text_config(model_name, tok.get_vocab_size(), ds.num_classes,
-                                    cfg.max_length, pad, cfg.pretrained), "pad_id": pad}
-    return (ArrayDataset(ds.name, "text", ids, ds.y, ds.num_classes, ds.class_names), kwargs,
-            tok.to_str().encode())
+from safeexport.seeding import derive_seed, generator
 
 
 def _save_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler, rnd: int, it: int,
@@ -225,167 +105,6 @@ def _layer_density_check(state: TrainState) -> None:
             raise AssertionError(f"{name}: pruned weights are not zero")
 
 
-@dataclass
-class Setup:
-    """What every method starts from, all fixed by the config and seed: the run directory, the
-    data and its membership split, the architecture and the optimizer. Every method of one seed
-    sees the same members, non-members and test samples."""
-
-    cfg: CompressConfig
-    run: RunDir
-    ds: ArrayDataset
-    splits: Splits
-    device: torch.device
-    model_name: str
-    model_kwargs: dict
-    opt_name: str
-    lr: float
-    progress: bool | None
-    dense_from: RunDir | None = None  # a finished --method dense run of this config to reuse
-
-    @property
-    def total(self) -> int:
-        """The training budget in iterations (epochs over the members)."""
-        return self.cfg.epochs * iters_per_epoch(len(self.splits.members),
-                                                 self.cfg.batch_size)
-
-    def new_model(self, seed_tag: str, kwargs: dict | None = None) -> torch.nn.Module:
-        """A freshly initialised model (from the pretrained folder or --init-weights when
-        given), on the device; ``kwargs`` replaces the run's model kwargs (a narrower student,
-        which starts fresh)."""
-        with seeded(derive_seed(self.cfg.seed, seed_tag), self.device):
-            model = build_model(self.model_name, kwargs or self.model_kwargs)
-        if self.cfg.pretrained:
-            model.load_pretrained(self.cfg.pretrained)
-        if self.cfg.init_weights and kwargs is None:
-            tensors = load_tensors(Path(self.cfg.init_weights))
-            bad = [k for k, v in tensors.items() if v.is_floating_point() and
-                   not torch.isfinite(v).all()]
-            if bad:
-                raise ConfigError(f"--init-weights {self.cfg.init_weights}: non-finite values "
-                                  f"in {', '.join(bad[:3])}")
-            model.load_state_dict(tensors)
-        return model.to(self.device)
-
-    def new_state(self, model: torch.nn.Module,
-                  masks: list[torch.Tensor] | None = None) -> TrainState:
-        optimizer = make_optimizer(model, self.opt_name, self.lr, self.cfg.momentum,
-                                   self.cfg.weight_decay)
-        return TrainState(model, optimizer, Masking(model, masks) if masks is not None else None)
-
-    def train(self, state: TrainState, tag: str, iters: int, lr: float, desc: str,
-              loss: Callable[[np.ndarray], torch.Tensor] | None = None,
-              data: np.ndarray | None = None) -> list[float]:
-        """``iters`` steps on shuffled batches of ``data`` (default: the members), the rate
-        cosine-annealed from ``lr`` to 0; ``loss(indices)`` defaults to cross-entropy on the
-        labels. ``tag`` seeds the batch order and dropout."""
-        data = self.splits.members if data is None else data
-        sampler = BatchSampler(data, self.cfg.batch_size,
-                               generator(self.cfg.seed, f"{tag}-sampler"))
-        if loss is None:
-            plain = REGULARIZERS.get("none")
-            loss = model_loss(state.model, self.ds, self.device,
-                              lambda logits, y, _: plain(logits, y, 0.0))
-        return self.run_batches(state, tag, (sampler.next() for _ in range(iters)), iters, lr,
-                                desc, loss)
-
-    def run_batches(self, state: TrainState, tag: str, batches: Iterable[np.ndarray],
-                    iters: int, lr: float, desc: str,
-                    loss: Callable[[np.ndarray], torch.Tensor]) -> list[float]:
-        """Train on ``batches`` (``iters`` of them, for the schedule and the bar), seeded by
-        ``tag``."""
-        with seeded(derive_seed(self.cfg.seed, f"{tag}-train"), self.device), \
-                tqdm(total=iters, desc=desc, unit="it", disable=self.hide_bars()) as bar:
-            return train_batches(state, batches, loss, lambda i: cosine(lr, i, iters),
-                                 lambda: bar.update(1))
-
-    def hide_bars(self) -> bool | None:
-        """tqdm's ``disable``: None shows bars on a terminal only."""
-        return None if self.progress is None else not self.progress
-
-
-def mask_updates(cfg: CompressConfig, total: int) -> int:
-    """How many mask updates SafeCompress makes in a budget of ``total`` iterations: one every
-    ``update_frequency`` iterations, none after the last stretch of training."""
-    return 0 if cfg.sparsity >= 1 else max(0, math.ceil(total / cfg.update_frequency) - 1)
-
-
-def _check_updates(cfg: CompressConfig, n_members: int) -> None:
-    """Refuse a SafeCompress budget that makes no mask update (it would be plain sparse
-    training under SafeCompress's name), naming the smallest budget that makes one."""
-    ipe = iters_per_epoch(n_members, cfg.batch_size)
-    total = cfg.epochs * ipe
-    if cfg.method != "safecompress" or cfg.allow_no_updates or mask_updates(cfg, total) > 0:
-        return
-    if cfg.sparsity >= 1:
-        raise ConfigError("SafeCompress keeping 100% of the weights makes no mask update; use "
-                          "--method dense, a --sparsity below 1, or --allow-no-updates")
-    raise ConfigError(
-        f"this budget makes no SafeCompress mask update: {cfg.epochs} epochs x {ipe} "
-        f"iterations = {total} iterations, and --update-frequency is {cfg.update_frequency}; "
-        f"the smallest budget with one update is --epochs {cfg.update_frequency // ipe + 1} "
-        f"or --update-frequency {max(1, total - 1)} (or pass --allow-no-updates to train a "
-        "plain sparse model)")
-
-
-def _setup(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
-           progress: bool | None) -> tuple[CompressConfig, Setup | None]:
-    """Validate, load the data, split it and write config.json, splits.npz and model.json
-    (nothing is written or cleared before every input is valid); None when ``resume`` finds
-    the run already complete. The caller holds the run folder's lock."""
-    _check_out(run, resume, overwrite)
-    if resume:
-        cfg = CompressConfig.from_dict(run.read_config()["config"])
-        if run.report.exists():
-            tqdm.write(f"{run.path} is already complete; nothing to resume")
-            return cfg, None
-    device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download,
-                      cfg.max_samples, cfg.seed)
-    fingerprint = ds.fingerprint()
-    if resume:
-        splits = Splits.load(run.splits)
-        if splits.fingerprint != fingerprint:
-            raise DataError(f"the data found for {cfg.dataset} differs from the data this run "
-                            f"was split on (fingerprint {fingerprint[:12]} vs "
-                            f"{splits.fingerprint[:12]}); point --data-dir at the original files")
-    else:
-        splits = make_splits(ds.y, fingerprint, cfg.seed)
-        _check_updates(cfg, len(splits.members))
-    model_name = DEFAULT_MODEL[ds.kind] if cfg.model == "auto" else cfg.model
-    check_compatible(model_name, ds.kind, cfg.dataset)
-    if cfg.pretrained and model_name not in ("bert", "roberta"):
-        raise ConfigError(f"--pretrained works with bert and roberta, not {model_name}")
-    if cfg.pretrained and cfg.init_weights:
-        raise ConfigError("--pretrained and --init-weights both give starting weights; pass one")
-    opt_name, lr = resolve_optimizer(cfg.optimizer, model_name, cfg.lr, bool(cfg.pretrained))
-
-    tokenizer = None
-    if ds.kind == "text":
-        ds, model_kwargs, tokenizer = _prepare_text(cfg, model_name, ds, splits, run, resume)
-    else:
-        model_kwargs = image_kwargs(model_name, ds, splits.members)
-    _check_budget(cfg, model_name, model_kwargs, ds)
-    if not resume:
-        if run.is_run():  # --overwrite, and the new run's inputs are valid: clear the old one
-            run.clear()
-        make_dir(run.path)
-        if tokenizer is not None:
-            atomic_write(run.tokenizer, lambda f: f.write(tokenizer))
-        write_json(run.config, {"config": cfg.to_dict(), "model": model_name,
-                                "dataset_fingerprint": fingerprint, "num_samples": len(ds),
-                                "num_classes": ds.num_classes, "input_shape": ds.input_shape(),
-                                "optimizer": {"name": opt_name, "lr": lr},
-                                "init_weights_sha256": (sha256_file(Path(cfg.init_weights))
-                                                        if cfg.init_weights else None),
-                                "versions": _versions(), "device": str(device),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        splits.save(run.splits)
-        write_json(run.model_json, {"name": model_name, "kwargs": model_kwargs})
-    return cfg, Setup(cfg, run, ds, splits, device, model_name, model_kwargs, opt_name, lr,
-                      progress)
-
-
 def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
              progress: bool | None = None, on_round: Callable[[int], None] | None = None,
              dense_from: Path | str | None = None) -> RunDir:
@@ -400,13 +119,13 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     """
     t_start = time.time()
     run = RunDir(out)
-    _check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
+    check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
     with run.lock(create=not resume):  # a second process writing this folder is refused
-        cfg, setup = _setup(cfg, run, resume, overwrite, progress)
+        cfg, setup = prepare(cfg, run, resume, overwrite, progress)
         if setup is None:
             return run
         if dense_from is not None:
-            setup.dense_from = _check_dense_from(RunDir(dense_from), setup)
+            setup.dense_from = check_dense_from(RunDir(dense_from), setup)
         if cfg.method == "safecompress":
             state, history, elapsed = _safecompress(setup, resume, on_round, t_start)
             _finish(setup, state, history, elapsed)
@@ -418,27 +137,6 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
             write_json(setup.run.model_json, result.spec)
         _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra)
         return run
-
-
-# What decides the dense model: a dense run may stand in for another run's only if these agree.
-DENSE_KEYS = ("model", "init_weights", "dataset", "max_samples", "epochs", "batch_size",
-              "optimizer", "lr", "momentum", "weight_decay", "seed", "pretrained", "max_length",
-              "vocab_size")
-
-
-def _check_dense_from(dense: RunDir, setup: Setup) -> RunDir:
-    """``dense`` if it is a finished dense run that trained the model this run would."""
-    recorded = dense.read_config().get("config", {}) if dense.is_run() else {}
-    if not dense.report.exists() or recorded.get("method") != "dense":
-        raise ConfigError(f"{dense.path} is not a finished `--method dense` run")
-    own = setup.cfg.to_dict()
-    diff = [k for k in DENSE_KEYS if recorded.get(k) != own.get(k)]
-    if diff:
-        raise ConfigError(f"{dense.path} trained its dense model with other settings "
-                          f"({', '.join(diff)}); it cannot stand in for this run's")
-    if Splits.load(dense.splits).fingerprint != setup.splits.fingerprint:
-        raise ConfigError(f"{dense.path} was trained on other data than this run")
-    return dense
 
 
 def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | None,
@@ -560,21 +258,6 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
              res.metrics["n_nonmembers"])
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
     _print_summary(report)
-
-
-def train_dense(setup: Setup) -> tuple[TrainState, float]:
-    """The dense model on the whole budget, and the seconds it took (the reference row of
-    every table; the two-step baselines start from this same model). With
-    ``setup.dense_from``, that run's model and its recorded training time instead."""
-    t0 = time.time()
-    model = setup.new_model("dense-init")
-    if setup.dense_from is not None:
-        model.load_state_dict(load_tensors(setup.dense_from.model))
-        secs = setup.dense_from.read_report()["compressed"]["wall_time_s"]
-        return setup.new_state(model), secs
-    state = setup.new_state(model)
-    setup.train(state, "dense", setup.total, setup.lr, "dense reference")
-    return state, time.time() - t0
 
 
 def method_label(method: str) -> str:

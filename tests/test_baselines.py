@@ -147,10 +147,10 @@ def test_dp_noise_is_calibrated_to_the_target_epsilon(tmp_path):
     assert noise[1.0] > 2 * noise[8.0]
 
 
-def _setup(tmp_path, **overrides):
-    from compressor.run import _setup
+def prepare(tmp_path, **overrides):
+    from compressor.setup import prepare
 
-    return _setup(tiny_config(**overrides), RunDir(tmp_path / "run"), False, False, False)[1]
+    return prepare(tiny_config(**overrides), RunDir(tmp_path / "run"), False, False, False)[1]
 
 
 def test_advreg_target_step_lowers_the_attackers_gain(tmp_path):
@@ -161,7 +161,7 @@ def test_advreg_target_step_lowers_the_attackers_gain(tmp_path):
     from compressor.baselines.students import Targets
     from compressor.train import batch_tensors, train_batches
 
-    setup = _setup(tmp_path, advreg_alpha=20.0, dataset="digits")  # outputs not saturated
+    setup = prepare(tmp_path, advreg_alpha=20.0, dataset="digits")  # outputs not saturated
     ce, gain = torch.tensor(1.0), torch.tensor([-0.2, -0.6])
     assert advreg_objective(ce, gain[1], 1.0) < advreg_objective(ce, gain[0], 1.0)
 
@@ -203,7 +203,7 @@ def test_dmp_reference_set_is_disjoint_from_members(tmp_path):
     trains or is measured on, no test sample; the kept part is the teacher's most certain."""
     from compressor.baselines.defences import dmp_reference
 
-    setup = _setup(tmp_path, dmp_keep=0.4)
+    setup = prepare(tmp_path, dmp_keep=0.4)
     teacher = setup.new_model("dense-init")
     setup.train(setup.new_state(teacher), "warm", 20, setup.lr, "teacher")
     kept, info = dmp_reference(setup, teacher)
@@ -261,7 +261,7 @@ def test_kd_refuses_a_model_without_width_before_training(tmp_path):
     """A text model has no width option: the kd baselines say so at once."""
     from compressor.baselines.students import narrow_student
 
-    setup = _setup(tmp_path, method="kd", model="mlp")
+    setup = prepare(tmp_path, method="kd", model="mlp")
     assert narrow_student(setup).spec["kwargs"]["width"] < 1
     setup.model_name = "bert"
     with pytest.raises(ConfigError, match="bert has no width option"):

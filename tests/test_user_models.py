@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from commands.cli import main
 from compressor import compress
-from compressor.run import _setup
+from compressor.setup import prepare
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from exporters import export
@@ -158,7 +158,7 @@ def test_init_weights_start_from_the_file_and_are_recorded(tmp_path, monkeypatch
     dense = compress(tiny_config(method="dense", epochs=2), tmp_path / "dense", progress=False)
     init = str(dense.model)
     cfg = tiny_config(init_weights=init, epochs=2, update_frequency=4, dense_reference=False)
-    _, setup = _setup(cfg, RunDir(tmp_path / "run"), False, False, False)
+    _, setup = prepare(cfg, RunDir(tmp_path / "run"), False, False, False)
     model = setup.new_model("init")
     given = load_tensors(dense.model)
     assert all(torch.equal(v, given[k]) for k, v in model.state_dict().items())

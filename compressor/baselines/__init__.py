@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from compressor.run import Setup, train_dense
+from compressor.setup import Setup, train_dense
 from compressor.train import TrainState
 from safeexport.models import OPACUS_NORM
 from safeexport.registry import Registry

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from compressor.baselines.students import RETRAIN_LR_SCALE, retrain_iters
 from compressor.masking import erk_counts, maskable, topk_mask
-from compressor.run import Setup
+from compressor.setup import Setup
 from compressor.train import TrainState, iters_per_epoch, model_loss
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.baselines.students import Student, Targets
-from compressor.run import Setup
+from compressor.setup import Setup
 from compressor.train import TrainState, batch_tensors, model_loss, predict_logits
 from safeexport.attacks.nasr import NasrAttackModel
 from safeexport.errors import ConfigError

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.masking import erk_counts, init_masks, maskable
-from compressor.run import Setup
+from compressor.setup import Setup
 from compressor.train import TrainState, predict_logits
 from safeexport.models import check_width, weight_count, weight_shapes, width_for_budget
 from safeexport.seeding import generator
