@@ -24,8 +24,12 @@ from safeexport.errors import ConfigError
 
 
 def default_out(dataset: str, model: str, sparsity: float) -> Path:
-    """``runs/<dataset>-<model>-s<sparsity>-<time>``, with characters a folder name should not
-    carry (a path's slashes, a factory's colon) replaced."""
+    """``runs/<dataset>-<model>-s<sparsity>-<time>`` (``auto`` resolved to the model the data
+    gets), with characters a folder name should not carry (a path's slashes, a factory's
+    colon) replaced."""
+    from safeexport.models import resolved_model
+
+    model = resolved_model(model, dataset)
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset.split(":", 1)[-1]).name or dataset)
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
     return Path("runs") / f"{tag}-{model}-s{sparsity:g}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -253,7 +253,8 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
         curves.update(roc_curves(dres, "dense", thresholds=False))
     write_json(run.report, report)
     title = f"{setup.model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
-    plot_curve(history, run.curve_png, title)
+    if history:  # a baseline has no mask updates: no learning curve to draw
+        plot_curve(history, run.curve_png, title)
     plot_roc(curves, run.roc_png, f"final MIA (unknown members vs non-members)\n{title}",
              res.metrics["n_nonmembers"])
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)

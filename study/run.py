@@ -19,8 +19,9 @@ from compressor import compress
 from compressor.config import CompressConfig
 from compressor.run import method_label
 from safeexport.errors import ConfigError
+from safeexport.models import resolved_model
 from safeexport.rundir import RunDir, atomic_write
-from study.tables import Column, Row, markdown, plot_bars, plot_tradeoff, write_csv
+from study.tables import Column, Row, markdown, plot_study, plot_tradeoff, write_csv
 
 PRIVACY_COLUMNS = [Column("mia_acc", "MIA Acc", better=-1, fold=True),
                    Column("auc", "AUC", ".3f", -1, fold=True),
@@ -105,7 +106,7 @@ def _check_out(out: Path) -> None:
 
 
 def _describe(cfg: CompressConfig, seeds: list[int]) -> str:
-    return (f"{cfg.model} on {cfg.dataset}"
+    return (f"{resolved_model(cfg.model, cfg.dataset)} on {cfg.dataset}"
             + (f" ({cfg.max_samples} samples)" if cfg.max_samples else "")
             + f", keeping {100 * cfg.sparsity:g}% of weights, {cfg.epochs} epochs, "
             + (f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"))
@@ -122,11 +123,6 @@ def _write(out: Path, name: str, rows: list[Row], text_cols: list[str], cols: li
     png = out / f"{name}.png"
     plot(png, rows, title)
     return StudyResult(rows, table, [md, csv_path, png])
-
-
-def _accuracy_bars(path: Path, rows: list[Row], title: str) -> None:
-    plot_bars(path, rows, [("train_acc", "train acc"), ("task_acc", "test acc"),
-                           ("mia_acc", "MIA acc")], title)
 
 
 def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tflite",
@@ -184,7 +180,7 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
             "runtime; 'Agreement' is their top-1 agreement with the PyTorch model.")
     cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
     return _write(out, "study", list(rows.values()), ["Measured by", "Weights", "Strongest"],
-                  cols, [], title, note, _accuracy_bars)
+                  cols, [], title, note, plot_study)
 
 
 def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int = 1,

@@ -107,46 +107,67 @@ def write_csv(path: Path, rows: list[Row], text_cols: list[str], cols: list[Colu
     atomic_write(path, write)
 
 
-def plot_bars(path: Path, rows: list[Row], keys: list[tuple[str, str]], title: str) -> None:
-    """Grouped bars (mean, with std as error bars) of ``keys`` for each row."""
+def plot_study(path: Path, rows: list[Row], title: str) -> None:
+    """Train and test accuracy (0 to 1) beside MIA accuracy on its own axis, zoomed on the
+    readings with the chance line, so a few points of membership risk are not flattened by
+    the accuracy scale; error bars are the std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
-    width = 0.8 / len(keys)
+    fig, (acc_ax, mia_ax) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 3), 4.2))
     x = np.arange(len(rows))
+    labels = [r.label for r in rows]
+    keys = [("train_acc", "train acc"), ("task_acc", "test acc")]
+    width = 0.8 / len(keys)
     for i, (key, name) in enumerate(keys):
-        means = [r.mean(key) if key in r.figures else np.nan for r in rows]
-        stds = [r.std(key) if key in r.figures else 0 for r in rows]
-        ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, label=name,
-               capsize=3)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(x, [r.label for r in rows], rotation=25, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+        acc_ax.bar(x + (i - (len(keys) - 1) / 2) * width, _means(rows, key), width,
+                   yerr=_stds(rows, key), label=name, capsize=3)
+    acc_ax.set_ylim(0, 1.05)
+    acc_ax.set_title("task accuracy", fontsize=10)
+    acc_ax.legend(fontsize=8)
+    mia = _means(rows, "mia_acc")
+    mia_ax.errorbar(x, mia, yerr=_stds(rows, "mia_acc"), fmt="o", capsize=4, color="C3")
+    mia_ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+    finite = [m for m in mia if np.isfinite(m)] or [0.5]
+    mia_ax.set_ylim(min(0.48, min(finite) - 0.02), max(finite) + 0.03)
+    mia_ax.set_title("membership-inference accuracy (its own scale)", fontsize=10)
+    mia_ax.legend(fontsize=8)
+    for ax in (acc_ax, mia_ax):
+        ax.set_xticks(x, labels, rotation=25, ha="right")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
 
+def _means(rows: list[Row], key: str) -> list[float]:
+    return [r.mean(key) if key in r.figures else np.nan for r in rows]
+
+
+def _stds(rows: list[Row], key: str) -> list[float]:
+    return [r.std(key) if key in r.figures else 0.0 for r in rows]
+
+
 def plot_tradeoff(path: Path, rows: list[Row], title: str) -> None:
-    """Task accuracy against MIA accuracy, one point per row (down and right is better)."""
+    """Task accuracy against MIA accuracy, one point per row (down and right is better). Rows
+    are told apart by colour and marker in a legend outside the axes, so labels of close
+    points cannot overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*Xhp<>"
+    for i, r in enumerate(rows):
         ax.errorbar(r.mean("mia_acc"), r.mean("task_acc"), xerr=r.std("mia_acc"),
-                    yerr=r.std("task_acc"), fmt="o", capsize=3)
-        ax.annotate(r.label, (r.mean("mia_acc"), r.mean("task_acc")), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+                    yerr=r.std("task_acc"), fmt=markers[i % len(markers)], capsize=3,
+                    color=f"C{i % 10}", label=r.label)
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("MIA accuracy (0.5 = chance)")
     ax.set_ylabel("task accuracy (test)")
     ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     save_figure(fig, path)

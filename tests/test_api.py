@@ -53,3 +53,16 @@ def test_api_refusals_are_the_commands_messages(tmp_path):
     with pytest.raises(ConfigError, match="unknown method"):
         study(tmp_path / "s", compare=["nope"], **TINY)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_default_run_folder_names_the_model_auto_resolves_to(tmp_path):
+    import numpy as np
+
+    from commands.api import default_out
+
+    np.savez(tmp_path / "table.npz", x=np.zeros((4, 3), np.float32), y=np.arange(4) % 2)
+    assert default_out("digits", "auto", 0.05).name.startswith("digits-cnn-s0.05-")
+    assert default_out(f"npz:{tmp_path}/table.npz", "auto", 0.1).name.startswith(
+        "table.npz-mlp-s0.1-")
+    assert default_out("digits", "mynets.zoo:tiny", 0.05).name.startswith(
+        "digits-mynets.zoo_tiny-s0.05-")

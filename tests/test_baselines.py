@@ -43,6 +43,7 @@ def test_each_baseline_writes_a_run_that_exports_and_evaluates(runs, method, tmp
     run = runs[method]
     report = _report(run)
     assert report["method"] == method
+    assert not (run / "curve.png").exists()  # no mask updates, so no learning curve to draw
     model = load_model(open_run(run))  # checks the recorded sha256, rebuilds from model.json
     assert sum(int((p != 0).sum()) for _, p in maskable(model)) == \
         report["compressed"]["nonzero_weights"]

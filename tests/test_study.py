@@ -121,3 +121,30 @@ def test_study_errors_are_one_clear_line(tmp_path):
 def test_compare_rejects_an_empty_method_list(tmp_path):
     with pytest.raises(Exception, match="unknown method"):
         compare(tiny_config(), tmp_path / "c", [])
+
+
+def test_study_plots_give_mia_its_own_axis_and_never_overlap_labels(tmp_path, monkeypatch):
+    """study.png: accuracies on 0..1, MIA accuracy on its own zoomed axis (a 3-point risk
+    change is not flattened); compare.png: one legend entry per row, no text on the axes
+    (close points' labels cannot overlap); titles name the model auto resolves to."""
+    import study.tables as tables
+    from compressor.config import CompressConfig
+    from study.run import _describe
+    from study.tables import Row
+
+    figures = []
+    monkeypatch.setattr(tables, "save_figure", lambda fig, path: figures.append(fig))
+    rows = []
+    for label, mia in (("original", 0.56), ("pruned", 0.53), ("retrained", 0.55)):
+        rows.append(Row(label))
+        rows[-1].add({"train_acc": 0.99, "task_acc": 0.88, "mia_acc": mia})
+    tables.plot_study(tmp_path / "s.png", rows, "t")
+    acc_ax, mia_ax = figures[0].axes
+    assert acc_ax.get_ylim() == (0, 1.05)
+    lo, hi = mia_ax.get_ylim()
+    assert lo <= 0.5 and hi >= 0.56 and hi - lo < 0.15
+    tables.plot_tradeoff(tmp_path / "c.png", rows, "t")
+    ax = figures[1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [r.label for r in rows]
+    assert not ax.texts
+    assert _describe(CompressConfig(dataset="digits"), [0]).startswith("cnn on digits")

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from safeexport.data.base import ArrayDataset, stratified_sample, to_tensor
 from safeexport.data.download import Resource, fetch
 from safeexport.data.images import (
@@ -19,6 +21,7 @@ from safeexport.data.images import (
     load_npz,
     load_tinyimagenet,
     make_synthetic,
+    npz_header,
 )
 from safeexport.data.tabular import load_purchase100, load_texas100
 from safeexport.data.text import AGNEWS_CLASSES, load_text_csv
@@ -108,6 +111,22 @@ DATASETS.register("yelp5", DatasetInfo(
 def dataset_names() -> list[str]:
     """Registered names plus the two patterns for a user's own data."""
     return DATASETS.names() + ["npz:PATH", "folder:PATH"]
+
+
+def dataset_kind(name: str) -> str | None:
+    """The kind of data (image, tabular, text) ``name`` holds, found without loading it (an
+    npz's from its header); None when that cannot be told cheaply (loading will then say
+    what is wrong)."""
+    if name.startswith("folder:"):
+        return "image"
+    if name.startswith("npz:"):
+        try:
+            with np.load(Path(name[4:]), allow_pickle=False) as f:
+                shape, _ = npz_header(f, "x")
+        except Exception:  # noqa: BLE001 - any unreadable file: the loader reports it
+            return None
+        return "tabular" if len(shape) == 2 else "image"
+    return DATASETS.get(name).kind if name in DATASETS else None
 
 
 def load_dataset(name: str, data_dir: Path | None = None, download: bool = False,

@@ -358,18 +358,23 @@ def load_tinyimagenet(data_dir: Path, max_samples: int | None, seed: int) -> Arr
 def _npz_member_fits(f, key: str, path: Path) -> None:
     """Refuse a member whose header asks for more bytes than the archive says it holds (or
     than this machine has memory for) before numpy allocates it."""
-    name = f"{key}.npy"
-    info = f.zip.getinfo(name)
-    with f.zip.open(name) as member:
-        version = np.lib.format.read_magic(member)
-        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = header(member)
+    info = f.zip.getinfo(f"{key}.npy")
+    shape, dtype = npz_header(f, key)
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if need > info.file_size or need > memory_bytes() // 2:
         raise DataError(f"{path}: array {key!r} claims shape {shape} of {dtype} ({need:,} bytes) "
                         f"but the file holds {info.file_size:,} bytes for it; the file is "
                         "damaged or not what it says")
+
+
+def npz_header(f, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the member ``key`` of an open npz archive, from its header alone."""
+    with f.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = header(member)
+    return shape, dtype
 
 
 def memory_bytes() -> int:

@@ -130,6 +130,16 @@ def model_info(name: str) -> ModelInfo:
                       "package.module:factory")
 
 
+def resolved_model(model: str, dataset: str) -> str:
+    """The model ``auto`` stands for on ``dataset`` (told without loading it), for names and
+    titles; ``model`` itself when it is not auto or the data's kind cannot be told."""
+    if model != "auto":
+        return model
+    from safeexport.data import dataset_kind
+
+    return DEFAULT_MODEL.get(dataset_kind(dataset), model)
+
+
 def check_compatible(model: str, kind: str, dataset: str) -> None:
     """Refuse a model that cannot read this kind of data, naming the ones that can."""
     info = model_info(model)
