@@ -112,3 +112,14 @@ def study(out: Path | str, *, compare: list[str] | None = None,
     if compare is not None:
         return run_compare(cfg, out, list(compare), seeds, progress)
     return run_study(cfg, out, list(bits), format, seeds, progress)
+
+
+def report(run: Path | str | None = None, *, out: Path | str | None = None,
+           overwrite: bool = False, data_dir: Path | str | None = None) -> Path:
+    """``safeexport report``: the run's one-page HTML report (verdicts, figures with intervals,
+    plots, most exposed records, exports, hashes) at ``out`` (default RUN/report.html).
+    Returns its path."""
+    from safeexport.report import write_report
+
+    return write_report(run, Path(out) if out is not None else None, overwrite,
+                        Path(data_dir) if data_dir is not None else None)

@@ -59,6 +59,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     safeexport export     quantize the run's model and convert it to ONNX or TFLite, checked
     safeexport evaluate   re-run task test and membership attacks on the exported file: verdict
     safeexport study      pruning/quantization privacy study, or methods compared (--compare)
+    safeexport report     one self-contained HTML page of a run for a reviewer
     """
     ctx.meta["debug"] = debug
 
@@ -387,6 +388,23 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     else:
         click.echo("FAIL: " + "; ".join(v["reasons"]))
         sys.exit(1)
+
+
+@main.command("report")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the page (default RUN/report.html).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run's dataset is now (default: the folder the run recorded).")
+def report_cmd(run_dir: Path | None, out: Path | None, overwrite: bool,
+               data_dir: Path | None) -> None:
+    """One self-contained HTML page of RUN_DIR (default: the newest finished run under runs/)
+    to hand to a reviewer: the verdicts on its evaluated exports, every figure with its 95%
+    interval, the strongest attack, the ROC from FPR = 1/N, the most exposed records, the
+    export table and every recorded hash. Plots are embedded; the page loads nothing."""
+    path = api.report(run_dir, out=out, overwrite=overwrite, data_dir=data_dir)
+    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

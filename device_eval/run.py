@@ -21,7 +21,13 @@ from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_difference
 from safeexport.plots import plot_roc, roc_curves
-from safeexport.rundir import read_json_file, regular_file, sha256_file, write_json
+from safeexport.rundir import (
+    check_targets,
+    read_json_file,
+    regular_file,
+    sha256_file,
+    write_json,
+)
 from safeexport.runio import inputs_of, load_data, open_run
 from safeexport.runtimes import Runtime, open_runtime
 
@@ -114,14 +120,9 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
 def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
     """A report path the user named must not replace a file (or the plot beside it) unless
     --overwrite says so; the default path in RUN/evals/ is the run's own."""
-    if json_out is None:
-        return
-    existing = [p for p in (json_out, json_out.with_suffix(".png")) if p.exists()]
-    if any(not p.is_file() for p in existing):
-        raise ConfigError(f"--json {json_out}: {existing[0]} is not a file; choose another path")
-    if existing and not overwrite:
-        raise ConfigError(f"--json {json_out}: {' and '.join(map(str, existing))} already "
-                          "exist(s); pass --overwrite to replace them or choose another path")
+    if json_out is not None:
+        check_targets([json_out, json_out.with_suffix(".png")], overwrite, "--json",
+                      "the report")
 
 
 def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,

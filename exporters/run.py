@@ -24,7 +24,14 @@ from safeexport.console import quiet
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
 from safeexport.registry import Registry
-from safeexport.rundir import RunDir, read_json_file, sha256_file, staged, write_json
+from safeexport.rundir import (
+    RunDir,
+    check_targets,
+    read_json_file,
+    sha256_file,
+    staged,
+    write_json,
+)
 from safeexport.runio import inputs_of, load_data, load_model, open_run
 from safeexport.runtimes import open_runtime, torch_runtime
 
@@ -120,14 +127,7 @@ def _check_targets(path: Path, manifest_path: Path, overwrite: bool) -> None:
         raise ConfigError(f"the manifest of --out {path.name} would be written to "
                           f"{manifest_path}, which exists and is not an export manifest; "
                           "choose another --out")
-    for p in (path, manifest_path):
-        if p.exists() and not p.is_file():
-            raise ConfigError(f"{p} exists and is not a file; choose another --out")
-    existing = [p for p in (path, manifest_path) if p.exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{' and '.join(map(str, existing))} already "
-                          f"{'exist' if len(existing) > 1 else 'exists'}; pass --overwrite to "
-                          "replace the export or choose another --out")
+    check_targets([path, manifest_path], overwrite, "--out", "the export")
 
 
 def _check_keep(src: Source, keep: list[str]) -> set[str]:

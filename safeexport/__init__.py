@@ -2,12 +2,12 @@
 
 The public API, one function per command (see ``commands.api`` for the parameters)::
 
-    from safeexport import compress, export, evaluate, replay, study
+    from safeexport import compress, export, evaluate, replay, report, study
 """
 
 __version__ = "0.1.0"
 
-API = ("compress", "replay", "export", "evaluate", "study")
+API = ("compress", "replay", "export", "evaluate", "study", "report")
 __all__ = [*API, "__version__"]
 
 

@@ -48,6 +48,15 @@ def roc_auc(scores: np.ndarray, is_member: np.ndarray) -> float:
                                np.asarray(scores, dtype=np.float64)))
 
 
+def flagged_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> np.ndarray:
+    """Per member, the false-positive rate of the threshold that just flags it: the fraction
+    of non-members scoring at least as high (higher score = member). 0 means it outscores
+    every non-member. (A sort and a search; scikit-learn has no per-sample form of this.)"""
+    ranked = np.sort(np.asarray(nonmember_scores, dtype=np.float64))
+    below = np.searchsorted(ranked, np.asarray(member_scores, dtype=np.float64), side="left")
+    return (len(ranked) - below) / len(ranked)
+
+
 def measurable(target: float, n_nonmembers: int) -> bool:
     """Whether an FPR target can be read with ``n_nonmembers``: the smallest non-zero FPR is
     1/N, so a target below it would report the TPR at zero false positives under its name."""

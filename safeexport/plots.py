@@ -36,26 +36,22 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    if not history:
-        for ax in axes:
-            ax.text(0.5, 0.5, "no mask update in this run", ha="center", va="center")
-    else:
-        ep = [h["epoch"] for h in history]
-        axes[0].plot(ep, [h["train_loss"] for h in history], "o-")
-        axes[0].set_title("training loss", fontsize=10)
-        for key, ax, label in (("task_acc", axes[1], "task accuracy (validation split)"),
-                               ("mia_acc", axes[2], "MIA accuracy (held-out known split)")):
-            ax.plot(ep, [h["base"][key] for h in history], "o-", label="M_S before update")
-            ax.plot(ep, [h["candidates"][h["winner"]][key] for h in history], "s--",
-                    label="selected candidate")
-            if key == "mia_acc":  # the winner's 95% interval: how much the selection can see
-                cis = [h["candidates"][h["winner"]].get("ci", {}).get(key) for h in history]
-                if all(cis):
-                    ax.fill_between(ep, [c[0] for c in cis], [c[1] for c in cis], alpha=0.2,
-                                    color="C1", label="95% interval (selected)")
-            ax.set_title(label, fontsize=10)
-            ax.legend(fontsize=8)
-        axes[2].axhline(0.5, color="grey", lw=0.8, ls=":")
+    ep = [h["epoch"] for h in history]
+    axes[0].plot(ep, [h["train_loss"] for h in history], "o-")
+    axes[0].set_title("training loss", fontsize=10)
+    for key, ax, label in (("task_acc", axes[1], "task accuracy (validation split)"),
+                           ("mia_acc", axes[2], "MIA accuracy (held-out known split)")):
+        ax.plot(ep, [h["base"][key] for h in history], "o-", label="M_S before update")
+        ax.plot(ep, [h["candidates"][h["winner"]][key] for h in history], "s--",
+                label="selected candidate")
+        if key == "mia_acc":  # the winner's 95% interval: how much the selection can see
+            cis = [h["candidates"][h["winner"]].get("ci", {}).get(key) for h in history]
+            if all(cis):
+                ax.fill_between(ep, [c[0] for c in cis], [c[1] for c in cis], alpha=0.2,
+                                color="C1", label="95% interval (selected)")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[2].axhline(0.5, color="grey", lw=0.8, ls=":")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -138,6 +138,20 @@ def regular_file(path: Path) -> Path:
     return Path(path)
 
 
+def check_targets(paths: list[Path], overwrite: bool, option: str, what: str) -> None:
+    """Refuse to write over ``paths`` (the files one output consists of) when one is not a
+    file, or exists and ``overwrite`` is off; ``option`` names the flag that chose them and
+    ``what`` the output, in the message."""
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    for p in existing:
+        if not p.is_file():
+            raise ConfigError(f"{p} exists and is not a file; choose another {option}")
+    if existing and not overwrite:
+        raise ConfigError(f"{' and '.join(map(str, existing))} already "
+                          f"{'exist' if len(existing) > 1 else 'exists'}; pass --overwrite to "
+                          f"replace {what} or choose another {option}")
+
+
 def read_json_file(path: Path) -> dict:
     """A JSON object from a regular file; anything else (invalid UTF-8 or JSON, a list, a FIFO)
     raises ConfigError naming the file."""
@@ -201,7 +215,7 @@ def sha256_file(path: Path) -> str:
 # Every name a run directory's own files and folders have; nothing else in the folder is ours.
 RUN_FILES = ("config.json", "splits.npz", "model.safetensors", "model.json",
              "attacker.safetensors", "dense.safetensors", "tokenizer.json", "history.jsonl",
-             "report.json", "curve.png", "roc.png")
+             "report.json", "curve.png", "roc.png", "report.html")
 RUN_FOLDERS = ("checkpoint", "exports", "evals", "references")
 LOCK = ".lock"
 

@@ -1,0 +1,210 @@
+"""``safeexport report RUN``: one self-contained HTML page a reviewer can be handed.
+
+It reads only what the run directory holds (config.json, report.json, the plots, exports/*.json
+manifests, evals/*.json verdicts), after ``open_run`` has checked every recorded hash, plus one
+measurement of its own: which unknown members the strongest threshold attack exposes most (the
+false-positive rate at which each would be flagged). Plots are embedded as data URIs; every
+string from a file is HTML-escaped; the page has no script and loads nothing.
+"""
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+
+from safeexport.attacks.base import Signals
+from safeexport.attacks.threshold import THRESHOLD_ATTACKS
+from safeexport.errors import ConfigError
+from safeexport.metrics import flagged_fpr
+from safeexport.rundir import RunDir, atomic_write, check_targets, read_json_file
+from safeexport.runio import inputs_of, load_data, load_model, open_run
+
+EXPOSED_SHOWN = 10  # rows of the most-exposed-records table
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;
+margin-top:2em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;
+padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
+.pass{background:#1b7a2f;color:#fff;padding:.1em .5em;border-radius:3px}
+.fail{background:#b3261e;color:#fff;padding:.1em .5em;border-radius:3px}
+code{font-size:12px;word-break:break-all}img{max-width:100%;border:1px solid #eee}
+.note{color:#555}
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _fig(value: float | None, ci: list | None = None, digits: int = 4) -> str:
+    """A figure with its 95% interval, or "not measurable"."""
+    if value is None:
+        return "not measurable"
+    text = f"{value:.{digits}f}"
+    if ci:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """An HTML table; cells are already escaped; the first ``left`` columns align left."""
+    def cells(tag: str, row: list[str]) -> str:
+        return "".join(f'<{tag}{" class=l" if i < left else ""}>{c}</{tag}>'
+                       for i, c in enumerate(row))
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
+
+
+def _figures_section(report: dict) -> str:
+    rows = []
+    for label, key in (("dense reference", "dense"), (report["method"], "compressed")):
+        if key not in report:
+            continue
+        m = report[key]
+        s, ci = m["strongest"], m["ci"]
+        rows.append([_e(label), _fig(m["task_acc"], m.get("task_acc_ci")),
+                     _e(m["attack"]), _fig(m["mia_acc"], ci.get("mia_acc")),
+                     _fig(m["auc"], ci.get("auc"), 3),
+                     _fig(m["tpr_at_1pct_fpr"], ci.get("tpr_at_1pct_fpr"), 3),
+                     _e(s["attack"]), _fig(s["mia_acc"], s["ci"].get("mia_acc")),
+                     f"{m.get('density', 1.0):.4f}"])  # the dense reference keeps all
+    m = report["compressed"]
+    notes = "".join(f"<li>{_e(n)}</li>" for n in m.get("not_measurable", []) + m["warnings"])
+    return ("<h2>Figures (95% bootstrap intervals)</h2>"
+            + _table(["model", "task acc", "attack", "MIA acc", "AUC", "TPR at 1% FPR",
+                      "strongest attack", "its MIA acc", "density"], rows)
+            + f"<p class=note>Measured on {m['n_members']} unknown members and "
+            f"{m['n_nonmembers']} non-members. The strongest attack is the one with the "
+            "highest MIA accuracy; a difference whose intervals overlap is not a measured "
+            "difference.</p>" + (f"<ul>{notes}</ul>" if notes else ""))
+
+
+def _verdicts_section(run: RunDir) -> str:
+    evals = sorted((run.path / "evals").glob("*.json")) if (run.path / "evals").is_dir() else []
+    if not evals:
+        return ("<h2>Verdicts on exported files</h2><p>No exported file has been evaluated "
+                "yet: run <code>safeexport evaluate RUN/exports/FILE</code>.</p>")
+    rows, plots = [], []
+    for path in evals:
+        r = read_json_file(path)
+        v = r["verdict"]
+        d = v["paired"]["mia_acc"]
+        badge = '<span class=pass>PASS</span>' if v["passed"] else '<span class=fail>FAIL</span>'
+        rows.append([_e(Path(r["model_file"]).name), _e(r["runtime"]["name"]), badge,
+                     _e(v["attack"]),
+                     f"{100 * d['delta']:+.2f} [{100 * d['ci'][0]:+.2f}, "
+                     f"{100 * d['ci'][1]:+.2f}]",
+                     f"{100 * v['task_drop']:+.2f}", f"{100 * v['detectable_rise']:.1f}",
+                     _e("; ".join(v["reasons"]) or "within the tolerances")])
+        plots.append(_img(path.with_suffix(".png"), f"ROC of {path.stem}"))
+    return ("<h2>Verdicts on exported files</h2>"
+            + _table(["file", "runtime", "verdict", "strongest attack",
+                      "MIA acc change, points [paired 95%]", "task acc drop, points",
+                      "smallest detectable rise, points", "reasons"], rows, 2)
+            + "".join(plots))
+
+
+def _exports_section(run: RunDir) -> str:
+    folder = run.path / "exports"
+    manifests = [read_json_file(p) for p in sorted(folder.glob("*.json"))] \
+        if folder.is_dir() else []
+    manifests = [m for m in manifests if "parity" in m and "sizes" in m]
+    if not manifests:
+        return "<h2>Exports</h2><p>None yet: run <code>safeexport export</code>.</p>"
+    rows = []
+    for m in manifests:
+        p, s = m["parity"], m["sizes"]
+        rows.append([_e(Path(m["file"]).name), _e(m["format"]), _e(m["bits"]),
+                     f"{s['bytes']:,}", f"{s['floor_bytes']:,}",
+                     f"{p['acc_before']:.4f} → {p['acc_after']:.4f}",
+                     f"{p['agreement']:.4f}", f"<code>{_e(m['sha256'])}</code>"])
+    return "<h2>Exports</h2>" + _table(["file", "format", "bits", "bytes", "information floor",
+                                        "test acc PyTorch → file", "top-1 agreement",
+                                        "sha256"], rows)
+
+
+def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
+    """The unknown members the strongest threshold attack flags at the lowest false-positive
+    rate: ``flagged_fpr`` is the fraction of non-members scoring at least as high."""
+    m = report["compressed"]
+    names = [m["strongest"]["attack"], *m["threshold_attacks"]]
+    attack = next(n for n in names if n in THRESHOLD_ATTACKS)
+    ds, splits = load_data(run, data_dir)
+    model = load_model(run)
+    import torch
+
+    def signals(idx: np.ndarray) -> Signals:
+        with torch.no_grad():
+            logits = torch.cat([model(torch.from_numpy(inputs_of(ds, idx[s:s + 256]))).float()
+                                for s in range(0, len(idx), 256)])
+        return Signals.from_logits(logits, ds.y[idx])
+
+    members, nonmembers = splits.unknown_members, splits.unknown_nonmembers
+    sm, sn = signals(members), signals(nonmembers)
+    score = THRESHOLD_ATTACKS[attack]
+    fpr = flagged_fpr(score(sm), score(sn))
+    order = np.argsort(fpr, kind="stable")[:EXPOSED_SHOWN]
+    loss = -sm.log_probs[torch.arange(len(members)), sm.labels].numpy()
+    pred = sm.logits.argmax(1).numpy()
+    rows = [[str(int(members[i])), _e(ds.y[members[i]]), _e(pred[i]), f"{loss[i]:.4g}",
+             f"{fpr[i]:.4f}"] for i in order]
+    floor = 1 / len(nonmembers)
+    return ("<h2>Most exposed records</h2>"
+            f"<p>The {len(order)} unknown members the <b>{_e(attack)}</b> attack flags at the "
+            "lowest false-positive rate (the fraction of non-members that score at least as "
+            "high): 0 means the record outscores every non-member; with "
+            f"{len(nonmembers)} non-members the rate moves in steps of {floor:.4f}.</p>"
+            + _table(["sample index", "label", "predicted", "loss", "flagged at FPR"], rows))
+
+
+def _hashes_section(run: RunDir, config: dict, report: dict) -> str:
+    rows = [[_e(name), f"<code>{_e(h)}</code>"] for name, h in report["files"].items()]
+    rows.append(["data fingerprint", f"<code>{_e(config['dataset_fingerprint'])}</code>"])
+    if config.get("init_weights_sha256"):
+        rows.append(["--init-weights", f"<code>{_e(config['init_weights_sha256'])}</code>"])
+    folder = run.path / "exports"
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        m = read_json_file(p)
+        if "sha256" in m and "source" in m:
+            rows.append([_e(Path(m["file"]).name), f"<code>{_e(m['sha256'])}</code>"])
+    versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in config["versions"].items())
+    return ("<h2>Hashes and versions</h2>" + _table(["what", "sha256"], rows)
+            + f"<p>Versions at training time: {versions}.</p>")
+
+
+def write_report(run_path: Path | str | None, out: Path | None = None,
+                 overwrite: bool = False, data_dir: Path | None = None) -> Path:
+    """Write the run's HTML report to ``out`` (default RUN/report.html, which is the run's own
+    and rewritten each time) and return its path."""
+    run = open_run(run_path)
+    if out is not None:
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise ConfigError(f"--out {out}: the report is an HTML page; name it *.html")
+        check_targets([out], overwrite, "--out", "the report")
+    with run.lock(shared=True):
+        config, report = run.read_config(), run.read_report()
+        cfg = config["config"]
+        title = (f"{report['method']}: {config['model']} on {cfg['dataset']}, keeping "
+                 f"{100 * cfg['sparsity']:g}% of weights")
+        page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}"
+                f"</title><style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
+                f"<p>Run <code>{_e(run.path.resolve())}</code>, created {_e(config['created'])}"
+                f", seed {_e(cfg['seed'])}, {_e(config['num_samples'])} samples, "
+                f"{_e(config['num_classes'])} classes.</p>"
+                + _verdicts_section(run) + _figures_section(report)
+                + _img(run.roc_png, "ROC of the final attacks, from FPR = 1/N")
+                + _img(run.curve_png, "learning curve")
+                + _exposed_section(run, report, data_dir) + _exports_section(run)
+                + _hashes_section(run, config, report) + "</body></html>")
+        target = out or run.path / "report.html"
+        atomic_write(target, lambda f: f.write(page.encode("utf-8")))
+    return target

@@ -1,0 +1,88 @@
+"""``safeexport report``: the HTML page, rendered in a real headless browser (Debian's
+Chromium, which .ci/run installs; skipped only where no browser is found), and its refusals."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from commands.cli import main
+from device_eval import evaluate
+from device_eval.config import EvalConfig
+from safeexport.errors import ConfigError
+from safeexport.metrics import flagged_fpr
+from safeexport.report import EXPOSED_SHOWN, write_report
+from safeexport.runio import open_run
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    if BROWSER is None:
+        if os.environ.get("CI"):  # .ci/run installs it: a missing browser there is a failure
+            pytest.fail("chromium is not installed; .ci/run should have installed it")
+        pytest.skip("no headless browser (apt-get install chromium)")
+    return subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--hide-scrollbars", *args], capture_output=True, text=True,
+                          check=True)
+
+
+@pytest.fixture(scope="module")
+def reported(run, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the tiny run, in a folder whose name holds markup, with one evaluated
+    export, and its report."""
+    copy = tmp_path_factory.mktemp("report") / "run<b>x"
+    shutil.copytree(run, copy)
+    evaluate(copy / "exports" / "model-onnx-w8-weight-only.onnx", EvalConfig(attack_epochs=2),
+             copy)
+    result = CliRunner().invoke(main, ["report", str(copy)])
+    assert result.exit_code == 0, result.stderr
+    return copy, copy / "report.html"
+
+
+def test_the_report_renders_in_a_browser_with_its_plots_and_figures(reported, tmp_path):
+    run, page = reported
+    dom = _chromium("--dump-dom", page.as_uri()).stdout
+    verdict = json.loads(next((run / "evals").glob("*.json")).read_text())["verdict"]
+    assert ("PASS" if verdict["passed"] else "FAIL") in dom
+    manifest = json.loads((run / "exports" / "model-onnx-w8-weight-only.json").read_text())
+    assert manifest["sha256"] in dom  # the export table and the hashes
+    assert open_run(run).read_report()["files"]["model.safetensors"] in dom
+    assert "run&lt;b&gt;x" in dom and "run<b>x" not in dom  # file text is escaped
+    assert dom.count('src="data:image/png;base64,') == 3  # ROC, learning curve, eval ROC
+    assert "<script" not in page.read_text()
+    exposed = dom.split("Most exposed records")[1].split("</table>")[0]
+    assert exposed.count("<tr>") == EXPOSED_SHOWN + 1  # header + the records
+
+    shot = tmp_path / "shot.png"
+    _chromium("--window-size=1200,3000", f"--screenshot={shot}", page.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (3000, 1200)
+    # matplotlib's first line colour (31, 119, 180) appears only where a plot was drawn
+    blue = (np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 30).sum()
+    assert blue > 200, blue
+
+
+def test_the_report_refuses_to_overwrite_a_users_file_and_non_html(reported, tmp_path):
+    run, _ = reported
+    mine = tmp_path / "mine.html"
+    mine.write_text("keep me")
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
+        write_report(run, mine)
+    assert mine.read_text() == "keep me"
+    with pytest.raises(ConfigError, match="name it \\*.html"):
+        write_report(run, tmp_path / "report.json")
+    assert write_report(run, mine, overwrite=True) == mine
+    assert "Most exposed records" in mine.read_text()
+
+
+def test_flagged_fpr_is_the_share_of_nonmembers_scoring_at_least_as_high():
+    nonmembers = np.array([0.1, 0.2, 0.2, 0.5])
+    assert flagged_fpr(np.array([0.6, 0.5, 0.2, 0.0]), nonmembers).tolist() == \
+        [0.0, 0.25, 0.75, 1.0]
