@@ -80,7 +80,9 @@ TRAINING_OPTIONS = [
     click.option("--dataset", default="digits", show_default=True,
                  help="digits (embedded, no download), synthetic, fashionmnist, mnist, cifar10, "
                       "cifar100, tinyimagenet, purchase100, texas100, agnews, yelp5, npz:PATH "
-                      "(arrays x, y) or folder:PATH (PATH/<class>/<image>)."),
+                      "(arrays x, y), folder:PATH (PATH/<class>/<image>) or "
+                      "torch:package.module:factory (factory() returns a map-style torch "
+                      "Dataset of (x, y) pairs)."),
     click.option("--data-dir", type=click.Path(file_okay=False), help=COMPRESS_HELP["data_dir"]),
     click.option("--download", is_flag=True, help=COMPRESS_HELP["download"]),
     click.option("--max-samples", type=click.IntRange(min=1), help=COMPRESS_HELP["max_samples"]),

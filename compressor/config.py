@@ -24,7 +24,9 @@ class CompressConfig(StageConfig):
     init_weights: str | None = opt(None, "start from these trained weights (a .safetensors "
                                    "state dict of --model, e.g. a run's model.safetensors); "
                                    "the initial mask keeps each layer's largest weights")
-    dataset: str = opt("digits", "dataset name, npz:PATH or folder:PATH")
+    dataset: str = opt("digits", "dataset name, npz:PATH, folder:PATH, or "
+                       "torch:package.module:factory (factory() returns a map-style torch "
+                       "Dataset of (x, y) pairs)")
     data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
     download: bool = opt(False, "fetch a public dataset (checksum-verified) into data_dir")
     max_samples: int | None = opt(None, "use a class-stratified subset of this many samples")
@@ -87,7 +89,7 @@ class CompressConfig(StageConfig):
         from compressor.strategies import GROW, PRUNE
         from compressor.train import OPTIMIZERS
         from safeexport.attacks import ATTACKS
-        from safeexport.data import DATASETS, dataset_names
+        from safeexport.data import DATASETS, USER_PREFIXES, dataset_names
         from safeexport.models import MODELS, known_model
 
         p = []
@@ -100,7 +102,7 @@ class CompressConfig(StageConfig):
         if self.model != "auto" and not known_model(self.model):
             p.append(f"unknown model {self.model!r}; known: auto, {', '.join(MODELS.names())}, "
                      "or your own as package.module:factory")
-        if not (self.dataset.startswith(("npz:", "folder:")) or self.dataset in DATASETS):
+        if not (self.dataset.startswith(USER_PREFIXES) or self.dataset in DATASETS):
             p.append(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
         for name in ("epochs", "update_frequency", "batch_size", "attack_epochs",
                      "final_attack_epochs", "attack_seeds"):

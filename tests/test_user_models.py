@@ -1,11 +1,14 @@
-"""A user's own model: ``--model package.module:factory`` from the working directory, a plugin
-installed under the ``safeexport.models`` entry points, and ``--init-weights``."""
+"""A user's own model and data: ``--model package.module:factory`` from the working directory,
+a plugin installed under the ``safeexport.models`` entry points, ``--init-weights``, and
+``--dataset torch:package.module:factory`` (a map-style torch Dataset)."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,14 +21,44 @@ from device_eval import evaluate
 from device_eval.config import EvalConfig
 from exporters import export
 from exporters.config import ExportConfig
-from safeexport.errors import ConfigError
+from safeexport.data import load_dataset
+from safeexport.errors import ConfigError, DataError
 from safeexport.models import build_model, model_info, plugin_names
 from safeexport.rundir import RunDir, load_tensors, sha256_file
 from tests.conftest import FAST_EXPORT, REPO, tiny_config
 
-# A module a user keeps beside their data: one factory that builds, and broken ones.
+# A module a user keeps beside their data: a model factory and a Dataset factory that work,
+# and broken ones.
 USER_MODULE = textwrap.dedent("""
+    import torch
     from torch import nn
+    from torch.utils.data import Dataset
+
+    class Blobs(Dataset):
+        # 4 classes of 8x8 float images in [0, 1], the class shifting the brightness
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.y = torch.arange(200) % 4
+            self.x = (torch.rand(200, 1, 8, 8, generator=g) * 0.4
+                      + self.y.view(-1, 1, 1, 1) * 0.2)
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    def blobs():
+        return Blobs()
+
+    def fractional():
+        return [(torch.zeros(3), 0.5)] * 10
+
+    def ragged():
+        return [(torch.zeros(3 + i % 2), 0) for i in range(10)]
+
+    def unreachable():
+        raise OSError("no such bucket")
 
     BUILT = []
 
@@ -75,7 +108,7 @@ def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
     it from model.json in this process."""
     folder, name = user_dir
     out = folder / "run"
-    cfg = tiny_config(model=f"{name}:tinynet")
+    cfg = tiny_config(model=f"{name}:tinynet", dataset=f"torch:{name}:blobs", max_samples=None)
     args = [sys.executable, "-c", "from commands.cli import main; main()", "compress",
             "--out", str(out), "--no-progress"]
     for key, value in cfg.to_dict().items():
@@ -103,6 +136,30 @@ def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
     assert res.report["before"]["task_acc"] == pytest.approx(
         json.loads((out / "report.json").read_text())["compressed"]["task_acc"], abs=1e-6)
     assert sys.modules[name].BUILT  # export/evaluate imported the factory again
+
+
+def test_a_torch_dataset_is_read_as_its_arrays_would_be(user_dir):
+    """The Dataset's items, stacked, are the dataset: the same arrays saved as an npz give
+    the same fingerprint (so splits and later stages cannot tell the two apart)."""
+    folder, name = user_dir
+    ds = load_dataset(f"torch:{name}:blobs")
+    blobs = sys.modules[name].Blobs()
+    np.savez(folder / "same.npz", x=blobs.x.numpy(), y=blobs.y.numpy())
+    assert ds.kind == "image" and ds.x.shape == (200, 1, 8, 8) and ds.x.dtype == np.uint8
+    assert ds.y.tolist() == blobs.y.tolist()
+    assert ds.fingerprint() == load_dataset(f"npz:{folder}/same.npz").fingerprint()
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("fractional", "labels"),
+    ("ragged", "item 1 has shape (4,), item 0 (3,); every input must have the same shape"),
+    ("unreachable", "did not give a map-style Dataset with a length (OSError: no such bucket)"),
+    ("missing", "has no callable 'missing'"),
+])
+def test_a_dataset_factory_that_fails_is_one_data_error(user_dir, factory, message):
+    _, name = user_dir
+    with pytest.raises((DataError, ConfigError), match=re.escape(message)):
+        load_dataset(f"torch:{name}:{factory}")
 
 
 @pytest.mark.parametrize("factory, message", [

@@ -1,7 +1,8 @@
 """Dataset registry. ``load_dataset(name, ...)`` returns an ``ArrayDataset``.
 
-Names: the registered ones (``digits`` is the embedded default) plus ``npz:PATH`` and
-``folder:PATH`` for a user's own data.
+Names: the registered ones (``digits`` is the embedded default) plus ``npz:PATH``,
+``folder:PATH`` and ``torch:package.module:factory`` (a map-style torch Dataset) for a user's
+own data.
 """
 
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 from safeexport.data.base import ArrayDataset, stratified_sample, to_tensor
 from safeexport.data.download import Resource, fetch
 from safeexport.data.images import (
+    arrays_dataset,
     load_cifar,
     load_digits_dataset,
     load_idx_dataset,
@@ -21,6 +23,7 @@ from safeexport.data.images import (
     load_npz,
     load_tinyimagenet,
     make_synthetic,
+    memory_bytes,
     npz_header,
 )
 from safeexport.data.tabular import load_purchase100, load_texas100
@@ -109,8 +112,53 @@ DATASETS.register("yelp5", DatasetInfo(
 
 
 def dataset_names() -> list[str]:
-    """Registered names plus the two patterns for a user's own data."""
-    return DATASETS.names() + ["npz:PATH", "folder:PATH"]
+    """Registered names plus the patterns for a user's own data."""
+    return DATASETS.names() + ["npz:PATH", "folder:PATH", "torch:package.module:factory"]
+
+
+USER_PREFIXES = ("npz:", "folder:", "torch:")
+
+
+def load_torch_dataset(ref: str) -> ArrayDataset:
+    """``factory()`` from ``package.module:factory``: a map-style torch Dataset (``len`` and
+    ``[i]``) of ``(x, y)`` pairs, x an image (C×H×W or H×W, uint8 or float in [0, 1]) or a
+    feature vector, y a class index. Read once into arrays (every stage works on the whole
+    set in memory) and checked as an npz's arrays are."""
+    from safeexport.plugins import import_object
+
+    where = f"torch:{ref}"
+    try:
+        dataset = import_object(ref, "Dataset factory")()
+        n = len(dataset)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
+        raise DataError(f"{where}: the factory did not give a map-style Dataset with a "
+                        f"length ({type(e).__name__}: {e})") from e
+    if n < 1:
+        raise DataError(f"{where}: the Dataset is empty")
+    xs, ys = [], []
+    for i in range(n):
+        try:
+            item = dataset[i]
+            x, y = item
+        except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
+            raise DataError(f"{where}: item {i} is not an (x, y) pair "
+                            f"({type(e).__name__}: {e})") from e
+        x = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+        if i == 0 and x.nbytes * n > memory_bytes() // 2:
+            raise DataError(f"{where}: {n:,} items of {x.nbytes:,} bytes do not fit in "
+                            "half of this machine's memory")
+        if xs and x.shape != xs[0].shape:
+            raise DataError(f"{where}: item {i} has shape {x.shape}, item 0 {xs[0].shape}; "
+                            "every input must have the same shape")
+        y = np.asarray(y.numpy() if hasattr(y, "numpy") else y)
+        if y.ndim != 0:
+            raise DataError(f"{where}: item {i}'s label has shape {y.shape}; a label is one "
+                            "class index")
+        xs.append(x)
+        ys.append(y)
+    return arrays_dataset(where, np.stack(xs), np.stack(ys), where)
 
 
 def dataset_kind(name: str) -> str | None:
@@ -119,6 +167,8 @@ def dataset_kind(name: str) -> str | None:
     what is wrong)."""
     if name.startswith("folder:"):
         return "image"
+    if name.startswith("torch:"):
+        return None
     if name.startswith("npz:"):
         try:
             with np.load(Path(name[4:]), allow_pickle=False) as f:
@@ -134,6 +184,8 @@ def load_dataset(name: str, data_dir: Path | None = None, download: bool = False
     """Load a dataset by name; ``max_samples`` keeps a class-stratified subset of the pool."""
     if name.startswith("npz:"):
         ds = load_npz(Path(name[4:]))
+    elif name.startswith("torch:"):
+        ds = load_torch_dataset(name[6:])
     elif name.startswith("folder:"):
         path = Path(name[7:])
         ds = (load_image_tar(path, name, max_samples, seed) if path.is_file()

@@ -416,34 +416,42 @@ def load_npz(path: Path) -> ArrayDataset:
     except (ValueError, OSError, EOFError, KeyError, ConfigError, zipfile.BadZipFile,
             MemoryError) as e:
         raise DataError(f"{path}: cannot read as npz without pickles ({e or 'empty file'})") from e
-    y, num_classes = class_labels(y, str(path))
+    return arrays_dataset(f"npz:{path}", x, y, str(path))
+
+
+def arrays_dataset(name: str, x: np.ndarray, y: np.ndarray, where: str) -> ArrayDataset:
+    """A user's arrays as a dataset, each checked: labels are class indices 0..K-1; x holds
+    finite real numbers; N×D is tabular (float32), N×H×W, N×C×H×W or N×H×W×C (C in {1, 3})
+    are images, uint8 or float in [0, 1] (stored as uint8). ``where`` names the source in
+    messages."""
+    y, num_classes = class_labels(y, where)
     if x.dtype.kind not in "biuf":
-        raise DataError(f"{path}: x holds {x.dtype} values; it must hold real numbers "
+        raise DataError(f"{where}: x holds {x.dtype} values; it must hold real numbers "
                         "(complex and string arrays are refused)")
     if len(x) != len(y):
-        raise DataError(f"{path}: {len(x)} inputs but {len(y)} labels")
+        raise DataError(f"{where}: {len(x)} inputs but {len(y)} labels")
     if x.ndim < 2 or 0 in x.shape[1:]:
-        raise DataError(f"{path}: x must be N×D, N×H×W or N×C×H×W with no empty axis, got "
+        raise DataError(f"{where}: x must be N×D, N×H×W or N×C×H×W with no empty axis, got "
                         f"shape {x.shape}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise DataError(f"{path}: x holds {int((~np.isfinite(x)).sum())} NaN or infinite "
+        raise DataError(f"{where}: x holds {int((~np.isfinite(x)).sum())} NaN or infinite "
                         f"values (first in sample {int(np.argwhere(~np.isfinite(x))[0][0])}); "
                         "clean or impute them first")
     if x.ndim == 2:
         with np.errstate(over="ignore"):
             x = x.astype(np.float32)
         if not np.isfinite(x).all():
-            raise DataError(f"{path}: x holds values too large for float32 (|x| > 3.4e38); "
+            raise DataError(f"{where}: x holds values too large for float32 (|x| > 3.4e38); "
                             "rescale them first")
-        return ArrayDataset(f"npz:{path}", "tabular", x, y, num_classes)
+        return ArrayDataset(name, "tabular", x, y, num_classes)
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4:
-        raise DataError(f"{path}: x must be N×D, N×H×W or N×C×H×W, got shape {x.shape}")
+        raise DataError(f"{where}: x must be N×D, N×H×W or N×C×H×W, got shape {x.shape}")
     if x.dtype != np.uint8:
         if x.dtype.kind != "f" or x.min() < 0 or x.max() > 1:
-            raise DataError(f"{path}: float images must lie in [0, 1]; use uint8 for 0..255")
+            raise DataError(f"{where}: float images must lie in [0, 1]; use uint8 for 0..255")
         x = np.round(x * 255).astype(np.uint8)
-    return ArrayDataset(f"npz:{path}", "image", np.ascontiguousarray(x), y, num_classes)
+    return ArrayDataset(name, "image", np.ascontiguousarray(x), y, num_classes)

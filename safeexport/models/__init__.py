@@ -9,11 +9,7 @@ model.json records the name, so export and evaluate import the same factory agai
 names code that is already installed, it never carries code itself.
 """
 
-import importlib
 import math
-import os
-import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -26,6 +22,7 @@ from safeexport.data import ArrayDataset
 from safeexport.errors import ConfigError
 from safeexport.models.text import TextClassifier
 from safeexport.models.vision import MLP, AlexNetCifar, ResNet18Cifar, SmallCNN, VGG16Cifar
+from safeexport.plugins import import_object, is_ref
 from safeexport.registry import Registry
 
 
@@ -53,13 +50,7 @@ MODELS.register("roberta", ModelInfo(lambda **kw: TextClassifier("roberta", **kw
 DEFAULT_MODEL = {"image": "cnn", "tabular": "mlp", "text": "bert"}
 
 ENTRY_POINT_GROUP = "safeexport.models"
-FACTORY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 USER_KINDS = ("image", "tabular")  # what a factory's (input_shape, num_classes) can describe
-
-
-def is_factory(name: str) -> bool:
-    """Whether ``name`` is written as a user factory, ``package.module:factory``."""
-    return FACTORY_RE.fullmatch(name) is not None
 
 
 def plugin_names() -> list[str]:
@@ -70,25 +61,7 @@ def plugin_names() -> list[str]:
 def known_model(name: str) -> bool:
     """Whether ``name`` can name a model (checked without importing anything): a built-in, a
     plugin, or a ``package.module:factory`` reference."""
-    return name in MODELS or is_factory(name) or name in plugin_names()
-
-
-def _import_factory(ref: str) -> Callable[..., nn.Module]:
-    """The callable ``package.module:factory`` names; the working directory is searched as
-    Python itself does for ``python -m`` (a console script's path does not include it)."""
-    module_name, attr = ref.split(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - a user's module can fail in any way on import
-        raise ConfigError(f"cannot import the model factory {ref}: {type(e).__name__}: {e} "
-                          "(is its folder the working directory or on PYTHONPATH?)") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"model factory {ref}: module {module_name} has no callable "
-                          f"{attr!r}")
-    return factory
+    return name in MODELS or is_ref(name) or name in plugin_names()
 
 
 def _user_build(ref: str, factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -115,8 +88,8 @@ def model_info(name: str) -> ModelInfo:
     ``package.module:factory``; a ConfigError naming the choices otherwise."""
     if name in MODELS:
         return MODELS.get(name)
-    if is_factory(name):
-        return ModelInfo(_user_build(name, _import_factory(name)), USER_KINDS,
+    if is_ref(name):
+        return ModelInfo(_user_build(name, import_object(name, "model factory")), USER_KINDS,
                          f"user model {name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         try:
