@@ -87,14 +87,28 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
 
 def evaluate(model_file: Path | str, *, run: Path | str | None = None,
              json_out: Path | str | None = None, data_dir: Path | str | None = None,
-             overwrite: bool = False, **options):
+             overwrite: bool = False, members: Path | str | None = None,
+             nonmembers: Path | str | None = None, test: Path | str | None = None,
+             **options):
     """``safeexport evaluate``: task accuracy and membership attacks on ``model_file`` in its
     runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
-    fields. Returns the ``EvalReport`` (``.passed``, ``.report``, ``.json_path``)."""
+    fields. With ``members`` (and ``nonmembers``, or a ``member`` array in the members npz),
+    an audit of a file safeexport did not make: its figures, no verdict. Returns the
+    ``EvalReport`` (``.passed``, ``.report``, ``.json_path``)."""
+    cfg = EvalConfig(**options)
+    out = Path(json_out) if json_out is not None else None
+    if members is not None:
+        from device_eval.audit import audit
+
+        if run is not None or data_dir is not None:
+            raise ConfigError("--members audits a file on your data; drop --run/--data-dir")
+        return audit(model_file, members, nonmembers, test, cfg, out, overwrite)
+    if nonmembers is not None or test is not None:
+        raise ConfigError("--nonmembers and --test go with --members (an audit of a file "
+                          "safeexport did not make)")
     from device_eval.run import evaluate as run_evaluate
 
-    return run_evaluate(model_file, EvalConfig(**options), run,
-                        Path(json_out) if json_out is not None else None,
+    return run_evaluate(model_file, cfg, run, out,
                         Path(data_dir) if data_dir is not None else None, overwrite)
 
 

@@ -348,18 +348,36 @@ def _print_export_table(rows: list[dict]) -> None:
               help="Where the run's dataset is now (default: the folder the run recorded).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --json report (and the .png beside it).")
+@click.option("--members", type=click.Path(dir_okay=False, path_type=Path),
+              help="Audit a file safeexport did not make: npz (x, y) of samples the model "
+                   "trained on, or with a 'member' array (1/0) marking members among all.")
+@click.option("--nonmembers", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --members: npz (x, y) of samples the model did not train on.")
+@click.option("--test", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --members: npz (x, y) for task accuracy (default: the non-members).")
 def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
-                 data_dir: Path | None, overwrite: bool, **flags) -> None:
+                 data_dir: Path | None, overwrite: bool, members: Path | None,
+                 nonmembers: Path | None, test: Path | None, **flags) -> None:
     """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
     same figures for the run's PyTorch model, and say whether safety survived.
+
+    With --members (and --nonmembers, or a 'member' array in the members npz): an audit of a
+    .onnx/.tflite file safeexport did not make, on your data: task accuracy and every attack
+    that needs no reference models, with intervals (no verdict: there is no model to compare
+    with). The file must take inputs as safeexport feeds them: images N x C x H x W scaled to
+    [0, 1], tables N x D float32.
 
     Exit status: 0 when the strongest attack's MIA accuracy did not rise by more than
     --max-mia-rise with a paired 95% interval that excludes zero, and task accuracy fell by at
     most --max-task-drop; 1 when not; 2 for an error.
     """
     res = api.evaluate(model_file, run=run_dir, json_out=json_out, data_dir=data_dir,
-                       overwrite=overwrite, **flags)
+                       overwrite=overwrite, members=members, nonmembers=nonmembers, test=test,
+                       **flags)
+    if members is not None:
+        _print_audit(res)
+        return
     r = res.report
     click.echo(f"{model_file.name} on {r['runtime']['name']} ({r['runtime']['version']}), "
                f"{r['samples']['eval_members']}+{r['samples']['eval_nonmembers']} unknown "
@@ -390,6 +408,28 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     else:
         click.echo("FAIL: " + "; ".join(v["reasons"]))
         sys.exit(1)
+
+
+def _print_audit(res) -> None:
+    r, f = res.report, res.report["figures"]
+    s = r["samples"]
+    click.echo(f"audit of {Path(r['model_file']).name} on {r['runtime']['name']} "
+               f"({r['runtime']['version']}): {s['eval_members']}+{s['eval_nonmembers']} "
+               f"members/non-members measured, attacker trained on {s['known_members']}+"
+               f"{s['known_nonmembers']}")
+    lo, hi = f["task_acc_ci"]
+    click.echo(f"task accuracy {f['task_acc']:.4f} [{lo:.4f}, {hi:.4f}] on {r['task_acc_on']}")
+    click.echo(f"{'attack':18}{'MIA acc (95% CI)':>26}{'AUC':>7}{'TPR@1%':>8}")
+    rows = [(f["attack"], f), *f["threshold_attacks"].items()]
+    for name, m in rows:
+        lo, hi = m["ci"]["mia_acc"]
+        click.echo(f"{name:18}{m['mia_acc']:10.4f} [{lo:.4f}, {hi:.4f}]{m['auc']:7.3f}"
+                   f"{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}")
+    click.echo(f"strongest: {f['strongest']['attack']}; reference attacks "
+               f"{r['reference_attacks']}")
+    for w in r["warnings"]:
+        click.echo(f"warning: {w}")
+    click.echo(f"report {res.json_path}, ROC {res.plot_path.name}")
 
 
 @main.command("report")

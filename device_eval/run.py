@@ -44,7 +44,9 @@ class EvalReport:
 
     @property
     def passed(self) -> bool:
-        return self.report["verdict"]["passed"]
+        """The verdict; an audit of a foreign file (no model to compare with) has none and
+        passes: its figures are the result."""
+        return self.report["verdict"]["passed"] if "verdict" in self.report else True
 
 
 def _manifest(model_file: Path) -> dict | None:
@@ -73,13 +75,26 @@ def _manifest(model_file: Path) -> dict | None:
     return manifest
 
 
-def _logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.ndarray:
+def open_file_runtime(model_file: Path, cfg: EvalConfig, sample: np.ndarray) -> Runtime:
+    """``model_file`` in the runtime ``cfg`` names (adb options included), loaded and run on
+    ``sample`` in a child process first: the file may come from elsewhere."""
+    options = ({"serial": cfg.serial, "adb": cfg.adb, "runner": cfg.runner,
+                "runner_path": cfg.runner_path, "runner_binary": cfg.runner_binary,
+                "timeout": cfg.timeout} if cfg.runtime == "adb" else {})
+    return open_runtime(model_file, cfg.runtime, cfg.threads, probe=sample,
+                        probe_timeout=cfg.timeout, **options)
+
+
+def file_logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.ndarray:
+    """The runtime's logits on ``inputs``, ``chunk`` at a time, with a progress bar."""
     with tqdm(total=len(inputs), desc=desc, unit="sample", disable=None) as bar:
         return rt(inputs, chunk=chunk, progress=bar.update)
 
 
-def _figures(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
-             attack: str, epochs: int, seed: int, lam: float, attack_seeds: int):
+def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
+            attack: str, epochs: int, seed: int, lam: float, attack_seeds: int):
+    """One model's figures (``model_figures``) and its ``MembershipResult`` from its logits on
+    the samples ``pos`` maps (dataset index -> row of ``logits``)."""
     def of(idx: np.ndarray) -> np.ndarray:
         return logits[[pos[i] for i in idx]]
 
@@ -166,27 +181,23 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
                               f"shape {want}, the run's data is {inputs.dtype} "
                               f"{list(inputs.shape[1:])}")
 
-    options = ({"serial": cfg.serial, "adb": cfg.adb, "runner": cfg.runner,
-                "runner_path": cfg.runner_path, "runner_binary": cfg.runner_binary,
-                "timeout": cfg.timeout} if cfg.runtime == "adb" else {})
     # the file came from elsewhere: a native runtime loads and runs it in a child process first
-    with open_runtime(model_file, cfg.runtime, cfg.threads, probe=inputs[:1],
-                      probe_timeout=cfg.timeout, **options) as rt:
+    with open_file_runtime(model_file, cfg, inputs[:1]) as rt:
         probe = rt(inputs[:1])
         if probe.ndim != 2 or probe.shape[1] != ds.num_classes:
             raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}, the "
                               f"run has {ds.num_classes} classes")
-        after_logits = _logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
+        after_logits = file_logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
         runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads}
     with open_runtime(rd.model, "torch") as ref:
-        before_logits = _logits(ref, inputs, cfg.chunk, "torch model.safetensors")
+        before_logits = file_logits(ref, inputs, cfg.chunk, "torch model.safetensors")
     if not np.isfinite(after_logits).all():
         raise ConfigError(f"{model_file.name} produced non-finite logits in {rt.name}")
 
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
     args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
-    before, bres = _figures(before_logits, *args)
-    after, ares = _figures(after_logits, *args)
+    before, bres = measure(before_logits, *args)
+    after, ares = measure(after_logits, *args)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
     verdict = _verdict(before, after, bres, ares, cfg)

@@ -398,25 +398,32 @@ def class_labels(y: np.ndarray, where: str) -> tuple[np.ndarray, int]:
 def load_npz(path: Path) -> ArrayDataset:
     """A user's arrays ``x`` and ``y`` (no pickles). Images: N×H×W, N×C×H×W or N×H×W×C with
     C in {1, 3}, uint8 or float in [0, 1]; any other 2-D array of numbers is tabular."""
+    arrays = read_npz(path, ("x", "y"))
+    return arrays_dataset(f"npz:{path}", arrays["x"], arrays["y"], str(path))
+
+
+def read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an npz archive, read without pickles, each checked against the
+    bytes the archive holds before numpy allocates it."""
     if not path.exists():
         raise DataError(f"npz file {path} does not exist")
+    hint = f"save {', '.join(keys)} with numpy.savez(path, {', '.join(f'{k}=...' for k in keys)})"
     try:
         with np.load(regular_file(path), allow_pickle=False) as f:
             if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: a single .npy array, not an npz archive; save x and y "
-                                "with numpy.savez(path, x=..., y=...)")
-            if "x" not in f or "y" not in f:
-                raise DataError(f"{path}: needs arrays named 'x' and 'y', found {list(f.keys())}")
-            for key in ("x", "y"):
+                raise DataError(f"{path}: a single .npy array, not an npz archive; {hint}")
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise DataError(f"{path}: needs arrays named {', '.join(map(repr, keys))}, "
+                                f"found {list(f.keys())}")
+            for key in keys:
                 _npz_member_fits(f, key, path)
-            x, y = f["x"], f["y"]
+            return {key: f[key] for key in keys}
     except TypeError as e:  # np.load gave a bare array, which is no context manager
-        raise DataError(f"{path}: a single .npy array, not an npz archive; save x and y with "
-                        "numpy.savez(path, x=..., y=...)") from e
+        raise DataError(f"{path}: a single .npy array, not an npz archive; {hint}") from e
     except (ValueError, OSError, EOFError, KeyError, ConfigError, zipfile.BadZipFile,
             MemoryError) as e:
         raise DataError(f"{path}: cannot read as npz without pickles ({e or 'empty file'})") from e
-    return arrays_dataset(f"npz:{path}", x, y, str(path))
 
 
 def arrays_dataset(name: str, x: np.ndarray, y: np.ndarray, where: str) -> ArrayDataset:

@@ -1,0 +1,131 @@
+"""Audit a model file safeexport did not make: ``safeexport evaluate FILE.onnx|FILE.tflite
+--members M.npz --nonmembers N.npz`` (or one npz whose ``member`` array marks them).
+
+There is no run and no PyTorch model to compare with, so the result is the file's figures, not
+a before/after verdict: task accuracy (on ``--test`` when given, else on the non-members, which
+the model did not train on), and every attack that needs no reference models: the trained
+attacker (Nasr et al.'s, trained on half of the members and half of the non-members, measured on
+the other halves) and the four threshold attacks beside it, each with its bootstrap interval.
+Attacks that need reference models (LiRA, RMIA) need a way to train models like this one,
+which a bare file does not give; the report says they were not run.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from device_eval.config import EvalConfig
+from device_eval.run import EvalReport, file_logits, measure, open_file_runtime
+from safeexport.data.base import stratified_order
+from safeexport.data.images import arrays_dataset, read_npz
+from safeexport.data.splits import Splits, balanced
+from safeexport.errors import ConfigError, DataError
+from safeexport.plots import plot_roc, roc_curves
+from safeexport.rundir import check_targets, regular_file, sha256_file, write_json
+from safeexport.runio import inputs_of
+
+MIN_HALF = 10  # samples in each half of members and non-members (the attacker's and the test's)
+ATTACK_EPOCHS = 300  # the compressor's final_attack_epochs default; early stopping ends it sooner
+NO_REFERENCES = ("not run: LiRA and RMIA need reference models trained like this one, which a "
+                 "model file alone does not give")
+
+
+def _sets(members: Path, nonmembers: Path | None):
+    """(members, non-members) as checked datasets, from two npz files or one with a
+    ``member`` array (1 = member, 0 = not)."""
+    if nonmembers is not None:
+        return tuple(arrays_dataset(f"npz:{p}", a["x"], a["y"], str(p))
+                     for p, a in ((members, read_npz(members, ("x", "y"))),
+                                  (nonmembers, read_npz(nonmembers, ("x", "y")))))
+    a = read_npz(members, ("x", "y", "member"))
+    flag = a["member"]
+    if flag.shape != a["y"].shape or not np.isin(flag, (0, 1)).all():
+        raise DataError(f"{members}: 'member' must hold one 0 or 1 per sample (1 = the model "
+                        "trained on it)")
+    flag = flag.astype(bool)
+    return tuple(arrays_dataset(f"npz:{members}", a["x"][m], a["y"][m], f"{members} ({what})")
+                 for m, what in ((flag, "members"), (~flag, "non-members")))
+
+
+def _halves(y: np.ndarray, offset: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``offset + i`` cut into two class-stratified halves (the attacker trains on the
+    first and is measured on the second)."""
+    if len(y) < 2 * MIN_HALF:
+        raise DataError(f"{len(y)} {what} are too few to train an attacker on half and measure "
+                        f"it on the other half; give at least {2 * MIN_HALF}")
+    order = stratified_order(y, np.random.default_rng(seed)) + offset
+    cut = len(order) // 2
+    return order[:cut], order[cut:]
+
+
+def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | None = None,
+          test: Path | str | None = None, cfg: EvalConfig | None = None,
+          json_out: Path | None = None, overwrite: bool = False, seed: int = 0) -> EvalReport:
+    """The file's task accuracy and membership figures on the user's members and non-members;
+    written to ``json_out`` (default ``FILE-audit-<runtime>.json`` beside the file) with the
+    ROC beside it as .png."""
+    cfg = cfg or EvalConfig()
+    model_file = regular_file(Path(model_file))
+    if model_file.suffix.lower() not in (".onnx", ".tflite"):
+        raise ConfigError(f"{model_file.name}: an audit takes an .onnx or .tflite file; a run's "
+                          "model.safetensors is evaluated with its run (--run)")
+    mem, non = _sets(Path(members), Path(nonmembers) if nonmembers is not None else None)
+    parts = [mem, non] + ([arrays_dataset(f"npz:{test}", **read_npz(Path(test), ("x", "y")),
+                                          where=str(test))] if test is not None else [])
+    shapes = {(d.kind, d.input_shape()) for d in parts}
+    if len(shapes) > 1:
+        raise DataError(f"members, non-members and test data must be the same kind of input "
+                        f"of one shape, found {sorted(shapes)}")
+    x = np.concatenate([d.x for d in parts])
+    y = np.concatenate([d.y for d in parts])
+    ds = arrays_dataset("audit", x, y, "audit data")
+    n_m, n_n = len(mem), len(non)
+    km, um = _halves(mem.y, 0, seed, "members")
+    kn, un = _halves(non.y, n_m, seed + 1, "non-members")
+    test_idx = np.arange(n_m + n_n, len(y)) if test is not None else un
+    splits = Splits(km, um, kn, un, np.empty(0, np.int64), test_idx, ds.fingerprint())
+    inputs = inputs_of(ds, np.arange(len(y)))
+
+    with open_file_runtime(model_file, cfg, inputs[:1]) as rt:
+        probe = rt(inputs[:1])
+        if probe.ndim != 2 or probe.shape[1] <= int(y.max()):
+            raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}; the "
+                              f"labels need at least {int(y.max()) + 1} classes")
+        logits = file_logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
+        runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads}
+    if not np.isfinite(logits).all():
+        raise ConfigError(f"{model_file.name} produced non-finite logits in {runtime['name']}")
+    stem = f"{model_file.stem}-audit-{runtime['name']}"
+    json_path = Path(json_out) if json_out else model_file.parent / f"{stem}.json"
+    plot_path = json_path.with_suffix(".png")
+    check_targets([json_path, plot_path], overwrite, "--json", "the audit")
+
+    attack = cfg.attack or "nasr"
+    epochs = cfg.attack_epochs or ATTACK_EPOCHS
+    seeds = cfg.attack_seeds or 1
+    figures, res = measure(logits, {i: i for i in range(len(y))}, y, splits, logits.shape[1],
+                           attack, epochs, seed, 1.0, seeds)
+    eval_m, eval_n = balanced(um, un)
+    data = {"members": str(Path(members).resolve()),
+            "members_sha256": sha256_file(Path(members))}
+    for name, path in (("nonmembers", nonmembers), ("test", test)):
+        if path is not None:
+            data[name] = str(Path(path).resolve())
+            data[f"{name}_sha256"] = sha256_file(Path(path))
+    report = {
+        "model_file": str(model_file.resolve()), "sha256": sha256_file(model_file),
+        "runtime": runtime, "data": data,
+        "attack": {"name": attack, "epochs": epochs, "seed": seed, "seeds": seeds},
+        "samples": {"members": n_m, "nonmembers": n_n, "known_members": len(km),
+                    "known_nonmembers": len(kn), "eval_members": len(eval_m),
+                    "eval_nonmembers": len(eval_n), "test": len(test_idx)},
+        "task_acc_on": "test" if test is not None else "the unknown non-members (no --test)",
+        "figures": figures,
+        "reference_attacks": NO_REFERENCES,
+        "warnings": figures["warnings"],
+        "config": cfg.to_dict(),
+    }
+    write_json(json_path, report)
+    plot_roc(roc_curves(res, f"{model_file.name} on {runtime['name']}"), plot_path,
+             f"MIA audit of {model_file.name}", figures["n_nonmembers"])
+    return EvalReport(report, json_path, plot_path)

@@ -1,0 +1,112 @@
+"""``safeexport evaluate FILE --members M.npz --nonmembers N.npz``: an audit of a file
+safeexport did not make (here the tiny run's ONNX export copied without its manifest, as a
+user would receive it), on membership sets whose separation is known."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from commands.cli import main
+from safeexport import evaluate
+from safeexport.errors import ConfigError, DataError
+from safeexport.runio import load_data, open_run
+
+
+@pytest.fixture(scope="module")
+def foreign(run, tmp_path_factory):
+    """The ONNX file alone, and the run's data: images with their labels, and the rest."""
+    folder = tmp_path_factory.mktemp("audit")
+    shutil.copy(run / "exports" / "model-onnx-w8-weight-only.onnx", folder / "model.onnx")
+    ds, splits = load_data(open_run(run))
+    return folder, ds, splits
+
+
+def _npz(path, x, y, **extra):
+    np.savez(path, x=x, y=y, **extra)
+    return path
+
+
+def test_an_audit_finds_the_separation_it_is_given(foreign):
+    """Members keep their true labels (low loss on a model that learned them), 'non-members'
+    get wrong labels (high loss): every attack must separate them well above chance, and a
+    swapped or misaligned membership would read at or below 0.5."""
+    folder, ds, splits = foreign
+    idx = np.concatenate([splits.test, splits.unknown_nonmembers, splits.known_nonmembers])
+    m, n = idx[: len(idx) // 2], idx[len(idx) // 2:]
+    members = _npz(folder / "m.npz", ds.x[m], ds.y[m])
+    nonmembers = _npz(folder / "n.npz", ds.x[n], (ds.y[n] + 1) % ds.num_classes)
+    res = evaluate(folder / "model.onnx", members=members, nonmembers=nonmembers,
+                   attack_epochs=20)
+    f = res.report["figures"]
+    assert f["threshold_attacks"]["loss"]["ci"]["mia_acc"][0] > 0.8
+    assert f["mia_acc"] > 0.7  # the trained attacker learns it too
+    assert f["strongest"]["mia_acc"] >= f["threshold_attacks"]["loss"]["mia_acc"]
+    assert res.report["reference_attacks"].startswith("not run")
+    assert res.json_path == folder / "model-audit-onnxruntime.json"
+    assert res.plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert res.passed  # an audit has no verdict to fail
+
+
+def test_an_audit_of_one_population_split_in_two_reads_no_leak(foreign, tmp_path):
+    """'Members' and 'non-members' drawn alike from the same pool (every class, and the run's
+    real members and non-members, halved between them): no attack may read far from chance
+    (an attacker measured on its own training half would); one npz with a 'member' array is
+    the same audit as two files."""
+    folder, ds, splits = foreign
+    idx = np.concatenate([splits.members, splits.test, splits.unknown_nonmembers,
+                          splits.known_nonmembers])
+    trained = np.arange(len(idx)) < len(splits.members)
+    flag = np.zeros(len(idx), dtype=np.int64)
+    for c in range(ds.num_classes):  # alternate within each class and each origin
+        for origin in (trained, ~trained):
+            where = np.flatnonzero((ds.y[idx] == c) & origin)
+            flag[where[::2]] = 1
+    both = _npz(tmp_path / "both.npz", ds.x[idx], ds.y[idx], member=flag)
+    test = _npz(tmp_path / "t.npz", ds.x[splits.test], ds.y[splits.test])
+    args = ["evaluate", str(folder / "model.onnx"), "--members", str(both), "--test", str(test),
+            "--attack-epochs", "5", "--json", str(tmp_path / "one.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.stderr
+    assert "reference attacks not run" in result.stdout
+    one = json.loads((tmp_path / "one.json").read_text())
+    f = one["figures"]
+    for name, m in [(f["attack"], f), *f["threshold_attacks"].items()]:
+        assert abs(m["mia_acc"] - 0.5) < 0.08, (name, m["mia_acc"])
+    assert one["task_acc_on"] == "test" and one["samples"]["test"] == len(splits.test)
+    two = evaluate(folder / "model.onnx", members=_npz(tmp_path / "m.npz", ds.x[idx[flag == 1]],
+                                                        ds.y[idx[flag == 1]]),
+                   nonmembers=_npz(tmp_path / "n.npz", ds.x[idx[flag == 0]],
+                                   ds.y[idx[flag == 0]]),
+                   test=test, attack_epochs=5, json_out=tmp_path / "two.json")
+    assert two.report["figures"] == one["figures"]
+
+
+def test_audit_refusals(foreign, tmp_path):
+    folder, ds, splits = foreign
+    idx = splits.test
+    good = _npz(tmp_path / "g.npz", ds.x[idx], ds.y[idx])
+    with pytest.raises(DataError, match="same kind of input of one shape"):
+        evaluate(folder / "model.onnx", members=good,
+                 nonmembers=_npz(tmp_path / "s.npz", ds.x[idx][:, :, :4, :4], ds.y[idx]))
+    with pytest.raises(ConfigError, match="labels need at least 12 classes"):
+        evaluate(folder / "model.onnx", members=good,
+                 nonmembers=_npz(tmp_path / "k.npz", ds.x[idx], 10 + np.arange(len(idx)) % 2))
+    with pytest.raises(DataError, match="too few to train an attacker"):
+        evaluate(folder / "model.onnx", members=_npz(tmp_path / "f.npz", ds.x[idx[:5]],
+                                                      ds.y[idx[:5]]), nonmembers=good)
+    with pytest.raises(DataError, match="'member' must hold one 0 or 1"):
+        evaluate(folder / "model.onnx",
+                 members=_npz(tmp_path / "b.npz", ds.x[idx], ds.y[idx],
+                              member=np.full(len(idx), 2)))
+    with pytest.raises(ConfigError, match="drop --run"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=good, run=folder)
+    with pytest.raises(ConfigError, match="go with --members"):
+        evaluate(folder / "model.onnx", nonmembers=good)
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=good, json_out=mine)
+    assert mine.read_text() == "{}"
