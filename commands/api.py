@@ -22,6 +22,9 @@ from device_eval.config import EvalConfig
 from exporters.config import ExportConfig
 from safeexport.errors import ConfigError
 
+# the figures logged to MLflow for each measured model
+FIGURES = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tm_score")
+
 
 def default_out(dataset: str, model: str, sparsity: float) -> Path:
     """``runs/<dataset>-<model>-s<sparsity>-<time>`` (``auto`` resolved to the model the data
@@ -36,39 +39,70 @@ def default_out(dataset: str, model: str, sparsity: float) -> Path:
 
 
 def compress(out: Path | str | None = None, *, resume: bool = False, overwrite: bool = False,
-             progress: bool | None = None, **options):
+             progress: bool | None = None, mlflow: str | None = None, **options):
     """``safeexport compress``: SafeCompress (or ``method=`` a baseline) into the run directory
     ``out`` (default ``runs/<dataset>-<model>-s<sparsity>-<time>``); ``options`` are
     CompressConfig's fields. ``resume=True`` continues the run in ``out`` with its recorded
-    config (no options then). Returns the ``RunDir``."""
+    config (no options then). ``mlflow``: a tracking URI to log the run to. Returns the
+    ``RunDir``."""
     from compressor.run import compress as run_compress
 
+    _check_tracking(mlflow)
     if resume:
         if out is None:
             raise ConfigError("resume needs the run directory (out)")
         if options:
             raise ConfigError(f"resume takes the configuration from {out}/config.json; drop "
                               f"{', '.join(sorted(options))}")
-        return run_compress(CompressConfig(), out, resume=True, progress=progress)
-    cfg = CompressConfig(**options)
-    return run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
-                        overwrite=overwrite, progress=progress)
+        run = run_compress(CompressConfig(), out, resume=True, progress=progress)
+    else:
+        cfg = CompressConfig(**options)
+        run = run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
+                           overwrite=overwrite, progress=progress)
+    if mlflow:
+        _log_compress(mlflow, run)
+    return run
+
+
+def _check_tracking(uri: str | None) -> None:
+    if uri:
+        from commands.tracking import check
+
+        check(uri)
+
+
+def _log_compress(uri: str, run) -> None:
+    from commands.tracking import log_run
+
+    config, report = run.read_config(), run.read_report()
+    metrics = {key: {k: report[key].get(k) for k in FIGURES} | {
+        "strongest_mia_acc": report[key]["strongest"]["mia_acc"]}
+        for key in ("compressed", "dense") if key in report}
+    log_run(uri, f"compress {run.path.name}", {"config": config["config"],
+                                                "model": config["model"],
+                                                "versions": config["versions"]},
+            metrics, [run.config, run.report, run.model_json, run.roc_png, run.curve_png])
 
 
 def replay(config_file: Path | str, out: Path | str | None = None, *, overwrite: bool = False,
-           progress: bool | None = None):
+           progress: bool | None = None, mlflow: str | None = None):
     """``safeexport run``: compress again with a run's recorded config.json, or a YAML/JSON file
     of the same keys, into ``out``. Returns the new ``RunDir``."""
     from compressor.run import compress as run_compress
 
     cfg = CompressConfig.from_file(Path(config_file))
-    return run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
-                        overwrite=overwrite, progress=progress)
+    _check_tracking(mlflow)
+    run = run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
+                       overwrite=overwrite, progress=progress)
+    if mlflow:
+        _log_compress(mlflow, run)
+    return run
 
 
 def export(run: Path | str | None = None, *, out: Path | str | None = None,
            all_variants: bool = False, overwrite: bool = False,
-           data_dir: Path | str | None = None, progress: bool | None = None, **options):
+           data_dir: Path | str | None = None, progress: bool | None = None,
+           mlflow: str | None = None, **options):
     """``safeexport export``: quantize and convert the run's model (default: the newest
     finished run under runs/); ``options`` are ExportConfig's fields (``format``, ``bits``,
     ``scheme``...). Returns the ``ExportedModel`` (file, manifest), or with
@@ -77,39 +111,65 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
     from exporters.run import export_all
 
     cfg = ExportConfig(**options)
+    _check_tracking(mlflow)
     data = Path(data_dir) if data_dir is not None else None
     if all_variants:
         if out is not None:
             raise ConfigError("all_variants writes into RUN/exports/; drop out")
+        if mlflow:
+            raise ConfigError("--mlflow logs one export; drop --all or --mlflow")
         return export_all(cfg, run, overwrite, data, progress)
-    return run_export(cfg, run, Path(out) if out is not None else None, overwrite, data)
+    res = run_export(cfg, run, Path(out) if out is not None else None, overwrite, data)
+    if mlflow:
+        from commands.tracking import log_run
+
+        m = res.manifest
+        log_run(mlflow, f"export {res.path.name}",
+                {k: m[k] for k in ("format", "bits", "scheme", "source", "versions")},
+                {"sizes": m["sizes"], "parity": m["parity"]}, [res.manifest_path, res.path])
+    return res
 
 
 def evaluate(model_file: Path | str, *, run: Path | str | None = None,
              json_out: Path | str | None = None, data_dir: Path | str | None = None,
              overwrite: bool = False, members: Path | str | None = None,
              nonmembers: Path | str | None = None, test: Path | str | None = None,
-             **options):
+             mlflow: str | None = None, **options):
     """``safeexport evaluate``: task accuracy and membership attacks on ``model_file`` in its
     runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
     fields. With ``members`` (and ``nonmembers``, or a ``member`` array in the members npz),
     an audit of a file safeexport did not make: its figures, no verdict. Returns the
     ``EvalReport`` (``.passed``, ``.report``, ``.json_path``)."""
     cfg = EvalConfig(**options)
+    _check_tracking(mlflow)
     out = Path(json_out) if json_out is not None else None
     if members is not None:
         from device_eval.audit import audit
 
         if run is not None or data_dir is not None:
             raise ConfigError("--members audits a file on your data; drop --run/--data-dir")
-        return audit(model_file, members, nonmembers, test, cfg, out, overwrite)
-    if nonmembers is not None or test is not None:
-        raise ConfigError("--nonmembers and --test go with --members (an audit of a file "
-                          "safeexport did not make)")
-    from device_eval.run import evaluate as run_evaluate
+        res = audit(model_file, members, nonmembers, test, cfg, out, overwrite)
+        metrics = {"figures": {k: res.report["figures"].get(k) for k in FIGURES}}
+    else:
+        if nonmembers is not None or test is not None:
+            raise ConfigError("--nonmembers and --test go with --members (an audit of a file "
+                              "safeexport did not make)")
+        from device_eval.run import evaluate as run_evaluate
 
-    return run_evaluate(model_file, cfg, run, out,
-                        Path(data_dir) if data_dir is not None else None, overwrite)
+        res = run_evaluate(model_file, cfg, run, out,
+                           Path(data_dir) if data_dir is not None else None, overwrite)
+        metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
+                   for key in ("before", "after")}
+        metrics["passed"] = int(res.passed)
+    if mlflow:
+        from commands.tracking import log_run
+
+        r = res.report
+        log_run(mlflow, f"evaluate {Path(model_file).name}",
+                {"model_file": r["model_file"], "sha256": r["sha256"],
+                 "runtime": r["runtime"], "attack": r["attack"], "config": r["config"]},
+                metrics, [res.json_path, res.plot_path])
+    return res
 
 
 def study(out: Path | str, *, compare: list[str] | None = None,

@@ -140,6 +140,11 @@ TRAINING_OPTIONS = [
 ]
 
 
+MLFLOW = click.option("--mlflow", metavar="URI",
+                      help="Also log parameters, figures and files to this MLflow tracking "
+                           "URI (needs the mlflow extra: pip install 'safeexport[mlflow]').")
+
+
 def training_options(command):
     """Apply every option of TRAINING_OPTIONS to ``command``."""
     for option in reversed(TRAINING_OPTIONS):
@@ -159,9 +164,10 @@ def training_options(command):
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars (default: only on a terminal).")
+@MLFLOW
 @click.pass_context
 def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool,
-             progress: bool | None, **flags) -> None:
+             progress: bool | None, mlflow: str | None, **flags) -> None:
     """Run SafeCompress: sparse training where every mask update makes candidates (prune x grow),
     a simulated membership-inference attacker tests each, and the best task-accuracy /
     attack-accuracy trade-off (TM-score) survives. --method NAME trains one of the baselines
@@ -179,9 +185,9 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
         if given:
             raise click.UsageError(f"--resume takes the configuration from {out}/config.json; "
                                    f"drop {', '.join(given)}")
-        run = api.compress(out, resume=True, progress=progress)
+        run = api.compress(out, resume=True, progress=progress, mlflow=mlflow)
     else:
-        run = api.compress(out, overwrite=overwrite, progress=progress,
+        run = api.compress(out, overwrite=overwrite, progress=progress, mlflow=mlflow,
                            **{k: flags[k] for k in fields})
     click.echo(f"run directory: {run.path}")
 
@@ -193,13 +199,14 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars (default: only on a terminal).")
+@MLFLOW
 def run_cmd(config_file: Path, out: Path | None, overwrite: bool,
-            progress: bool | None) -> None:
+            progress: bool | None, mlflow: str | None) -> None:
     """Replay a run: compress again with the config a run recorded (RUN/config.json) or a
     hand-written YAML/JSON file of the same keys (see config.json's "config" entry; keys left
     out take the defaults of `safeexport compress`), into a new run directory. The file is
     validated with the same messages as the command line."""
-    run = api.replay(config_file, out, overwrite=overwrite, progress=progress)
+    run = api.replay(config_file, out, overwrite=overwrite, progress=progress, mlflow=mlflow)
     click.echo(f"run directory: {run.path}")
 
 
@@ -276,8 +283,10 @@ def study_cmd(methods: list[str] | None, bits: list[str], fmt: str, seeds: int, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing export.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar for --all (default: only on a terminal).")
+@MLFLOW
 def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_variants: bool,
-               overwrite: bool, data_dir: Path | None, progress: bool | None, **flags) -> None:
+               overwrite: bool, data_dir: Path | None, progress: bool | None,
+               mlflow: str | None, **flags) -> None:
     """Quantize the run's model and convert it to ONNX or TFLite for phones.
 
     Every file is run in its own runtime (onnxruntime, LiteRT) on the run's test split and
@@ -288,13 +297,14 @@ def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_
         if out is not None:
             raise click.UsageError("--all writes into RUN/exports/; drop --out")
         rows = api.export(run_dir, all_variants=True, overwrite=overwrite, data_dir=data_dir,
-                          progress=progress, format=fmt, bits=int(bits), **flags)
+                          progress=progress, mlflow=mlflow, format=fmt, bits=int(bits),
+                          **flags)
         _print_export_table(rows)
         if any(r["status"] != "ok" for r in rows):
             sys.exit(1)
         return
-    res = api.export(run_dir, out=out, overwrite=overwrite, data_dir=data_dir, format=fmt,
-                     bits=int(bits), **flags)
+    res = api.export(run_dir, out=out, overwrite=overwrite, data_dir=data_dir, mlflow=mlflow,
+                     format=fmt, bits=int(bits), **flags)
     from exporters.run import summary
 
     name = ExportConfig(format=fmt, bits=int(bits), **flags).name()
@@ -355,9 +365,11 @@ def _print_export_table(rows: list[dict]) -> None:
               help="With --members: npz (x, y) of samples the model did not train on.")
 @click.option("--test", type=click.Path(dir_okay=False, path_type=Path),
               help="With --members: npz (x, y) for task accuracy (default: the non-members).")
+@MLFLOW
 def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
                  data_dir: Path | None, overwrite: bool, members: Path | None,
-                 nonmembers: Path | None, test: Path | None, **flags) -> None:
+                 nonmembers: Path | None, test: Path | None, mlflow: str | None,
+                 **flags) -> None:
     """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
     same figures for the run's PyTorch model, and say whether safety survived.
@@ -374,7 +386,7 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     """
     res = api.evaluate(model_file, run=run_dir, json_out=json_out, data_dir=data_dir,
                        overwrite=overwrite, members=members, nonmembers=nonmembers, test=test,
-                       **flags)
+                       mlflow=mlflow, **flags)
     if members is not None:
         _print_audit(res)
         return
