@@ -193,7 +193,7 @@ def report(run: Path | str | None = None, *, out: Path | str | None = None,
     """``safeexport report``: the run's one-page HTML report (verdicts, figures with intervals,
     plots, most exposed records, exports, hashes) at ``out`` (default RUN/report.html).
     Returns its path."""
-    from safeexport.report import write_report
+    from safeexport.html_report import write_report
 
     return write_report(run, Path(out) if out is not None else None, overwrite,
                         Path(data_dir) if data_dir is not None else None)

@@ -66,3 +66,19 @@ def test_the_default_run_folder_names_the_model_auto_resolves_to(tmp_path):
         "table.npz-mlp-s0.1-")
     assert default_out("digits", "mynets.zoo:tiny", 0.05).name.startswith(
         "digits-mynets.zoo_tiny-s0.05-")
+
+
+def test_the_api_names_are_the_functions_even_after_their_modules_load(run, tmp_path):
+    """`from safeexport import report` must stay the function once report() has imported its
+    module (a submodule of the same name would replace the package attribute)."""
+    import importlib
+
+    import commands.api
+    import safeexport
+
+    path = safeexport.report(run, out=tmp_path / "r.html")
+    assert path == tmp_path / "r.html"
+    importlib.invalidate_caches()
+    for name in safeexport.API:
+        obj = getattr(importlib.import_module("safeexport"), name)
+        assert obj is getattr(commands.api, name), name

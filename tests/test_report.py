@@ -16,8 +16,8 @@ from commands.cli import main
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from safeexport.errors import ConfigError
+from safeexport.html_report import EXPOSED_SHOWN, write_report
 from safeexport.metrics import flagged_fpr
-from safeexport.report import EXPOSED_SHOWN, write_report
 from safeexport.runio import open_run
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
