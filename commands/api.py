@@ -26,6 +26,26 @@ from safeexport.errors import ConfigError
 FIGURES = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tm_score")
 
 
+def _trust(cfg: dict | CompressConfig) -> None:
+    """Allow importing the model and Dataset factories ``cfg`` names."""
+    from safeexport.plugins import is_ref, trust
+
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    model, dataset = str(get("model")), str(get("dataset"))
+    if is_ref(model):
+        trust(model)
+    if dataset.startswith("torch:"):
+        trust(dataset[len("torch:"):])
+
+
+def _trust_run(run: Path | str | None, trust_code: bool) -> None:
+    """With ``trust_code``, allow importing the factories the run's config.json names."""
+    if trust_code:
+        from safeexport.runio import open_run
+
+        _trust(open_run(run).read_config()["config"])
+
+
 def default_out(dataset: str, model: str, sparsity: float) -> Path:
     """``runs/<dataset>-<model>-s<sparsity>-<time>`` (``auto`` resolved to the model the data
     gets), with characters a folder name should not carry (a path's slashes, a factory's
@@ -39,12 +59,13 @@ def default_out(dataset: str, model: str, sparsity: float) -> Path:
 
 
 def compress(out: Path | str | None = None, *, resume: bool = False, overwrite: bool = False,
-             progress: bool | None = None, mlflow: str | None = None, **options):
+             progress: bool | None = None, mlflow: str | None = None,
+             trust_code: bool = False, **options):
     """``safeexport compress``: SafeCompress (or ``method=`` a baseline) into the run directory
     ``out`` (default ``runs/<dataset>-<model>-s<sparsity>-<time>``); ``options`` are
     CompressConfig's fields. ``resume=True`` continues the run in ``out`` with its recorded
-    config (no options then). ``mlflow``: a tracking URI to log the run to. Returns the
-    ``RunDir``."""
+    config (no options then; ``trust_code`` allows importing the factories it names).
+    ``mlflow``: a tracking URI to log the run to. Returns the ``RunDir``."""
     from compressor.run import compress as run_compress
 
     _check_tracking(mlflow)
@@ -54,9 +75,14 @@ def compress(out: Path | str | None = None, *, resume: bool = False, overwrite: 
         if options:
             raise ConfigError(f"resume takes the configuration from {out}/config.json; drop "
                               f"{', '.join(sorted(options))}")
+        if trust_code:
+            from safeexport.rundir import RunDir
+
+            _trust(RunDir(out).read_config()["config"])
         run = run_compress(CompressConfig(), out, resume=True, progress=progress)
     else:
         cfg = CompressConfig(**options)
+        _trust(cfg)  # the caller named them
         run = run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
                            overwrite=overwrite, progress=progress)
     if mlflow:
@@ -85,12 +111,15 @@ def _log_compress(uri: str, run) -> None:
 
 
 def replay(config_file: Path | str, out: Path | str | None = None, *, overwrite: bool = False,
-           progress: bool | None = None, mlflow: str | None = None):
+           progress: bool | None = None, mlflow: str | None = None, trust_code: bool = False):
     """``safeexport run``: compress again with a run's recorded config.json, or a YAML/JSON file
-    of the same keys, into ``out``. Returns the new ``RunDir``."""
+    of the same keys, into ``out`` (``trust_code`` allows importing the factories the file
+    names). Returns the new ``RunDir``."""
     from compressor.run import compress as run_compress
 
     cfg = CompressConfig.from_file(Path(config_file))
+    if trust_code:
+        _trust(cfg)
     _check_tracking(mlflow)
     run = run_compress(cfg, out or default_out(cfg.dataset, cfg.model, cfg.sparsity),
                        overwrite=overwrite, progress=progress)
@@ -102,7 +131,7 @@ def replay(config_file: Path | str, out: Path | str | None = None, *, overwrite:
 def export(run: Path | str | None = None, *, out: Path | str | None = None,
            all_variants: bool = False, overwrite: bool = False,
            data_dir: Path | str | None = None, progress: bool | None = None,
-           mlflow: str | None = None, **options):
+           mlflow: str | None = None, trust_code: bool = False, **options):
     """``safeexport export``: quantize and convert the run's model (default: the newest
     finished run under runs/); ``options`` are ExportConfig's fields (``format``, ``bits``,
     ``scheme``...). Returns the ``ExportedModel`` (file, manifest), or with
@@ -112,6 +141,7 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
 
     cfg = ExportConfig(**options)
     _check_tracking(mlflow)
+    _trust_run(run, trust_code)
     data = Path(data_dir) if data_dir is not None else None
     if all_variants:
         if out is not None:
@@ -134,7 +164,7 @@ def evaluate(model_file: Path | str, *, run: Path | str | None = None,
              json_out: Path | str | None = None, data_dir: Path | str | None = None,
              overwrite: bool = False, members: Path | str | None = None,
              nonmembers: Path | str | None = None, test: Path | str | None = None,
-             mlflow: str | None = None, **options):
+             mlflow: str | None = None, trust_code: bool = False, **options):
     """``safeexport evaluate``: task accuracy and membership attacks on ``model_file`` in its
     runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
     fields. With ``members`` (and ``nonmembers``, or a ``member`` array in the members npz),
@@ -155,7 +185,9 @@ def evaluate(model_file: Path | str, *, run: Path | str | None = None,
             raise ConfigError("--nonmembers and --test go with --members (an audit of a file "
                               "safeexport did not make)")
         from device_eval.run import evaluate as run_evaluate
+        from device_eval.run import run_of
 
+        _trust_run(run_of(Path(model_file), run), trust_code)
         res = run_evaluate(model_file, cfg, run, out,
                            Path(data_dir) if data_dir is not None else None, overwrite)
         metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
@@ -183,17 +215,20 @@ def study(out: Path | str, *, compare: list[str] | None = None,
     from study import study as run_study
 
     cfg = CompressConfig(**options)
+    _trust(cfg)  # the caller named them
     if compare is not None:
         return run_compare(cfg, out, list(compare), seeds, progress)
     return run_study(cfg, out, list(bits), format, seeds, progress)
 
 
 def report(run: Path | str | None = None, *, out: Path | str | None = None,
-           overwrite: bool = False, data_dir: Path | str | None = None) -> Path:
+           overwrite: bool = False, data_dir: Path | str | None = None,
+           trust_code: bool = False) -> Path:
     """``safeexport report``: the run's one-page HTML report (verdicts, figures with intervals,
     plots, most exposed records, exports, hashes) at ``out`` (default RUN/report.html).
     Returns its path."""
     from safeexport.html_report import write_report
 
+    _trust_run(run, trust_code)
     return write_report(run, Path(out) if out is not None else None, overwrite,
                         Path(data_dir) if data_dir is not None else None)

@@ -145,6 +145,12 @@ MLFLOW = click.option("--mlflow", metavar="URI",
                            "URI (needs the mlflow extra: pip install 'safeexport[mlflow]').")
 
 
+TRUST = click.option("--trust-code", is_flag=True,
+                     help="Import the model/Dataset factories (package.module:name) that the "
+                          "run or config file names; importing runs their code, so only for "
+                          "files you trust (e.g. runs you made).")
+
+
 def training_options(command):
     """Apply every option of TRAINING_OPTIONS to ``command``."""
     for option in reversed(TRAINING_OPTIONS):
@@ -165,9 +171,10 @@ def training_options(command):
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars (default: only on a terminal).")
 @MLFLOW
+@TRUST
 @click.pass_context
 def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool,
-             progress: bool | None, mlflow: str | None, **flags) -> None:
+             progress: bool | None, mlflow: str | None, trust_code: bool, **flags) -> None:
     """Run SafeCompress: sparse training where every mask update makes candidates (prune x grow),
     a simulated membership-inference attacker tests each, and the best task-accuracy /
     attack-accuracy trade-off (TM-score) survives. --method NAME trains one of the baselines
@@ -185,7 +192,8 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
         if given:
             raise click.UsageError(f"--resume takes the configuration from {out}/config.json; "
                                    f"drop {', '.join(given)}")
-        run = api.compress(out, resume=True, progress=progress, mlflow=mlflow)
+        run = api.compress(out, resume=True, progress=progress, mlflow=mlflow,
+                           trust_code=trust_code)
     else:
         run = api.compress(out, overwrite=overwrite, progress=progress, mlflow=mlflow,
                            **{k: flags[k] for k in fields})
@@ -200,13 +208,15 @@ def compress(ctx: click.Context, out: Path | None, resume: bool, overwrite: bool
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars (default: only on a terminal).")
 @MLFLOW
+@TRUST
 def run_cmd(config_file: Path, out: Path | None, overwrite: bool,
-            progress: bool | None, mlflow: str | None) -> None:
+            progress: bool | None, mlflow: str | None, trust_code: bool) -> None:
     """Replay a run: compress again with the config a run recorded (RUN/config.json) or a
     hand-written YAML/JSON file of the same keys (see config.json's "config" entry; keys left
     out take the defaults of `safeexport compress`), into a new run directory. The file is
     validated with the same messages as the command line."""
-    run = api.replay(config_file, out, overwrite=overwrite, progress=progress, mlflow=mlflow)
+    run = api.replay(config_file, out, overwrite=overwrite, progress=progress, mlflow=mlflow,
+                     trust_code=trust_code)
     click.echo(f"run directory: {run.path}")
 
 
@@ -284,9 +294,10 @@ def study_cmd(methods: list[str] | None, bits: list[str], fmt: str, seeds: int, 
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar for --all (default: only on a terminal).")
 @MLFLOW
+@TRUST
 def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_variants: bool,
                overwrite: bool, data_dir: Path | None, progress: bool | None,
-               mlflow: str | None, **flags) -> None:
+               mlflow: str | None, trust_code: bool, **flags) -> None:
     """Quantize the run's model and convert it to ONNX or TFLite for phones.
 
     Every file is run in its own runtime (onnxruntime, LiteRT) on the run's test split and
@@ -297,14 +308,14 @@ def export_cmd(run_dir: Path | None, fmt: str, bits: str, out: Path | None, all_
         if out is not None:
             raise click.UsageError("--all writes into RUN/exports/; drop --out")
         rows = api.export(run_dir, all_variants=True, overwrite=overwrite, data_dir=data_dir,
-                          progress=progress, mlflow=mlflow, format=fmt, bits=int(bits),
-                          **flags)
+                          progress=progress, mlflow=mlflow, trust_code=trust_code,
+                          format=fmt, bits=int(bits), **flags)
         _print_export_table(rows)
         if any(r["status"] != "ok" for r in rows):
             sys.exit(1)
         return
     res = api.export(run_dir, out=out, overwrite=overwrite, data_dir=data_dir, mlflow=mlflow,
-                     format=fmt, bits=int(bits), **flags)
+                     trust_code=trust_code, format=fmt, bits=int(bits), **flags)
     from exporters.run import summary
 
     name = ExportConfig(format=fmt, bits=int(bits), **flags).name()
@@ -366,10 +377,11 @@ def _print_export_table(rows: list[dict]) -> None:
 @click.option("--test", type=click.Path(dir_okay=False, path_type=Path),
               help="With --members: npz (x, y) for task accuracy (default: the non-members).")
 @MLFLOW
+@TRUST
 def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
                  data_dir: Path | None, overwrite: bool, members: Path | None,
                  nonmembers: Path | None, test: Path | None, mlflow: str | None,
-                 **flags) -> None:
+                 trust_code: bool, **flags) -> None:
     """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
     same figures for the run's PyTorch model, and say whether safety survived.
@@ -386,7 +398,7 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     """
     res = api.evaluate(model_file, run=run_dir, json_out=json_out, data_dir=data_dir,
                        overwrite=overwrite, members=members, nonmembers=nonmembers, test=test,
-                       mlflow=mlflow, **flags)
+                       mlflow=mlflow, trust_code=trust_code, **flags)
     if members is not None:
         _print_audit(res)
         return
@@ -451,13 +463,15 @@ def _print_audit(res) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the run's dataset is now (default: the folder the run recorded).")
+@TRUST
 def report_cmd(run_dir: Path | None, out: Path | None, overwrite: bool,
-               data_dir: Path | None) -> None:
+               data_dir: Path | None, trust_code: bool) -> None:
     """One self-contained HTML page of RUN_DIR (default: the newest finished run under runs/)
     to hand to a reviewer: the verdicts on its evaluated exports, every figure with its 95%
     interval, the strongest attack, the ROC from FPR = 1/N, the most exposed records, the
     export table and every recorded hash. Plots are embedded; the page loads nothing."""
-    path = api.report(run_dir, out=out, overwrite=overwrite, data_dir=data_dir)
+    path = api.report(run_dir, out=out, overwrite=overwrite, data_dir=data_dir,
+                      trust_code=trust_code)
     click.echo(f"wrote {path}")
 
 

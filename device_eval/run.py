@@ -140,6 +140,15 @@ def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
                       "the report")
 
 
+def run_of(model_file: Path, run: Path | str | None, manifest: dict | None = None) -> Path:
+    """The run a file is evaluated against: ``run`` when given, else the one its manifest
+    records (a run's own model.safetensors: its folder)."""
+    if run is not None:
+        return Path(run)
+    manifest = manifest if manifest is not None else _manifest(model_file)
+    return Path(manifest["source"]["run"]) if manifest else model_file.parent
+
+
 def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,
              json_out: Path | None = None, data_dir: Path | None = None,
              overwrite: bool = False) -> EvalReport:
@@ -153,9 +162,7 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     regular_file(model_file)
     _check_json_out(json_out, overwrite)
     manifest = _manifest(model_file)
-    if run is None:
-        run = manifest["source"]["run"] if manifest else model_file.parent
-    rd = open_run(run)
+    rd = open_run(run_of(model_file, run, manifest))
     with rd.lock(shared=True):
         return _evaluate(model_file, manifest, rd, cfg, json_out, data_dir)
 

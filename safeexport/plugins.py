@@ -1,6 +1,11 @@
 """A user's own code, named ``package.module:name`` on the command line or in a run's files
 (a model factory, a Dataset factory): importing it from the working directory or PYTHONPATH.
-A run only NAMES code that is already installed or on the path; it never carries code."""
+
+A run only NAMES code, it never carries it; but importing a module runs it, and a run folder or
+config received from someone else could name a module they placed beside it. So a reference is
+imported only once trusted: named by the user in this process (``--model``, ``--dataset`` of
+compress and study) or allowed for a recorded run or config with ``--trust-code``. Installed
+plugins (entry points) are installed code and need no trust."""
 
 import importlib
 import os
@@ -8,6 +13,14 @@ import re
 import sys
 
 from safeexport.errors import ConfigError
+
+_trusted: set[str] = set()
+
+
+def trust(ref: str) -> None:
+    """Allow ``import_object(ref)`` in this process: the user named it, or said to trust it."""
+    _trusted.add(ref)
+
 
 REF_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -23,6 +36,10 @@ def import_object(ref: str, what: str):
     does not include it)."""
     if not is_ref(ref):
         raise ConfigError(f"{what} {ref!r} is not of the form package.module:name")
+    if ref not in _trusted:
+        raise ConfigError(f"the {what} {ref} is named by a run or config file, and importing it "
+                          "runs its code; if you trust where the file came from (e.g. you made "
+                          "the run), pass --trust-code (API: trust_code=True)")
     module_name, attr = ref.split(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())

@@ -14,16 +14,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+import safeexport
 from commands.cli import main
 from compressor import compress
 from compressor.setup import prepare
 from device_eval import evaluate
 from device_eval.config import EvalConfig
-from exporters import export
-from exporters.config import ExportConfig
 from safeexport.data import load_dataset
 from safeexport.errors import ConfigError, DataError
 from safeexport.models import build_model, model_info, plugin_names
+from safeexport.plugins import trust
 from safeexport.rundir import RunDir, load_tensors, sha256_file
 from tests.conftest import FAST_EXPORT, REPO, tiny_config
 
@@ -130,9 +130,17 @@ def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
         sum(weights[k].numel() for k in ("0.weight", "4.weight"))
     assert abs(density - 0.2) < 0.01  # the factory's Conv and Linear were masked at Ω = 0.2
 
-    exported = export(ExportConfig(format="onnx", bits=8, **FAST_EXPORT), out)
-    assert exported.manifest["parity"]["agreement"] > 0.9
-    res = evaluate(exported.path, EvalConfig(attack_epochs=2, attack_seeds=1))
+    # this process did not name the factories: a run folder naming them is not enough
+    with pytest.raises(ConfigError, match="pass --trust-code"):
+        safeexport.export(out, format="onnx", bits=8, **FAST_EXPORT)
+    assert name not in sys.modules  # refused before importing (importing runs the module)
+    result = CliRunner().invoke(main, ["export", "--run", str(out), "--trust-code", "--format",
+                                       "onnx", "--parity-samples", "64", "--calibration", "32",
+                                       "--min-agreement", "0"])
+    assert result.exit_code == 0, result.stderr
+    onnx = out / "exports" / "model-onnx-w8-weight-only.onnx"
+    assert json.loads(onnx.with_suffix(".json").read_text())["parity"]["agreement"] > 0.9
+    res = evaluate(onnx, EvalConfig(attack_epochs=2, attack_seeds=1))
     assert res.report["before"]["task_acc"] == pytest.approx(
         json.loads((out / "report.json").read_text())["compressed"]["task_acc"], abs=1e-6)
     assert sys.modules[name].BUILT  # export/evaluate imported the factory again
@@ -140,8 +148,12 @@ def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
 
 def test_a_torch_dataset_is_read_as_its_arrays_would_be(user_dir):
     """The Dataset's items, stacked, are the dataset: the same arrays saved as an npz give
-    the same fingerprint (so splits and later stages cannot tell the two apart)."""
+    the same fingerprint (so splits and later stages cannot tell the two apart). Only a
+    trusted reference is imported."""
     folder, name = user_dir
+    with pytest.raises(ConfigError, match="pass --trust-code"):
+        load_dataset(f"torch:{name}:blobs")
+    trust(f"{name}:blobs")
     ds = load_dataset(f"torch:{name}:blobs")
     blobs = sys.modules[name].Blobs()
     np.savez(folder / "same.npz", x=blobs.x.numpy(), y=blobs.y.numpy())
@@ -158,6 +170,7 @@ def test_a_torch_dataset_is_read_as_its_arrays_would_be(user_dir):
 ])
 def test_a_dataset_factory_that_fails_is_one_data_error(user_dir, factory, message):
     _, name = user_dir
+    trust(f"{name}:{factory}")
     with pytest.raises((DataError, ConfigError), match=re.escape(message)):
         load_dataset(f"torch:{name}:{factory}")
 

@@ -127,8 +127,9 @@ def load_torch_dataset(ref: str) -> ArrayDataset:
     from safeexport.plugins import import_object
 
     where = f"torch:{ref}"
+    factory = import_object(ref, "Dataset factory")
     try:
-        dataset = import_object(ref, "Dataset factory")()
+        dataset = factory()
         n = len(dataset)
     except DataError:
         raise
