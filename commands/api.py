@@ -187,7 +187,8 @@ def evaluate(model_file: Path | str, *, run: Path | str | None = None,
         from device_eval.run import evaluate as run_evaluate
         from device_eval.run import run_of
 
-        _trust_run(run_of(Path(model_file), run), trust_code)
+        if trust_code:  # the manifest names the run, whose config names the factories
+            _trust_run(run_of(Path(model_file), run), True)
         res = run_evaluate(model_file, cfg, run, out,
                            Path(data_dir) if data_dir is not None else None, overwrite)
         metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
