@@ -19,6 +19,7 @@ from safeexport.errors import ConfigError
 from safeexport.metrics import flagged_fpr
 from safeexport.rundir import RunDir, atomic_write, check_targets, read_json_file
 from safeexport.runio import inputs_of, load_data, load_model, open_run
+from safeexport.runtimes import torch_runtime
 
 EXPOSED_SHOWN = 10  # rows of the most-exposed-records table
 
@@ -113,11 +114,15 @@ def _verdicts_section(run: RunDir) -> str:
             + "".join(plots))
 
 
-def _exports_section(run: RunDir) -> str:
+def _manifests(run: RunDir) -> list[dict]:
+    """The export manifests in RUN/exports/ (read once for the exports and hashes tables)."""
     folder = run.path / "exports"
-    manifests = [read_json_file(p) for p in sorted(folder.glob("*.json"))] \
-        if folder.is_dir() else []
-    manifests = [m for m in manifests if "parity" in m and "sizes" in m]
+    found = [read_json_file(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return [m for m in found if all(k in m for k in ("file", "sha256", "source", "parity",
+                                                        "sizes"))]
+
+
+def _exports_section(manifests: list[dict]) -> str:
     if not manifests:
         return "<h2>Exports</h2><p>None yet: run <code>safeexport export</code>.</p>"
     rows = []
@@ -139,21 +144,17 @@ def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
     names = [m["strongest"]["attack"], *m["threshold_attacks"]]
     attack = next(n for n in names if n in THRESHOLD_ATTACKS)
     ds, splits = load_data(run, data_dir)
-    model = load_model(run)
-    import torch
+    runtime = torch_runtime(load_model(run))
 
     def signals(idx: np.ndarray) -> Signals:
-        with torch.no_grad():
-            logits = torch.cat([model(torch.from_numpy(inputs_of(ds, idx[s:s + 256]))).float()
-                                for s in range(0, len(idx), 256)])
-        return Signals.from_logits(logits, ds.y[idx])
+        return Signals.from_logits(runtime(inputs_of(ds, idx)), ds.y[idx])
 
     members, nonmembers = splits.unknown_members, splits.unknown_nonmembers
     sm, sn = signals(members), signals(nonmembers)
     score = THRESHOLD_ATTACKS[attack]
     fpr = flagged_fpr(score(sm), score(sn))
     order = np.argsort(fpr, kind="stable")[:EXPOSED_SHOWN]
-    loss = -sm.log_probs[torch.arange(len(members)), sm.labels].numpy()
+    loss = -sm.log_probs.gather(1, sm.labels[:, None])[:, 0].numpy()
     pred = sm.logits.argmax(1).numpy()
     rows = [[str(int(members[i])), _e(ds.y[members[i]]), _e(pred[i]), f"{loss[i]:.4g}",
              f"{fpr[i]:.4f}"] for i in order]
@@ -166,16 +167,13 @@ def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
             + _table(["sample index", "label", "predicted", "loss", "flagged at FPR"], rows))
 
 
-def _hashes_section(run: RunDir, config: dict, report: dict) -> str:
+def _hashes_section(manifests: list[dict], config: dict, report: dict) -> str:
     rows = [[_e(name), f"<code>{_e(h)}</code>"] for name, h in report["files"].items()]
     rows.append(["data fingerprint", f"<code>{_e(config['dataset_fingerprint'])}</code>"])
     if config.get("init_weights_sha256"):
         rows.append(["--init-weights", f"<code>{_e(config['init_weights_sha256'])}</code>"])
-    folder = run.path / "exports"
-    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        m = read_json_file(p)
-        if "sha256" in m and "source" in m:
-            rows.append([_e(Path(m["file"]).name), f"<code>{_e(m['sha256'])}</code>"])
+    for m in manifests:
+        rows.append([_e(Path(m["file"]).name), f"<code>{_e(m['sha256'])}</code>"])
     versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in config["versions"].items())
     return ("<h2>Hashes and versions</h2>" + _table(["what", "sha256"], rows)
             + f"<p>Versions at training time: {versions}.</p>")
@@ -193,6 +191,7 @@ def write_report(run_path: Path | str | None, out: Path | None = None,
     with run.lock(shared=True):
         config, report = run.read_config(), run.read_report()
         cfg = config["config"]
+        manifests = _manifests(run)
         title = (f"{report['method']}: {config['model']} on {cfg['dataset']}, keeping "
                  f"{100 * cfg['sparsity']:g}% of weights")
         page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}"
@@ -203,8 +202,8 @@ def write_report(run_path: Path | str | None, out: Path | None = None,
                 + _verdicts_section(run) + _figures_section(report)
                 + _img(run.roc_png, "ROC of the final attacks, from FPR = 1/N")
                 + _img(run.curve_png, "learning curve")
-                + _exposed_section(run, report, data_dir) + _exports_section(run)
-                + _hashes_section(run, config, report) + "</body></html>")
+                + _exposed_section(run, report, data_dir) + _exports_section(manifests)
+                + _hashes_section(manifests, config, report) + "</body></html>")
         target = out or run.path / "report.html"
         atomic_write(target, lambda f: f.write(page.encode("utf-8")))
     return target
