@@ -82,15 +82,27 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> tuple[float, flo
 
 def _figures(scores: np.ndarray, is_member: np.ndarray, threshold: float,
              n_nonmembers: int) -> np.ndarray:
-    """[accuracy at ``threshold``, AUC, TPR at each FPR target (NaN when not measurable)]
-    from one ROC pass (the inner loop of the bootstrap)."""
-    from sklearn.metrics import auc
+    """[accuracy at ``threshold``, AUC, TPR at each FPR target (NaN when not measurable)]: the
+    statistic of every bootstrap resample. The same figures as scikit-learn's ROC gives
+    (tests/test_attack_metrics.py checks it on tied scores) from one sort in NumPy: this runs
+    1000 times per figure, and scikit-learn's per-call input validation made it most of a
+    run's final evaluation (24 of 33 s on the test config)."""
+    from scipy.stats import rankdata
 
-    fpr, tpr = roc_curve(scores, is_member)
-    out = [float(((scores > threshold) == is_member).mean()), float(auc(fpr, tpr))]
+    sm, sn = scores[is_member], scores[~is_member]
+    n_m, n_n = len(sm), len(sn)
+    ranks = rankdata(scores)  # average ranks: a tie counts one half, as in the ROC's AUC
+    auc = (ranks[is_member].sum() - n_m * (n_m + 1) / 2) / (n_m * n_n)
+    out = [float(((scores > threshold) == is_member).mean()), float(auc)]
+    desc = np.sort(sn)[::-1]
     for target in FPR_TARGETS.values():
-        out.append(_tpr_at(fpr, tpr, target)[0] if measurable(target, n_nonmembers)
-                   else np.nan)
+        if not measurable(target, n_nonmembers):
+            out.append(np.nan)
+            continue
+        # the best threshold flags at most k non-members: every member above the (k+1)-th
+        # highest non-member score (all of them when k covers every non-member)
+        k = int(np.floor(target * n_n + 1e-9))
+        out.append(1.0 if k >= n_n else float((sm > desc[k]).mean()))
     return np.array(out)
 
 

@@ -66,6 +66,24 @@ def test_roc_auc_and_tpr_match_hand_computation():
     assert roc_auc(ties, np.array([1, 0, 1, 0], bool)) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("n_nonmembers", [150, 1200])
+def test_bootstrap_statistic_equals_scikit_learns_roc(n_nonmembers):
+    """The NumPy statistic behind every interval gives scikit-learn's figures, ties included
+    (scores rounded to few values) and at both FPR targets."""
+    from safeexport.metrics import FPR_TARGETS, _figures
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        member = np.r_[np.ones(130, bool), np.zeros(n_nonmembers, bool)]
+        scores = np.round(rng.normal(member * rng.random(), 1.0), int(rng.integers(0, 3)))
+        fast = _figures(scores, member, 0.3, n_nonmembers)
+        assert fast[0] == ((scores > 0.3) == member).mean()
+        assert fast[1] == pytest.approx(roc_auc(scores, member), abs=1e-12)
+        for k, target in enumerate(FPR_TARGETS.values()):
+            want = tpr_at_fpr(scores, member, target)[0]
+            assert (np.isnan(fast[2 + k]) if want is None else fast[2 + k] == want)
+
+
 def test_mia_metrics_accuracy_at_half_and_tm_score():
     m = mia_metrics(np.array([0.9, 0.6, 0.4, 0.2]), np.array([1, 0, 1, 0], bool))
     assert m["mia_acc"] == 0.5 and m["n_members"] == 2
