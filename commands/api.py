@@ -189,6 +189,11 @@ def evaluate(model_file: Path | str, *, run: Path | str | None = None,
 
         if trust_code:  # the manifest names the run, whose config names the factories
             _trust_run(run_of(Path(model_file), run), True)
+        if cfg.references:
+            from compressor.references import ensure_run_references
+
+            ensure_run_references(run_of(Path(model_file), run), cfg.references,
+                                  Path(data_dir) if data_dir is not None else None)
         res = run_evaluate(model_file, cfg, run, out,
                            Path(data_dir) if data_dir is not None else None, overwrite)
         metrics = {key: {k: res.report[key].get(k) for k in FIGURES}

@@ -118,6 +118,9 @@ TRAINING_OPTIONS = [
     _field_option("attack_finetune_epochs"),
     _field_option("final_attack_epochs"),
     _field_option("attack_seeds"),
+    _field_option("references"),
+    click.option("--reference-method", default="same", show_default=True,
+                 type=click.Choice(["same", "dense"]), help=COMPRESS_HELP["reference_method"]),
     click.option("--select", default="tm", show_default=True, type=click.Choice(["tm", "random"]),
                  help=COMPRESS_HELP["select"]),
     click.option("--allow-no-updates", is_flag=True, help=COMPRESS_HELP["allow_no_updates"]),
@@ -125,6 +128,7 @@ TRAINING_OPTIONS = [
                  help=COMPRESS_HELP["dense_reference"]),
     click.option("--device", default="auto", show_default=True, help=COMPRESS_HELP["device"]),
     _field_option("seed"),
+    click.option("--data-seed", type=click.IntRange(min=0), help=COMPRESS_HELP["data_seed"]),
     click.option("--pretrained", type=click.Path(file_okay=False),
                  help=COMPRESS_HELP["pretrained"]),
     _field_option("max_length"),
@@ -356,6 +360,7 @@ def _print_export_table(rows: list[dict]) -> None:
 @click.option("--threads", type=int, help=EVAL_HELP["threads"])
 @click.option("--attack-epochs", type=int, help=EVAL_HELP["attack_epochs"])
 @click.option("--attack-seeds", type=int, help=EVAL_HELP["attack_seeds"])
+@click.option("--references", type=int, help=EVAL_HELP["references"])
 @click.option("--adb", default="adb", show_default=True, help=EVAL_HELP["adb"])
 @click.option("--runner", default="benchmark_model", show_default=True,
               type=click.Choice(["benchmark_model", "python"]), help=EVAL_HELP["runner"])
@@ -402,6 +407,8 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     if members is not None:
         _print_audit(res)
         return
+    from safeexport.attacks import attack_figures
+
     r = res.report
     click.echo(f"{model_file.name} on {r['runtime']['name']} ({r['runtime']['version']}), "
                f"{r['samples']['eval_members']}+{r['samples']['eval_nonmembers']} unknown "
@@ -412,7 +419,7 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     for label, key in (("PyTorch", "before"), ("exported", "after")):
         m = r[key]
         lo, hi = m["ci"]["mia_acc"]
-        s = m["threshold_attacks"].get(v["attack"], m)
+        s = attack_figures(m, v["attack"])
         click.echo(f"{label:10}{m['task_acc']:9.4f}{m['mia_acc']:9.4f} [{lo:.4f}, {hi:.4f}]"
                    f"{m['auc']:7.3f}{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}"
                    f"{fmt_figure(m['tpr_at_0.1pct_fpr'], '8.3f')}{m['tm_score']:7.3f}"

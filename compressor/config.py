@@ -6,6 +6,7 @@ from pathlib import Path
 from safeexport.config import StageConfig, opt
 
 SELECTIONS = ("tm", "random")
+REFERENCE_METHODS = ("same", "dense")
 
 
 @dataclass
@@ -70,6 +71,14 @@ class CompressConfig(StageConfig):
     final_attack_epochs: int = opt(300, "most epochs of the attacker in the final evaluation")
     attack_seeds: int = opt(1, "train the final attacker from this many seeds and report mean "
                             "± std of its figures (the first seed's figures are the run's)")
+    references: int = opt(0, "reference models for LiRA (Carlini et al. 2022) and RMIA "
+                          "(Zarifzadeh et al. 2024), each trained like this run on a random "
+                          "half of the known members and non-members, "
+                          "under RUN/references/ (reused while their settings are unchanged); "
+                          "0 = none, else at least 2; each costs about one run's training")
+    reference_method: str = opt("same", "how references are trained: same (this run's method "
+                                "and settings) or dense (cheaper: a dense model on the same "
+                                "budget, an approximation the report names)")
     select: str = opt("tm", "how a round's winner is chosen: tm (highest TM-score, the method) "
                       "or random (an ablation: does TM-score selection matter on this data?)")
     allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
@@ -77,6 +86,7 @@ class CompressConfig(StageConfig):
     dense_reference: bool = opt(True, "also train and evaluate a dense model on the same budget")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of the split, initialisation, sampling and attacker")
+    data_seed: int | None = opt(None, "seed of the --max-samples subset (default: --seed)")
     pretrained: str | None = opt(None, "local folder of a pretrained BERT/RoBERTa + tokenizer")
     max_length: int = opt(64, "token sequence length for text models")
     vocab_size: int = opt(8000, "vocabulary of a tokenizer trained on the data")
@@ -145,6 +155,15 @@ class CompressConfig(StageConfig):
             for n in names:
                 if n not in reg:
                     p.append(f"unknown {kind} strategy {n!r}; known: {', '.join(reg.names())}")
+        if not isinstance(self.references, int) or self.references < 0 or self.references == 1:
+            p.append(f"references must be 0 or an integer >= 2 (RMIA and LiRA compare the "
+                     f"target with several references), got {self.references}")
+        if self.reference_method not in REFERENCE_METHODS:
+            p.append(f"unknown reference method {self.reference_method!r}; known: "
+                     f"{', '.join(REFERENCE_METHODS)}")
+        if self.data_seed is not None and (not isinstance(self.data_seed, int)
+                                           or self.data_seed < 0):
+            p.append(f"data_seed must be an integer >= 0, got {self.data_seed}")
         if self.select not in SELECTIONS:
             p.append(f"unknown selection {self.select!r}; known: {', '.join(SELECTIONS)}")
         if self.attack not in ATTACKS:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from compressor.config import CompressConfig
 from compressor.masking import Masking, init_masks, maskable
+from compressor.references import ensure_references
 from compressor.regularizers import REGULARIZERS
 from compressor.safecompress import mask_update
 from compressor.setup import Setup, check_dense_from, check_out, mask_updates, prepare, train_dense
@@ -22,9 +23,11 @@ from compressor.train import (
     predict_logits,
     train_steps,
 )
+from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
 from safeexport.attacks.final import final_membership, model_figures
+from safeexport.attacks.reference import References
 from safeexport.data import ArrayDataset
-from safeexport.data.splits import Splits
+from safeexport.data.splits import Splits, balanced
 from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy
 from safeexport.plots import fmt_figure, plot_curve, plot_roc, roc_curves
@@ -35,6 +38,7 @@ from safeexport.rundir import (
     save_tensors,
     write_json,
 )
+from safeexport.runio import reference_outputs
 from safeexport.seeding import derive_seed, generator
 
 
@@ -82,13 +86,15 @@ def _load_checkpoint(run: RunDir, state: TrainState, sampler: BatchSampler) -> d
 
 
 def final_evaluation(model: torch.nn.Module, ds: ArrayDataset, splits: Splits,
-                     cfg: CompressConfig, device: torch.device, tag: str):
+                     cfg: CompressConfig, device: torch.device, tag: str,
+                     references: References | None = None):
     """Task accuracy on the test split; the attacker trained on ALL known members/non-members
-    and measured on the BALANCED unknown members/non-members, the threshold attacks beside it
-    (SPEC §4-5), every figure with its bootstrap interval."""
+    and measured on the BALANCED unknown members/non-members, the threshold attacks (and with
+    ``references`` LiRA and RMIA) beside it (SPEC §4-5, §8), every figure with its bootstrap
+    interval."""
     res = final_membership(lambda idx: predict_logits(model, ds, idx, device).numpy(), ds.y,
                            splits, ds.num_classes, cfg.attack, cfg.final_attack_epochs,
-                           cfg.seed, tag, device, cfg.attack_seeds)
+                           cfg.seed, tag, device, cfg.attack_seeds, references)
     test = splits.test
     train = accuracy(predict_logits(model, ds, splits.members, device).numpy(),
                      ds.y[splits.members])
@@ -107,7 +113,7 @@ def _layer_density_check(state: TrainState) -> None:
 
 def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
              progress: bool | None = None, on_round: Callable[[int], None] | None = None,
-             dense_from: Path | str | None = None) -> RunDir:
+             dense_from: Path | str | None = None, splits: Splits | None = None) -> RunDir:
     """Run ``cfg.method`` (SafeCompress by default) with ``cfg`` into the run directory ``out``.
 
     ``resume`` continues a killed run from its last checkpoint (its config.json wins; methods
@@ -115,13 +121,14 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     previous run there. ``progress`` None shows bars on a terminal only. ``on_round(r)`` is
     called after every mask update (after its checkpoint is written). ``dense_from``: a
     finished ``--method dense`` run of the same data, split and training settings, whose model
-    the baselines start from instead of training the same dense model again.
+    the baselines start from instead of training the same dense model again. ``splits``
+    replaces the membership split the seed would make (a reference model's half).
     """
     t_start = time.time()
     run = RunDir(out)
     check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
     with run.lock(create=not resume):  # a second process writing this folder is refused
-        cfg, setup = prepare(cfg, run, resume, overwrite, progress)
+        cfg, setup = prepare(cfg, run, resume, overwrite, progress, splits)
         if setup is None:
             return run
         if dense_from is not None:
@@ -219,9 +226,10 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
                  {"model": setup.model_name, "density": state.masking.density()})
     # a method that starts from a reused dense model is charged that model's training time
     reused_s = dense[1] if dense is not None and setup.dense_from is not None else 0.0
+    refs, ref_error, ref_time = _references(setup)
     t0 = time.time()
     compressed, res = final_evaluation(state.model, setup.ds, setup.splits, cfg, setup.device,
-                                       "compressed")
+                                       "compressed", refs)
     eval_time = time.time() - t0
     save_tensors(run.attacker, res.attacker.state_dict())
     compressed.update(density=state.masking.density(),
@@ -229,6 +237,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
                       masked_weights=sum(m.numel() for m in state.masking.masks),
                       wall_time_s=round(compress_time + reused_s, 1))
     label = method_label(cfg.method)
+    exposure = res.exposure(setup.ds.y)
     if cfg.method == "safecompress" and not history:
         compressed["warnings"].append(
             "no mask update was made (the budget is too small): this is plain sparse training, "
@@ -239,7 +248,18 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "rounds": len(history),
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
-              "final_eval_time_s": round(eval_time, 1)}
+              "final_eval_time_s": round(eval_time, 1),
+              "exposure": exposure_for_report(exposure)}
+    if cfg.references:
+        report["references_time_s"] = round(ref_time, 1)
+        if refs is None:
+            compressed["warnings"].append(
+                f"LiRA and RMIA did not run: fewer than 2 of the {cfg.references} reference "
+                "models finished")
+        elif cfg.reference_method == "dense":
+            compressed["warnings"].append(
+                "the references are dense models, an approximation of references trained "
+                f"with {label}'s own method (--reference-method dense)")
     if setup.dense_from is not None:
         report["dense_reused_from"] = str(setup.dense_from.path.resolve())
     curves = roc_curves(res, f"{label} @{cfg.sparsity:g}")
@@ -251,6 +271,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
         save_tensors(run.dense_model, dense_state.model.state_dict())
         report["dense"] = dense_metrics
         curves.update(roc_curves(dres, "dense", thresholds=False))
+    write_exposure_csv(run.exposure_csv, exposure)
     write_json(run.report, report)
     title = f"{setup.model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
     if history:  # a baseline has no mask updates: no learning curve to draw
@@ -259,6 +280,26 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
              res.metrics["n_nonmembers"])
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
     _print_summary(report)
+    if ref_error:
+        raise ConfigError(ref_error)
+
+
+def _references(setup: Setup) -> tuple[References | None, str | None, float]:
+    """The run's reference models (built or reused) and their outputs on the known and the
+    evaluated parts; a failure to build some is returned as its message, to be raised after
+    the report of what finished is written."""
+    cfg, splits = setup.cfg, setup.splits
+    if not cfg.references:
+        return None, None, 0.0
+    t0, error = time.time(), None
+    try:
+        ensure_references(setup.run, cfg, splits, setup.ds.y, cfg.references, setup.progress)
+    except ConfigError as e:
+        error = str(e)
+    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
+    index = np.concatenate([splits.known_members, splits.known_nonmembers, um, un])
+    refs = reference_outputs(setup.run, index, cfg.references)
+    return refs, error, time.time() - t0
 
 
 def method_label(method: str) -> str:

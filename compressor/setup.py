@@ -255,10 +255,12 @@ def _check_updates(cfg: CompressConfig, n_members: int) -> None:
 
 
 def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
-           progress: bool | None) -> tuple[CompressConfig, Setup | None]:
-    """Validate, load the data, split it and write config.json, splits.npz and model.json
-    (nothing is written or cleared before every input is valid); None when ``resume`` finds
-    the run already complete. The caller holds the run folder's lock."""
+            progress: bool | None, splits: Splits | None = None
+            ) -> tuple[CompressConfig, Setup | None]:
+    """Validate, load the data, split it (or take ``splits``: a reference model's half) and
+    write config.json, splits.npz and model.json (nothing is written or cleared before every
+    input is valid); None when ``resume`` finds the run already complete. The caller holds the
+    run folder's lock."""
     check_out(run, resume, overwrite)
     if resume:
         cfg = CompressConfig.from_dict(run.read_config()["config"])
@@ -267,7 +269,7 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
             return cfg, None
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download,
-                      cfg.max_samples, cfg.seed)
+                      cfg.max_samples, cfg.seed if cfg.data_seed is None else cfg.data_seed)
     fingerprint = ds.fingerprint()
     if resume:
         splits = Splits.load(run.splits)
@@ -276,7 +278,11 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
                             f"was split on (fingerprint {fingerprint[:12]} vs "
                             f"{splits.fingerprint[:12]}); point --data-dir at the original files")
     else:
-        splits = make_splits(ds.y, fingerprint, cfg.seed)
+        if splits is None:
+            splits = make_splits(ds.y, fingerprint, cfg.seed)
+        elif splits.fingerprint != fingerprint:
+            raise DataError(f"the split given for {run.path} was made on other data")
+        splits.check(len(ds))
         _check_updates(cfg, len(splits.members))
     model_name = DEFAULT_MODEL[ds.kind] if cfg.model == "auto" else cfg.model
     check_compatible(model_name, ds.kind, cfg.dataset)

@@ -25,6 +25,10 @@ class EvalConfig(StageConfig):
                                     "final_attack_epochs, so the figures compare)")
     attack_seeds: int | None = opt(None, "train the attacker from this many seeds and report "
                                    "mean ± std (default: the run's attack_seeds)")
+    references: int | None = opt(None, "reference models for LiRA and RMIA: default every "
+                                 "one the run has (none when it has none); K uses K of them, "
+                                 "building the missing ones like the run's own (about one "
+                                 "run's training each); 0 turns them off")
     serial: str | None = opt(None, "adb: the device's serial (needed when several are "
                              "connected)")
     adb: str = opt("adb", "adb: the adb client to run (a name on PATH or a path)")
@@ -56,4 +60,6 @@ class EvalConfig(StageConfig):
         for name in ("attack_epochs", "attack_seeds"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1")
+        if self.references is not None and (self.references < 0 or self.references == 1):
+            out.append(f"references must be 0 or at least 2, got {self.references}")
         return out

@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 import device_eval.adb  # noqa: F401 - registers the adb runtime
 from device_eval.config import EvalConfig
+from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
 from safeexport.attacks.final import final_membership, model_figures
+from safeexport.attacks.reference import References
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_difference
@@ -28,7 +30,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
-from safeexport.runio import inputs_of, load_data, open_run
+from safeexport.runio import inputs_of, load_data, open_run, reference_outputs
 from safeexport.runtimes import Runtime, open_runtime
 
 TAG = "compressed"  # the compressor's tag for its final evaluation of model.safetensors
@@ -92,14 +94,16 @@ def file_logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.nd
 
 
 def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
-            attack: str, epochs: int, seed: int, lam: float, attack_seeds: int):
+            attack: str, epochs: int, seed: int, lam: float, attack_seeds: int,
+            references: References | None = None):
     """One model's figures (``model_figures``) and its ``MembershipResult`` from its logits on
-    the samples ``pos`` maps (dataset index -> row of ``logits``)."""
+    the samples ``pos`` maps (dataset index -> row of ``logits``); LiRA and RMIA too with
+    ``references``."""
     def of(idx: np.ndarray) -> np.ndarray:
         return logits[[pos[i] for i in idx]]
 
     res = final_membership(of, y, splits, num_classes, attack, epochs, seed, TAG,
-                           torch.device("cpu"), attack_seeds)
+                           torch.device("cpu"), attack_seeds, references)
     figures = model_figures(res, of(splits.test), y[splits.test],
                             accuracy(of(splits.members), y[splits.members]), lam)
     return figures, res
@@ -136,8 +140,13 @@ def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
     """A report path the user named must not replace a file (or the plot beside it) unless
     --overwrite says so; the default path in RUN/evals/ is the run's own."""
     if json_out is not None:
-        check_targets([json_out, json_out.with_suffix(".png")], overwrite, "--json",
-                      "the report")
+        check_targets([json_out, json_out.with_suffix(".png"), exposure_path(json_out)],
+                      overwrite, "--json", "the report")
+
+
+def exposure_path(json_path: Path) -> Path:
+    """Where the ranked records of an evaluation go, beside its JSON report."""
+    return json_path.with_name(f"{json_path.stem}-exposure.csv")
 
 
 def run_of(model_file: Path, run: Path | str | None, manifest: dict | None = None) -> Path:
@@ -201,8 +210,18 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     if not np.isfinite(after_logits).all():
         raise ConfigError(f"{model_file.name} produced non-finite logits in {rt.name}")
 
+    refs = None
+    if cfg.references != 0:
+        refs = reference_outputs(rd, np.concatenate([splits.known_members,
+                                                     splits.known_nonmembers, um, un]),
+                                 cfg.references, data_dir)
+        if cfg.references and (refs is None or len(refs) < cfg.references):
+            raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
+                              "models; build them with `safeexport evaluate --references K` "
+                              "or `safeexport compress --references K`")
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
-    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
+    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds,
+            refs)
     before, bres = measure(before_logits, *args)
     after, ares = measure(after_logits, *args)
     test_rows = [pos[i] for i in splits.test]
@@ -230,9 +249,15 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
         "warnings": sorted(set(before["warnings"] + after["warnings"])),
         "config": cfg.to_dict(),
     }
+    exposure = ares.exposure(ds.y)
+    report["exposure"] = exposure_for_report(exposure)
+    if refs is not None and refs.models == "pytorch":
+        report["warnings"].append("the reference models are PyTorch models, not files exported "
+                                  "like this one")
     stem = f"{model_file.stem}-{rt.name}"
     json_path = Path(json_out) if json_out else rd.path / "evals" / f"{stem}.json"
     plot_path = json_path.with_suffix(".png")
+    write_exposure_csv(exposure_path(json_path), exposure)
     write_json(json_path, report)
     plot_roc({**roc_curves(bres, "PyTorch (before export)", thresholds=False),
               **roc_curves(ares, f"{model_file.name} on {rt.name}")},

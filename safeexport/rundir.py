@@ -215,7 +215,7 @@ def sha256_file(path: Path) -> str:
 # Every name a run directory's own files and folders have; nothing else in the folder is ours.
 RUN_FILES = ("config.json", "splits.npz", "model.safetensors", "model.json",
              "attacker.safetensors", "dense.safetensors", "tokenizer.json", "history.jsonl",
-             "report.json", "curve.png", "roc.png", "report.html")
+             "report.json", "exposure.csv", "curve.png", "roc.png", "report.html")
 RUN_FOLDERS = ("checkpoint", "exports", "evals", "references")
 LOCK = ".lock"
 
@@ -237,6 +237,7 @@ class RunDir:
     report = property(lambda self: self.path / "report.json")
     curve_png = property(lambda self: self.path / "curve.png")
     roc_png = property(lambda self: self.path / "roc.png")
+    exposure_csv = property(lambda self: self.path / "exposure.csv")
     checkpoint = property(lambda self: self.path / "checkpoint" / "state.safetensors")
 
     lock_file = property(lambda self: self.path / LOCK)

@@ -26,8 +26,8 @@ def latest_run(root: Path = RUNS_ROOT) -> RunDir:
 
 # What the later stages read from config.json's "config" and the types they need.
 CONFIG_KEYS = {"dataset": str, "data_dir": (str, type(None)), "max_samples": (int, type(None)),
-               "seed": int, "attack": str, "final_attack_epochs": int, "lam": (int, float),
-               "max_length": int}
+               "seed": int, "data_seed": (int, type(None)), "attack": str,
+               "final_attack_epochs": int, "lam": (int, float), "max_length": int}
 
 
 def _need(obj: dict, key: str, kind, where: Path) -> object:
@@ -134,7 +134,8 @@ def load_data(run: RunDir, data_dir: Path | None = None) -> tuple[ArrayDataset, 
     rec = run.read_config()
     cfg = rec["config"]
     ds = load_dataset(cfg["dataset"], Path(data_dir or cfg["data_dir"] or "data"),
-                      False, cfg["max_samples"], cfg["seed"])
+                      False, cfg["max_samples"],
+                      cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"])
     splits = Splits.load(run.splits)
     fingerprint = ds.fingerprint()
     if fingerprint != splits.fingerprint:
@@ -155,3 +156,50 @@ def load_data(run: RunDir, data_dir: Path | None = None) -> tuple[ArrayDataset, 
 def inputs_of(ds: ArrayDataset, idx: np.ndarray) -> np.ndarray:
     """Model inputs for samples ``idx`` as the numpy array an exported file takes."""
     return to_tensor(ds.x[idx]).numpy()
+
+
+REFERENCES = "references"  # RUN/references/ref-i/: the reference models of the audit
+REFERENCE_INDEX = "index.json"
+
+
+def references_of(run: RunDir, k: int | None = None) -> list[RunDir]:
+    """The finished references ``run``'s index records (the first ``k`` of them), each an
+    intact run; none when the run has no index."""
+    root = run.path / REFERENCES
+    path = root / REFERENCE_INDEX
+    if not path.exists():
+        return []
+    models = run.read_json(path).get("models")
+    if not isinstance(models, dict) or not all(
+            isinstance(n, str) and n.startswith("ref-") and n[4:].isdigit() for n in models):
+        raise ConfigError(f"{path} is damaged; delete it and build the references again")
+    names = sorted(models, key=lambda n: int(n[4:]))
+    done = [n for n in names if isinstance(models[n], dict)
+            and models[n].get("status") != "failed" and (root / n / "report.json").exists()]
+    return [open_run(root / n) for n in done[:k]]
+
+
+def reference_outputs(run: RunDir, index: np.ndarray, k: int | None = None,
+                      data_dir: Path | None = None):
+    """``References`` (attacks/reference.py) of ``run``: each reference's PyTorch logits on
+    the samples ``index`` and which of them it trained on; None with fewer than 2. Each
+    reference reads the data through its own run (a text reference has its own tokenizer)
+    and must have been split on the run's data."""
+    from safeexport.attacks.reference import References
+    from safeexport.runtimes import open_runtime
+
+    refs = references_of(run, k)
+    if len(refs) < 2:
+        return None
+    fingerprint = Splits.load(run.splits).fingerprint
+    logits, trained, methods = [], [], set()
+    for ref in refs:
+        ds, splits = load_data(ref, data_dir)
+        if splits.fingerprint != fingerprint:
+            raise DataError(f"{ref.path} was trained on other data than {run.path}")
+        with open_runtime(ref.model, "torch") as rt:
+            logits.append(rt(inputs_of(ds, index)).astype(np.float64))
+        trained.append(np.isin(index, splits.members))
+        methods.add(ref.read_config()["config"]["method"])
+    return References(np.asarray(index), np.stack(logits), np.stack(trained),
+                      "/".join(sorted(methods)))

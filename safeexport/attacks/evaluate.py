@@ -2,12 +2,26 @@
 PyTorch model's outputs in the compressor and on an exported file's outputs later."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from safeexport.attacks.base import Attack, AttackResult, Signals, is_member_of
-from safeexport.metrics import RESAMPLES, fold, mia_metrics, roc_curve
+from safeexport.attacks.reference import REFERENCE_ATTACKS
+from safeexport.attacks.threshold import THRESHOLD_ATTACKS
+from safeexport.metrics import (
+    RESAMPLES,
+    flagged_fpr,
+    fold,
+    measurable,
+    mia_metrics,
+    roc_curve,
+)
+from safeexport.rundir import atomic_write
+
+EXPOSURE_FPR = 0.01  # the FPR at which per-class TPR is reported
+EXPOSED_IN_REPORT = 20  # most exposed records a JSON report lists (its CSV has them all)
 
 
 @dataclass
@@ -21,6 +35,8 @@ class MembershipResult:
     results: dict[str, AttackResult]
     is_member: np.ndarray
     seeds: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)  # what LiRA/RMIA used, when they ran
+    index: np.ndarray | None = None  # dataset index of each scored sample (is_member's order)
 
     @property
     def metrics(self) -> dict:
@@ -42,16 +58,73 @@ class MembershipResult:
 
     def summary(self) -> dict:
         """The JSON form: the configured attack's figures at the top level, every threshold
-        attack under ``threshold_attacks``, the strongest attack's name and figures, and the
+        attack (and LiRA/RMIA) under ``threshold_attacks``, what the reference attacks used
+        under ``reference_attacks``, the strongest attack's name and figures, and the
         attacker-seed spread."""
-        thresholds = {k: {**r.metrics, "threshold": r.threshold}
-                      for k, r in self.results.items() if k != self.attack}
+        def figures(names) -> dict:
+            return {k: {**self.results[k].metrics, "threshold": self.results[k].threshold}
+                    for k in names if k != self.attack and k in self.results}
+
         name = self.strongest()
-        out = {**self.metrics, "attack": self.attack, "threshold_attacks": thresholds,
+        out = {**self.metrics, "attack": self.attack,
+               "threshold_attacks": figures(THRESHOLD_ATTACKS),
                "strongest": {"attack": name, **self.results[name].metrics}}
         if self.seeds:
             out["attack_seeds"] = self.seeds
+        if self.reference:
+            out["reference_attacks"] = {**figures(REFERENCE_ATTACKS),
+                                        "settings": self.reference}
         return out
+
+    def exposure_attack(self) -> str:
+        """The attack whose scores rank records: LiRA when references ran (its score is
+        calibrated per sample against models that did not train on it, which is what makes
+        one record's score comparable with another's), else the strongest attack."""
+        return "lira" if "lira" in self.results else self.strongest()
+
+    def exposure(self, labels: np.ndarray, fpr: float = EXPOSURE_FPR) -> dict:
+        """Per-record exposure under ``exposure_attack``: every evaluated member ranked by
+        ``flagged_fpr`` (the share of non-members scoring at least as high; ties by score),
+        with its dataset index, label and score, and each class's TPR at ``fpr`` (None when
+        ``fpr`` is below 1/N non-members)."""
+        name = self.exposure_attack()
+        scores, m = self.results[name].scores, self.is_member
+        flagged = flagged_fpr(scores[m], scores[~m])
+        order = np.lexsort((-scores[m], flagged))
+        idx = self.index[m]
+        records = [{"rank": r + 1, "index": int(idx[i]), "label": int(labels[idx[i]]),
+                    "score": float(scores[m][i]), "flagged_fpr": float(flagged[i])}
+                   for r, i in enumerate(order)]
+        ok = measurable(fpr, int((~m).sum()))
+        per_class = {str(int(c)): {"members": int((labels[idx] == c).sum()),
+                                   "tpr": float((flagged[labels[idx] == c] <= fpr).mean())
+                                   if ok else None}
+                     for c in np.unique(labels[idx])}
+        return {"attack": name, "fpr": fpr, "records": records, "per_class_tpr": per_class}
+
+
+def attack_figures(figures: dict, name: str) -> dict:
+    """The figures of attack ``name`` in a ``MembershipResult.summary()`` dict."""
+    if name == figures["attack"]:
+        return figures
+    for group in ("threshold_attacks", "reference_attacks"):
+        if name in figures.get(group, {}):
+            return figures[group][name]
+    raise KeyError(f"no attack {name!r} in these figures")
+
+
+def exposure_for_report(exposure: dict) -> dict:
+    """``exposure`` with only its ``EXPOSED_IN_REPORT`` most exposed records."""
+    return {**exposure, "records": exposure["records"][:EXPOSED_IN_REPORT]}
+
+
+def write_exposure_csv(path: Path, exposure: dict) -> None:
+    """Every ranked record of ``exposure`` as CSV (rank, index, label, score, flagged_fpr)."""
+    keys = ("rank", "index", "label", "score", "flagged_fpr")
+    text = ",".join(keys) + "\n" + "".join(
+        ",".join(repr(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n"
+        for r in exposure["records"])
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def fit_and_score(attacker: Attack, known_members: Signals, known_nonmembers: Signals,

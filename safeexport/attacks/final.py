@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from safeexport.attacks import ATTACKS, MembershipResult, Signals, fit_and_score, is_member_of
+from safeexport.attacks.reference import References, reference_attacks
 from safeexport.attacks.threshold import threshold_attacks
 from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import (
@@ -24,12 +25,14 @@ from safeexport.seeding import derive_seed, generator, seeded
 
 def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
                      splits: Splits, num_classes: int, attack: str, epochs: int, seed: int,
-                     tag: str, device: torch.device, attack_seeds: int = 1) -> MembershipResult:
+                     tag: str, device: torch.device, attack_seeds: int = 1,
+                     references: References | None = None) -> MembershipResult:
     """Train the ``attack`` on ALL known members/non-members and measure it on the BALANCED
     unknown members/non-members; the threshold attacks run on the same signals.
     ``logits(indices)`` gives the model's outputs on samples; softmax is applied on the host.
     With ``attack_seeds`` > 1 the attack is trained again from that many seeds: the first
-    gives the figures, all of them give ``seeds`` (mean ± std of each figure)."""
+    gives the figures, all of them give ``seeds`` (mean ± std of each figure). With
+    ``references`` (reference models' outputs on the same samples), LiRA and RMIA too."""
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
 
     def signals(idx: np.ndarray) -> Signals:
@@ -45,6 +48,11 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
                             resamples=RESAMPLES if k == 0 else 0)
         runs.append((attacker, res))
     results = {attack: runs[0][1], **threshold_attacks(*parts)}
+    reference = {}
+    if references is not None:
+        scored, reference = reference_attacks(
+            parts, [splits.known_members, splits.known_nonmembers, um, un], references)
+        results.update(scored)
     spread = {}
     if attack_seeds > 1:
         spread = {"n": attack_seeds}
@@ -54,7 +62,7 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
                 spread[key] = {"mean": float(np.mean(values)),
                                "std": float(np.std(values, ddof=1)), "values": values}
     return MembershipResult(attack, runs[0][0], results, is_member_of(parts[2], parts[3]),
-                            spread)
+                            spread, reference, np.r_[um, un])
 
 
 def model_figures(res: MembershipResult, test_logits: np.ndarray, test_labels: np.ndarray,

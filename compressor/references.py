@@ -1,0 +1,146 @@
+"""Reference models for LiRA and RMIA (SPEC §8): K runs trained like the target, each on a random
+half of the attacker's auxiliary data (the known members ∪ known non-members), never on the
+unknown members or non-members the audit scores. Each is a normal run directory
+``RUN/references/ref-i/`` (inspectable, exportable, resumable), built through the executor seam;
+its splits.npz records which auxiliary samples it trained on (its members).
+
+Halves come in complementary pairs (ref-0 trains on what ref-1 does not, and so on), so with an
+even K every auxiliary sample is out of exactly half the references: both "in" and "out"
+statistics exist for it. A reference is rebuilt only when a setting that made it changed (its
+config, the data fingerprint or its half); an unfinished one resumes.
+"""
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from compressor.config import CompressConfig
+from safeexport.data.base import stratified_order
+from safeexport.data.splits import Splits
+from safeexport.errors import ConfigError, SafeExportError
+from safeexport.executors import Task, run_tasks
+from safeexport.rundir import RunDir, write_json
+from safeexport.runio import REFERENCE_INDEX, REFERENCES, load_data, open_run
+from safeexport.seeding import derive_seed
+
+# where the data is read from and which device trains do not change what a reference is
+NOT_SETTINGS = ("data_dir", "download", "device")
+
+
+def reference_dir(run: RunDir, i: int) -> RunDir:
+    return RunDir(run.path / REFERENCES / f"ref-{i}")
+
+
+def reference_splits(splits: Splits, y: np.ndarray, i: int, seed: int) -> Splits:
+    """Reference ``i``'s split: its members are one class-stratified half of the auxiliary data
+    (pair i // 2 draws the half; an odd i takes the complement), its non-members the other
+    half; validation and test are the target's. The unknown parts are in no part at all."""
+    aux = np.concatenate([splits.known_members, splits.known_nonmembers])
+    order = aux[stratified_order(y[aux], np.random.default_rng(
+        derive_seed(seed, "reference-half", i // 2)))]
+    half = len(order) // 2
+    ins, outs = (order[half:], order[:half]) if i % 2 else (order[:half], order[half:])
+    # every prefix of a part keeps the class mix (the reference's own attacker cuts prefixes)
+    ins, outs = (p[stratified_order(y[p], np.random.default_rng(derive_seed(seed, "ref", i)))]
+                 for p in (ins, outs))
+    mi, no = len(ins) // 2, len(outs) // 2
+    return Splits(known_members=ins[:mi], unknown_members=ins[mi:], known_nonmembers=outs[:no],
+                  unknown_nonmembers=outs[no:], validation=splits.validation, test=splits.test,
+                  fingerprint=splits.fingerprint)
+
+
+def reference_config(cfg: CompressConfig, i: int) -> CompressConfig:
+    """The target's settings (or a dense model's, with ``reference_method`` dense) under a seed
+    of its own; the data subset keeps the target's seed so the indices mean the same samples."""
+    return replace(cfg, seed=derive_seed(cfg.seed, "reference", i) % 2**31,
+                   data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+                   method="dense" if cfg.reference_method == "dense" else cfg.method,
+                   references=0, dense_reference=False)
+
+
+def settings_key(cfg: CompressConfig, splits: Splits) -> str:
+    """sha256 of what made a reference: its config, the data fingerprint and its half."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SETTINGS}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(splits.fingerprint.encode())
+    for part in (splits.known_members, splits.unknown_members, splits.known_nonmembers,
+                 splits.unknown_nonmembers):
+        h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _recorded_key(ref: RunDir) -> str | None:
+    """The settings key of the run in ``ref`` (None when there is no readable run)."""
+    if not ref.is_run():
+        return None
+    try:
+        cfg = CompressConfig.from_dict(ref.read_config()["config"])
+        return settings_key(cfg, Splits.load(ref.splits))
+    except SafeExportError:
+        return None
+
+
+def _build(cfg: dict, path: str, splits: Splits, resume: bool, overwrite: bool,
+           progress: bool | None) -> str:
+    # imported here: run.py builds references through this module
+    from compressor.run import compress
+
+    compress(CompressConfig.from_dict(cfg), path, resume=resume, overwrite=overwrite,
+             progress=progress, splits=splits)
+    return path
+
+
+def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.ndarray,
+                      k: int, progress: bool | None = None,
+                      executor: str = "local") -> list[RunDir]:
+    """Make sure references 0..k-1 of ``run`` exist with the settings ``cfg`` implies: reuse
+    finished ones, resume unfinished ones, rebuild changed ones. Writes
+    ``references/index.json`` (each reference's settings key and status) and returns the
+    finished references; raises ConfigError naming every one that failed (after the others
+    finished)."""
+    tasks, status, keys = [], {}, {}
+    for i in range(k):
+        ref = reference_dir(run, i)
+        rcfg, rsplits = reference_config(cfg, i), reference_splits(splits, y, i, cfg.seed)
+        keys[i] = settings_key(rcfg, rsplits)
+        same = _recorded_key(ref) == keys[i]
+        if same and ref.report.exists():
+            status[i] = "reused"
+            continue
+        status[i] = "resumed" if same else ("rebuilt" if ref.is_run() else "built")
+        tasks.append((i, Task(ref.path.name, _build,
+                              (rcfg.to_dict(), str(ref.path), rsplits, same, not same,
+                               progress))))
+    failed = {}
+    if tasks:
+        outcomes = run_tasks([t for _, t in tasks], executor, progress)
+        for (i, _), o in zip(tasks, outcomes, strict=True):
+            if not o.ok:
+                status[i], failed[i] = "failed", o.error
+    write_json(run.path / REFERENCES / REFERENCE_INDEX,
+               {"references": k, "method": cfg.reference_method,
+                "models": {f"ref-{i}": {"settings_sha256": keys[i], "status": status[i],
+                                        **({"error": failed[i]} if i in failed else {})}
+                           for i in range(k)}})
+    if failed:
+        raise ConfigError("; ".join(f"reference ref-{i} failed: {e}" for i, e in failed.items())
+                          + f" (the others are kept in {run.path / REFERENCES}; the same "
+                          "command resumes)")
+    return [reference_dir(run, i) for i in range(k)]
+
+
+
+def ensure_run_references(path: Path | str, k: int, data_dir: Path | None = None,
+                          progress: bool | None = None) -> list[RunDir]:
+    """``ensure_references`` for the finished run at ``path`` (its own config and split), for
+    ``safeexport evaluate --references K``; holds the run's shared lock meanwhile."""
+    run = open_run(path)
+    cfg = CompressConfig.from_dict(run.read_config()["config"])
+    if data_dir is not None:
+        cfg = replace(cfg, data_dir=str(data_dir))
+    with run.lock(shared=True):
+        ds, splits = load_data(run, data_dir)
+        return ensure_references(run, cfg, splits, ds.y, k, progress)

@@ -1,0 +1,168 @@
+"""Reference-model attacks (SPEC §8), offline: LiRA (Carlini et al. 2022) and RMIA (Zarifzadeh
+et al. 2024) score a target model's outputs against the outputs of K reference models trained
+like it on random halves of the attacker's auxiliary data (the KNOWN members and non-members).
+The samples the audit scores (the UNKNOWN parts) are out of every reference, so only the offline
+variants apply; an auxiliary sample is scored from the references that did not train on it.
+
+Pure NumPy on signals: the same code scores the PyTorch model in ``compress`` and an exported
+file in ``evaluate``. Written here because neither ML Privacy Meter nor LeakPro is a library one
+can call on arrays of outputs (both drive their own training and data loaders).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import log_softmax
+
+from safeexport.attacks.base import AttackResult, Signals, is_member_of
+from safeexport.attacks.threshold import best_threshold
+from safeexport.metrics import RESAMPLES, mia_metrics, roc_auc
+
+PER_EXAMPLE_VARIANCE_AT = 64  # LiRA: from this many references, a variance per sample
+A_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)  # RMIA's offline factor a, tuned on this grid
+# a = 1 makes p(x) the references' mean (no prior): used when a cannot be tuned (K < 3)
+UNTUNED_A = 1.0
+REFERENCE_ATTACKS = ("lira", "rmia")
+
+
+def margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """φ = z_y − logsumexp_{j≠y} z_j of each row of ``logits`` (..., N, C), float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    flat = z.reshape(-1, len(labels), z.shape[-1])
+    out = np.stack([Signals.from_logits(m, labels).margin for m in flat])
+    return out.reshape(z.shape[:-1])
+
+
+def true_probs(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Softmax probability of the true label of each row of ``logits`` (..., N, C), float64."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+    return np.exp(np.take_along_axis(lp, np.broadcast_to(
+        labels[:, None], (*lp.shape[:-1], 1)), axis=-1)[..., 0])
+
+
+def _out_mean(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Mean over references (axis 0) of ``values`` where ``out``; NaN where no reference is
+    out."""
+    n = out.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (values * out).sum(axis=0) / n, np.nan)
+
+
+def lira_scores(target_phi: np.ndarray, ref_phi: np.ndarray, trained: np.ndarray) -> tuple[
+        np.ndarray, str]:
+    """LiRA offline: z = (φ_target(x) − μ_out(x)) / σ, μ_out the mean of the references that
+    did not train on x; σ one global std of every out-score below 64 references, per sample
+    from 64 on. Returns z and which variance was used. SPEC §8's score is Φ(z), the same
+    order; z is kept because Φ rounds to exactly 1 in float64 beyond z ≈ 8.3, where a
+    well-fitted target puts many members, and ties there erase the low-FPR figures."""
+    out = ~trained
+    mu = _out_mean(ref_phi, out)
+    if ref_phi.shape[0] >= PER_EXAMPLE_VARIANCE_AT:
+        var = _out_mean((ref_phi - mu) ** 2, out) * out.sum(0) / np.maximum(out.sum(0) - 1, 1)
+        sigma, kind = np.sqrt(var), "per-example"
+    else:
+        sigma, kind = np.std(ref_phi[out]), "fixed"
+    return (target_phi - mu) / np.maximum(sigma, 1e-30), kind
+
+
+def rmia_ratio(target_p: np.ndarray, ref_p: np.ndarray, trained: np.ndarray,
+               a: float) -> np.ndarray:
+    """p(x|θ) / p(x), p(x) = ½((1 + a)·p_out(x) + (1 − a)) from the references out of x."""
+    p_x = 0.5 * ((1 + a) * _out_mean(ref_p, ~trained) + (1 - a))
+    return target_p / p_x
+
+
+def rmia_scores(ratio: np.ndarray, population_ratio: np.ndarray, gamma: float = 1.0
+                ) -> np.ndarray:
+    """Fraction of the population z with ratio(x) / ratio(z) > γ."""
+    z = np.sort(population_ratio)
+    scores = np.searchsorted(z, ratio / gamma, side="left") / len(z)
+    return np.where(np.isnan(ratio), np.nan, scores)
+
+
+def tune_a(ref_p: np.ndarray, trained: np.ndarray) -> float | None:
+    """RMIA's offline a: each reference in turn is the target, attacked with the others on the
+    auxiliary samples (its own training half as members); the a of the highest mean AUC.
+    (The score is monotone in the ratio for a fixed population, so the ratio's AUC is the
+    attack's.)"""
+    k = ref_p.shape[0]
+    aucs = np.zeros(len(A_GRID))
+    for r in range(k):
+        others = np.arange(k) != r
+        usable = (~trained[others]).any(axis=0)
+        member = trained[r, usable]
+        if member.all() or not member.any():
+            continue
+        for i, a in enumerate(A_GRID):
+            ratio = rmia_ratio(ref_p[r, usable], ref_p[others][:, usable],
+                               trained[others][:, usable], a)
+            aucs[i] += roc_auc(ratio, member)
+    if not aucs.any():  # under 3 references no reference can be attacked with the others
+        return None
+    return float(A_GRID[int(np.argmax(aucs))])
+
+
+@dataclass
+class References:
+    """K reference models' logits on the samples ``index`` (dataset indices) and which of them
+    each reference trained on; ``models`` says what produced the logits ("pytorch", or the
+    export format), ``method`` how the references were trained."""
+
+    index: np.ndarray  # (N,)
+    logits: np.ndarray  # (K, N, C) float64
+    trained: np.ndarray  # (K, N) bool
+    method: str
+    models: str = "pytorch"
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        pos = {int(i): k for k, i in enumerate(self.index)}
+        missing = [int(i) for i in idx if int(i) not in pos]
+        if missing:
+            raise ValueError(f"the references have no outputs for samples {missing[:5]}")
+        return np.array([pos[int(i)] for i in idx], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+
+def reference_attacks(target: list[Signals], parts: list[np.ndarray], refs: References,
+                      resamples: int = RESAMPLES) -> tuple[dict[str, AttackResult], dict]:
+    """LiRA and RMIA on the four parts (known members, known non-members, evaluated members,
+    evaluated non-members: ``target`` the target's signals on them, ``parts`` their dataset
+    indices). Thresholds (for accuracy) are fitted on the known parts; the figures are measured
+    on the evaluated parts, which no reference trained on. Also returns what was used (a, the
+    variance, K)."""
+    if len(refs) < 2:
+        raise ValueError("reference attacks need at least 2 references")
+    idx = np.concatenate(parts)
+    rows = refs.rows(idx)
+    labels = np.concatenate([s.labels.numpy() for s in target])
+    logits = np.concatenate([s.logits.numpy() for s in target])
+    trained = refs.trained[:, rows]
+    ref_logits = refs.logits[:, rows]
+    n_known = len(parts[0]) + len(parts[1])
+    if trained[:, n_known:].any():
+        raise ValueError("a reference trained on an evaluated sample")
+    cut = np.cumsum([len(p) for p in parts])[:-1]
+
+    lira, variance = lira_scores(margins(logits, labels), margins(ref_logits, labels), trained)
+    aux = np.arange(n_known)
+    tuned = tune_a(true_probs(ref_logits[:, aux], labels[aux]), trained[:, aux])
+    a = UNTUNED_A if tuned is None else tuned
+    ratio = rmia_ratio(true_probs(logits, labels), true_probs(ref_logits, labels), trained, a)
+    population = np.split(ratio, cut)[1]
+    rmia = rmia_scores(ratio, population[~np.isnan(population)])
+
+    out = {}
+    is_member = is_member_of(parts[2], parts[3])
+    for name, scores in (("lira", lira), ("rmia", rmia)):
+        km, kn, em, en = np.split(scores, cut)
+        ok_m, ok_n = ~np.isnan(km), ~np.isnan(kn)
+        t = best_threshold(km[ok_m], kn[ok_n]) if ok_m.any() and ok_n.any() else 0.5
+        s = np.r_[em, en]
+        out[name] = AttackResult(mia_metrics(s, is_member, t, resamples), s, t)
+    info = {"references": len(refs), "method": refs.method, "models": refs.models,
+            "rmia_a": a, "rmia_a_tuned": tuned is not None, "rmia_gamma": 1.0,
+            "rmia_population": int(len(parts[1])),
+            "lira_variance": variance}
+    return out, info

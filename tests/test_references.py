@@ -1,0 +1,257 @@
+"""Reference-model attacks (LiRA, RMIA): the references' halves, the scores against a direct
+NumPy computation, reuse and resume of references, and on real data (digits, embedded) that
+more leakage reads higher, that planted mislabelled members rank as the most exposed, and that
+an exported file is attacked with the run's references."""
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from compressor import compress
+from compressor.references import ensure_references, reference_splits
+from device_eval import evaluate
+from device_eval.config import EvalConfig
+from exporters import export
+from exporters.config import ExportConfig
+from safeexport.attacks import Signals
+from safeexport.attacks.reference import (
+    A_GRID,
+    References,
+    lira_scores,
+    reference_attacks,
+    tune_a,
+)
+from safeexport.data import load_dataset
+from safeexport.data.splits import Splits, make_splits
+from safeexport.metrics import roc_auc
+from safeexport.rundir import RunDir, sha256_file
+from safeexport.runio import references_of
+from tests.conftest import tiny_config
+
+# ---------------------------------------------------------------- the references' halves
+
+
+def test_reference_halves_pair_up_and_never_touch_the_unknown_parts():
+    y = np.arange(600) % 5
+    splits = make_splits(y, "fp", 3)
+    aux = np.sort(np.r_[splits.known_members, splits.known_nonmembers])
+    unknown = np.r_[splits.unknown_members, splits.unknown_nonmembers]
+    refs = [reference_splits(splits, y, i, 3) for i in range(4)]
+    counts = np.zeros(600, int)
+    for r in refs:
+        r.check(600)
+        assert np.array_equal(np.sort(np.r_[r.members, r.known_nonmembers,
+                                            r.unknown_nonmembers]), aux)
+        assert not np.isin(unknown, np.r_[r.members, r.known_nonmembers,
+                                          r.unknown_nonmembers]).any()
+        assert np.array_equal(r.test, splits.test)
+        # a stratified half: every class keeps its share within one sample
+        share = np.bincount(y[r.members], minlength=5) / len(r.members)
+        assert np.abs(share - 0.2).max() <= 1 / len(r.members) + 1e-9
+        counts[r.members] += 1
+    # complementary pairs: ref-1 trains on exactly what ref-0 does not
+    assert np.array_equal(np.sort(refs[1].members),
+                          np.sort(np.r_[refs[0].known_nonmembers, refs[0].unknown_nonmembers]))
+    assert not np.array_equal(np.sort(refs[0].members), np.sort(refs[2].members))
+    assert (counts[aux] == 2).all() and (counts[unknown] == 0).all()
+
+
+# ---------------------------------------------------------------- scores against NumPy
+
+
+def _phi(logits, labels):
+    """log(p_y / (1 − p_y)) the direct way (fine for moderate logits)."""
+    p = softmax(logits, axis=-1)[np.arange(len(labels)), labels]
+    return np.log(p / (1 - p))
+
+
+def _fixture(k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    n_known, n_eval, c = 40, 20, 3
+    n = n_known + 2 * n_eval
+    labels = rng.integers(0, c, n)
+    target = rng.normal(0, 2, (n, c))
+    ref_logits = rng.normal(0, 2, (k, n, c))
+    trained = np.zeros((k, n), bool)
+    for i in range(0, k, 2):  # complementary halves of the known samples
+        half = rng.permutation(n_known)[: n_known // 2]
+        trained[i, half] = True
+        if i + 1 < k:
+            trained[i + 1, :n_known] = ~trained[i, :n_known]
+    parts = [np.arange(0, 30), np.arange(30, 40), np.arange(40, 60), np.arange(60, 80)]
+    refs = References(np.arange(n), ref_logits, trained, "same")
+    sig = [Signals.from_logits(target[p], labels[p]) for p in parts]
+    return labels, target, ref_logits, trained, parts, refs, sig
+
+
+@pytest.mark.parametrize("k", [4, 64])
+def test_lira_matches_a_direct_numpy_computation(k):
+    labels, target, ref_logits, trained, parts, refs, sig = _fixture(k)
+    results, info = reference_attacks(sig, parts, refs, resamples=0)
+    phis = np.stack([_phi(ref_logits[r], labels) for r in range(k)])
+    want = []
+    out_all = [phis[r, x] for r in range(k) for x in range(80) if not trained[r, x]]
+    for x in range(40, 80):
+        outs = [phis[r, x] for r in range(k) if not trained[r, x]]
+        sigma = np.std(out_all) if k < 64 else np.std(outs, ddof=1)
+        want.append((_phi(target[[x]], labels[[x]])[0] - np.mean(outs)) / sigma)
+    np.testing.assert_allclose(results["lira"].scores, want, rtol=1e-9)
+    assert info["lira_variance"] == ("fixed" if k < 64 else "per-example")
+    # a known sample is scored only from references that did not train on it
+    z, _ = lira_scores(_phi(target, labels), phis, trained)
+    x = int(np.flatnonzero(trained[0])[0])
+    outs = [phis[r, x] for r in range(k) if not trained[r, x]]
+    sigma = np.std(out_all) if k < 64 else np.std(outs, ddof=1)
+    assert z[x] == pytest.approx((_phi(target[[x]], labels[[x]])[0] - np.mean(outs)) / sigma)
+
+
+def test_rmia_and_its_tuned_a_match_a_direct_numpy_computation():
+    k = 4
+    labels, target, ref_logits, trained, parts, refs, sig = _fixture(k, seed=1)
+    results, info = reference_attacks(sig, parts, refs, resamples=0)
+    p = lambda z: softmax(z, axis=-1)[np.arange(len(labels)), labels]  # noqa: E731
+    pt, pr = p(target), np.stack([p(ref_logits[r]) for r in range(k)])
+
+    # a by brute force: each reference attacked by the others on the known samples
+    aucs = []
+    for a in A_GRID:
+        total = 0.0
+        for r in range(k):
+            rows = [x for x in range(40) if any(not trained[o, x] for o in range(k) if o != r)]
+            ratio = [pr[r, x] / (0.5 * ((1 + a) * np.mean(
+                [pr[o, x] for o in range(k) if o != r and not trained[o, x]]) + 1 - a))
+                for x in rows]
+            total += roc_auc(np.array(ratio), trained[r, rows])
+        aucs.append(total)
+    a = float(A_GRID[int(np.argmax(aucs))])
+    assert info["rmia_a"] == a and info["rmia_a_tuned"]
+
+    def ratio(x):
+        outs = [pr[r, x] for r in range(k) if not trained[r, x]]
+        return pt[x] / (0.5 * ((1 + a) * np.mean(outs) + 1 - a))
+
+    population = [ratio(z) for z in range(30, 40)]  # the known non-members
+    want = [np.mean([ratio(x) / rz > 1 for rz in population]) for x in range(40, 80)]
+    np.testing.assert_allclose(results["rmia"].scores, want)
+
+
+def test_two_references_cannot_tune_a_and_say_so():
+    labels, target, ref_logits, trained, parts, refs, sig = _fixture(2)
+    assert tune_a(softmax(ref_logits, -1)[..., 0], trained[:, :40]) is None
+    _, info = reference_attacks(sig, parts, refs, resamples=0)
+    assert info["rmia_a_tuned"] is False and info["rmia_a"] == 1.0
+
+
+def test_a_reference_that_trained_on_an_evaluated_sample_is_refused():
+    labels, target, ref_logits, trained, parts, refs, sig = _fixture(4)
+    refs.trained[1, 50] = True
+    with pytest.raises(ValueError, match="evaluated sample"):
+        reference_attacks(sig, parts, refs, resamples=0)
+
+
+# ---------------------------------------------------------------- reuse and resume
+
+
+def test_references_are_reused_resumed_and_rebuilt_only_when_settings_change(tmp_path):
+    cfg = tiny_config(method="dense", dense_reference=False, attack="loss", epochs=2)
+    run = compress(cfg, tmp_path / "run", progress=False)
+    splits = Splits.load(run.splits)
+    y = load_dataset("synthetic", None, False, 400, 0).y
+
+    def status():
+        index = json.loads((run.path / "references" / "index.json").read_text())
+        return [m["status"] for m in index["models"].values()]
+
+    refs = ensure_references(run, cfg, splits, y, 2)
+    assert status() == ["built", "built"]
+    hashes = [sha256_file(r.model) for r in refs]
+    ensure_references(run, cfg, splits, y, 2)
+    assert status() == ["reused", "reused"]
+    assert [sha256_file(r.model) for r in refs] == hashes
+    # a stopped build: ref-1 never finished
+    (refs[1].report).unlink()
+    ensure_references(run, cfg, splits, y, 2)
+    assert status() == ["reused", "resumed"]
+    assert sha256_file(refs[1].model) == hashes[1]  # same settings, same seed, same model
+    # where the data lives is not a setting; the learning rate is
+    ensure_references(run, replace(cfg, data_dir=str(tmp_path)), splits, y, 2)
+    assert status() == ["reused", "reused"]
+    ensure_references(run, replace(cfg, lr=0.01), splits, y, 2)
+    assert status() == ["rebuilt", "rebuilt"]
+    assert [sha256_file(r.model) for r in refs] != hashes
+    assert len(references_of(run)) == 2
+
+
+# ---------------------------------------------------------------- real data: digits
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """Digits with 120 labels changed at random: mislabelled samples a model can only fit by
+    memorising them."""
+    root = tmp_path_factory.mktemp("planted")
+    ds = load_dataset("digits", None, False, None, 0)
+    rng = np.random.default_rng(0)
+    y = ds.y.copy()
+    flipped = rng.choice(len(y), 120, replace=False)
+    y[flipped] = (y[flipped] + rng.integers(1, 10, 120)) % 10
+    np.savez(root / "digits.npz", x=ds.x, y=y)
+    return root / "digits.npz", flipped
+
+
+def _run(path: Path, out: Path, **kw) -> RunDir:
+    cfg = tiny_config(dataset=f"npz:{path}", method="dense", references=4, attack="loss",
+                      max_samples=None, batch_size=128, dense_reference=False, **kw)
+    return compress(cfg, out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def leaky(planted, tmp_path_factory) -> RunDir:
+    """Trained long without weight decay: it memorises its members, planted ones included."""
+    return _run(planted[0], tmp_path_factory.mktemp("leaky") / "run", epochs=60,
+                weight_decay=0.0)
+
+
+def test_more_leakage_reads_higher_and_planted_records_rank_most_exposed(planted, leaky,
+                                                                         tmp_path):
+    regular = _run(planted[0], tmp_path / "regular", epochs=10, weight_decay=0.05)
+    lk = leaky.read_report()["compressed"]["reference_attacks"]
+    rg = regular.read_report()["compressed"]["reference_attacks"]
+    assert lk["lira"]["ci"]["auc"][0] > 0.55  # the leaky model's leak is measured...
+    assert lk["lira"]["auc"] > rg["lira"]["auc"] + 0.05  # ...and reads above the other's
+    assert lk["lira"]["tpr_at_1pct_fpr"] > rg["lira"]["tpr_at_1pct_fpr"]
+    assert lk["settings"]["references"] == 4 and lk["settings"]["rmia_a_tuned"]
+
+    # the planted (mislabelled) members lead the exposure ranking: LiRA compares each with
+    # references that never saw it, where its wrong label scores very low
+    exposure = leaky.read_report()["exposure"]
+    assert exposure["attack"] == "lira"
+    rows = list(csv.DictReader(leaky.exposure_csv.open()))
+    evaluated = {int(r["index"]) for r in rows}
+    ours = [int(r["rank"]) for r in rows if int(r["index"]) in set(planted[1].tolist())]
+    assert len(ours) >= 8 and len(rows) == len(evaluated)
+    top = sum(r <= 20 for r in ours)
+    assert top >= 0.7 * len(ours), sorted(ours)  # by chance: 20/224 of them
+    assert [r["index"] for r in exposure["records"]] == [int(r["index"]) for r in rows[:20]]
+
+
+def test_an_exported_file_is_attacked_with_the_runs_references(leaky, tmp_path):
+    exported = export(ExportConfig(format="onnx", bits=8), leaky.path)
+    res = evaluate(exported.path, EvalConfig(), json_out=tmp_path / "e.json")
+    r = res.report
+    for key in ("before", "after"):
+        settings = r[key]["reference_attacks"]["settings"]
+        assert settings["references"] == 4 and settings["models"] == "pytorch"
+    before = leaky.read_report()["compressed"]["reference_attacks"]
+    # the PyTorch side reproduces the compressor's figures from the same references
+    assert r["before"]["reference_attacks"]["lira"]["auc"] == before["lira"]["auc"]
+    assert r["after"]["reference_attacks"]["lira"]["auc"] > 0.55
+    assert any("PyTorch models" in w for w in r["warnings"])
+    assert (tmp_path / "e-exposure.csv").exists() and r["exposure"]["attack"] == "lira"
+    off = evaluate(exported.path, EvalConfig(references=0), json_out=tmp_path / "o.json")
+    assert "reference_attacks" not in off.report["after"]
