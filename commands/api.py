@@ -160,7 +160,7 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
     return res
 
 
-def evaluate(model_file: Path | str, *, run: Path | str | None = None,
+def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None = None,
              json_out: Path | str | None = None, data_dir: Path | str | None = None,
              overwrite: bool = False, members: Path | str | None = None,
              nonmembers: Path | str | None = None, test: Path | str | None = None,
@@ -169,15 +169,19 @@ def evaluate(model_file: Path | str, *, run: Path | str | None = None,
     runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
     fields. With ``members`` (and ``nonmembers``, or a ``member`` array in the members npz),
     an audit of a file safeexport did not make: its figures, no verdict. Returns the
-    ``EvalReport`` (``.passed``, ``.report``, ``.json_path``)."""
+    ``EvalReport`` (``.passed``, ``.report``, ``.json_path``). With ``more`` files (other
+    variants of the same run's model): each is evaluated, then attacked jointly with the
+    others; returns the ``JointReport`` (``.reports``, ``.joint``, ``.json_path``)."""
     cfg = EvalConfig(**options)
+    variants = [model_file, *more]
     _check_tracking(mlflow)
     out = Path(json_out) if json_out is not None else None
     if members is not None:
         from device_eval.audit import audit
 
-        if run is not None or data_dir is not None:
-            raise ConfigError("--members audits a file on your data; drop --run/--data-dir")
+        if run is not None or data_dir is not None or more:
+            raise ConfigError("--members audits one file on your data; drop --run/--data-dir "
+                              "and name one file")
         res = audit(model_file, members, nonmembers, test, cfg, out, overwrite)
         metrics = {"figures": {k: res.report["figures"].get(k) for k in FIGURES}}
     else:
@@ -187,26 +191,38 @@ def evaluate(model_file: Path | str, *, run: Path | str | None = None,
         from device_eval.run import evaluate as run_evaluate
         from device_eval.run import run_of
 
+        files = [Path(f) for f in variants]
         if trust_code:  # the manifest names the run, whose config names the factories
-            _trust_run(run_of(Path(model_file), run), True)
+            _trust_run(run_of(files[0], run), True)
+        data = Path(data_dir) if data_dir is not None else None
         if cfg.references:
             from compressor.references import ensure_run_references
 
-            ensure_run_references(run_of(Path(model_file), run), cfg.references,
-                                  Path(data_dir) if data_dir is not None else None)
-        res = run_evaluate(model_file, cfg, run, out,
-                           Path(data_dir) if data_dir is not None else None, overwrite)
-        metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
-                   for key in ("before", "after")}
+            ensure_run_references(run_of(files[0], run), cfg.references, data)
+        if len(files) > 1:
+            from device_eval.run import evaluate_variants
+
+            res = evaluate_variants(files, cfg, run, out, data, overwrite)
+            metrics = {"joint": {k: res.joint["strongest_joint"].get(k) for k in FIGURES},
+                       "single": {k: res.joint["strongest_single"].get(k) for k in FIGURES}}
+        else:
+            res = run_evaluate(files[0], cfg, run, out, data, overwrite)
+            metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
+                       for key in ("before", "after")}
         metrics["passed"] = int(res.passed)
     if mlflow:
         from commands.tracking import log_run
 
-        r = res.report
-        log_run(mlflow, f"evaluate {Path(model_file).name}",
-                {"model_file": r["model_file"], "sha256": r["sha256"],
-                 "runtime": r["runtime"], "attack": r["attack"], "config": r["config"]},
-                metrics, [res.json_path, res.plot_path])
+        if more:
+            log_run(mlflow, f"evaluate {len(variants)} variants jointly",
+                    {"model_files": res.joint["files"], "config": cfg.to_dict()}, metrics,
+                    [res.json_path, *(r.json_path for r in res.reports)])
+        else:
+            r = res.report
+            log_run(mlflow, f"evaluate {Path(model_file).name}",
+                    {"model_file": r["model_file"], "sha256": r["sha256"],
+                     "runtime": r["runtime"], "attack": r["attack"], "config": r["config"]},
+                    metrics, [res.json_path, res.plot_path])
     return res
 
 

@@ -343,7 +343,8 @@ def _print_export_table(rows: list[dict]) -> None:
 
 
 @main.command("evaluate")
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_files", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default: the run recorded in the file's manifest).")
 @click.option("--runtime", default="auto", show_default=True,
@@ -383,13 +384,18 @@ def _print_export_table(rows: list[dict]) -> None:
               help="With --members: npz (x, y) for task accuracy (default: the non-members).")
 @MLFLOW
 @TRUST
-def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
+def evaluate_cmd(model_files: tuple[Path, ...], run_dir: Path | None, json_out: Path | None,
                  data_dir: Path | None, overwrite: bool, members: Path | None,
                  nonmembers: Path | None, test: Path | None, mlflow: str | None,
                  trust_code: bool, **flags) -> None:
     """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
-    same figures for the run's PyTorch model, and say whether safety survived.
+    same figures for the run's PyTorch model, and say whether safety survived. LiRA and RMIA
+    run too when the run has reference models (--references).
+
+    With several files (variants of one run's model, e.g. its float and int8 exports): each is
+    evaluated, then an attacker holding all of them attacks jointly; the joint report (--json,
+    default RUN/evals/joint-<files>.json) says whether that beats the strongest single file.
 
     With --members (and --nonmembers, or a 'member' array in the members npz): an audit of a
     .onnx/.tflite file safeexport did not make, on your data: task accuracy and every attack
@@ -401,12 +407,44 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
     --max-mia-rise with a paired 95% interval that excludes zero, and task accuracy fell by at
     most --max-task-drop; 1 when not; 2 for an error.
     """
-    res = api.evaluate(model_file, run=run_dir, json_out=json_out, data_dir=data_dir,
+    res = api.evaluate(*model_files, run=run_dir, json_out=json_out, data_dir=data_dir,
                        overwrite=overwrite, members=members, nonmembers=nonmembers, test=test,
                        mlflow=mlflow, trust_code=trust_code, **flags)
     if members is not None:
         _print_audit(res)
         return
+    if len(model_files) == 1:
+        _print_evaluation(model_files[0], res)
+    else:
+        for f, one in zip(model_files, res.reports, strict=True):
+            _print_evaluation(f, one)
+            click.echo("")
+        _print_joint(res)
+    if not res.passed:
+        sys.exit(1)
+
+
+def _print_joint(res) -> None:
+    j = res.joint
+    click.echo(f"joint attack on {len(j['files'])} variants (an attacker holding every file):")
+    for label, key in (("joint", "strongest_joint"), ("single", "strongest_single")):
+        m = j[key]
+        lo, hi = m["ci"]["mia_acc"]
+        where = (f" on {Path(j['files'][m['variant']]).name}" if key == "strongest_single"
+                 else "")
+        click.echo(f"  strongest {label:7}{m['attack']:>17}{where}: MIA acc {m['mia_acc']:.4f} "
+                   f"[{lo:.4f}, {hi:.4f}], AUC {m['auc']:.3f}, TPR@1% "
+                   f"{fmt_figure(m['tpr_at_1pct_fpr'], '.3f')}")
+    d = j["difference"]["mia_acc"]
+    ci = ("no interval (identical scores)" if d["ci"] is None else
+          f"paired 95% interval {100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}")
+    verdict = ("the joint attack is stronger" if j["joint_exceeds_single"] else
+               "no gain of the joint attack beyond the noise")
+    click.echo(f"  joint − single MIA accuracy {100 * d['delta']:+.2f} points ({ci}): {verdict}")
+    click.echo(f"joint report {res.json_path}")
+
+
+def _print_evaluation(model_file: Path, res) -> None:
     from safeexport.attacks import attack_figures
 
     r = res.report
@@ -424,6 +462,18 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
                    f"{m['auc']:7.3f}{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}"
                    f"{fmt_figure(m['tpr_at_0.1pct_fpr'], '8.3f')}{m['tm_score']:7.3f}"
                    f"  {v['attack']} {s['mia_acc']:.4f}")
+    refs = r["after"].get("reference_attacks")
+    if refs:
+        st = refs["settings"]
+        click.echo(f"reference attacks ({st['references']} {st['method']} reference models, "
+                   f"{st['models']}; PyTorch -> exported):")
+        for name in ("lira", "rmia"):
+            b, a = r["before"]["reference_attacks"][name], refs[name]
+            click.echo(f"  {name.upper():6} AUC {b['auc']:.3f} -> {a['auc']:.3f}   TPR@1% "
+                       f"{fmt_figure(b['tpr_at_1pct_fpr'], '.3f')} -> "
+                       f"{fmt_figure(a['tpr_at_1pct_fpr'], '.3f')}   TPR@0.1% "
+                       f"{fmt_figure(b['tpr_at_0.1pct_fpr'], '.3f')} -> "
+                       f"{fmt_figure(a['tpr_at_0.1pct_fpr'], '.3f')}")
     d = v["paired"]["mia_acc"]
     click.echo(f"{v['attack']} MIA accuracy change {100 * d['delta']:+.2f} points (paired 95% "
                f"interval {100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}); two independent "
@@ -438,7 +488,6 @@ def evaluate_cmd(model_file: Path, run_dir: Path | None, json_out: Path | None,
         click.echo("PASS: no privacy loss beyond the tolerance and the noise, and accuracy kept")
     else:
         click.echo("FAIL: " + "; ".join(v["reasons"]))
-        sys.exit(1)
 
 
 def _print_audit(res) -> None:

@@ -319,5 +319,15 @@ def _print_summary(report: dict) -> None:
         tqdm.write(f"{name:14}{m['task_acc']:9.4f}{m['mia_acc']:9.4f} [{lo:.4f}, {hi:.4f}]"
                    f"{m['auc']:7.3f}{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}"
                    f"{m['tm_score']:7.3f}  {s['attack']} {s['mia_acc']:.4f}")
+        refs = m.get("reference_attacks")
+        if refs:
+            st = refs["settings"]
+            for attack in ("lira", "rmia"):
+                f = refs[attack]
+                lo, hi = f["ci"]["auc"]
+                tqdm.write(f"  {attack.upper():6} AUC {f['auc']:.3f} [{lo:.3f}, {hi:.3f}]  "
+                           f"TPR@1% {fmt_figure(f['tpr_at_1pct_fpr'], '.3f')}  TPR@0.1% "
+                           f"{fmt_figure(f['tpr_at_0.1pct_fpr'], '.3f')}  ({st['references']} "
+                           f"{st['method']} reference models)")
         for w in m["warnings"]:
             tqdm.write(f"  warning ({name}): {w}")

@@ -7,6 +7,7 @@ attacker starts from the same weights and sees the same batches: the figures dif
 the outputs the two models give.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from tqdm import tqdm
 
 import device_eval.adb  # noqa: F401 - registers the adb runtime
 from device_eval.config import EvalConfig
-from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
+from safeexport.attacks import MembershipResult
+from safeexport.attacks.evaluate import (
+    exposure_for_report,
+    joint_attack,
+    write_exposure_csv,
+)
 from safeexport.attacks.final import final_membership, model_figures
 from safeexport.attacks.reference import References
 from safeexport.data.splits import balanced
@@ -43,6 +49,7 @@ class EvalReport:
     report: dict
     json_path: Path
     plot_path: Path
+    result: MembershipResult | None = None  # the file's attacks (for a joint attack)
 
     @property
     def passed(self) -> bool:
@@ -263,4 +270,45 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
               **roc_curves(ares, f"{model_file.name} on {rt.name}")},
              plot_path, f"MIA before and after export\n{model_file.name}",
              before["n_nonmembers"])
-    return EvalReport(report, json_path, plot_path)
+    return EvalReport(report, json_path, plot_path, ares)
+
+
+@dataclass
+class JointReport:
+    """Several variants of one model evaluated each (``reports``) and attacked jointly."""
+
+    reports: list[EvalReport]
+    joint: dict
+    json_path: Path
+
+    @property
+    def passed(self) -> bool:
+        """Every file's verdict."""
+        return all(r.passed for r in self.reports)
+
+
+def evaluate_variants(model_files: list[Path | str], cfg: EvalConfig,
+                      run: Path | str | None = None, json_out: Path | None = None,
+                      data_dir: Path | None = None, overwrite: bool = False) -> JointReport:
+    """Evaluate each of several exports of ONE run (each report in RUN/evals/), then the joint
+    attack of an attacker who holds them all (``joint_attack``); its report goes to
+    ``json_out`` or RUN/evals/joint-<files>.json."""
+    files = [Path(f) for f in model_files]
+    if len(set(files)) != len(files):
+        raise ConfigError("a file is named twice; name each variant once")
+    runs = {run_of(f, run).resolve() for f in files if f.exists()}
+    if len(runs) > 1:
+        raise ConfigError(f"the files come from different runs ({', '.join(map(str, runs))}); "
+                          "a joint attack takes variants of one model")
+    _check_json_out(json_out, overwrite)
+    reports = [evaluate(f, cfg, run, None, data_dir) for f in files]
+    joint = joint_attack([r.result for r in reports])
+    joint = {"files": [r.report["model_file"] for r in reports],
+             "exports": [r.report["export"] for r in reports],
+             "runtimes": [r.report["runtime"]["name"] for r in reports], **joint}
+    stems = "+".join(f.stem for f in files)
+    if len(stems) > 120:  # a file name stays well under the 255 bytes filesystems allow
+        stems = f"{len(files)}-files-{hashlib.sha256(stems.encode()).hexdigest()[:12]}"
+    json_path = json_out or Path(reports[0].report["run"]) / "evals" / f"joint-{stems}.json"
+    write_json(json_path, joint)
+    return JointReport(reports, joint, json_path)

@@ -217,6 +217,12 @@ def leaky(planted, tmp_path_factory) -> RunDir:
                 weight_decay=0.0)
 
 
+@pytest.fixture(scope="module")
+def leaky_onnx(leaky):
+    """The leaky run's 8-bit ONNX export."""
+    return export(ExportConfig(format="onnx", bits=8), leaky.path)
+
+
 def test_more_leakage_reads_higher_and_planted_records_rank_most_exposed(planted, leaky,
                                                                          tmp_path):
     regular = _run(planted[0], tmp_path / "regular", epochs=10, weight_decay=0.05)
@@ -240,8 +246,8 @@ def test_more_leakage_reads_higher_and_planted_records_rank_most_exposed(planted
     assert [r["index"] for r in exposure["records"]] == [int(r["index"]) for r in rows[:20]]
 
 
-def test_an_exported_file_is_attacked_with_the_runs_references(leaky, tmp_path):
-    exported = export(ExportConfig(format="onnx", bits=8), leaky.path)
+def test_an_exported_file_is_attacked_with_the_runs_references(leaky, leaky_onnx, tmp_path):
+    exported = leaky_onnx
     res = evaluate(exported.path, EvalConfig(), json_out=tmp_path / "e.json")
     r = res.report
     for key in ("before", "after"):
@@ -255,3 +261,62 @@ def test_an_exported_file_is_attacked_with_the_runs_references(leaky, tmp_path):
     assert (tmp_path / "e-exposure.csv").exists() and r["exposure"]["attack"] == "lira"
     off = evaluate(exported.path, EvalConfig(references=0), json_out=tmp_path / "o.json")
     assert "reference_attacks" not in off.report["after"]
+
+
+# ---------------------------------------------------------------- the multi-variant release
+
+
+def _variant(signal: np.ndarray, noise: np.ndarray, is_member: np.ndarray):
+    from safeexport.attacks import AttackResult, MembershipResult
+    from safeexport.metrics import mia_metrics
+
+    scores = signal + noise
+    n = len(scores) // 2
+    known = (scores[:n][::2], scores[n:][::2])  # stands in for the known parts
+    result = AttackResult(mia_metrics(scores, is_member, 0.0, 200), scores, 0.0, known)
+    return MembershipResult("loss", None, {"loss": result}, is_member,
+                            index=np.arange(len(scores)))
+
+
+def test_a_joint_attack_gains_from_independent_noise_and_not_from_a_copy():
+    from safeexport.attacks.evaluate import joint_attack
+
+    rng = np.random.default_rng(0)
+    is_member = np.r_[np.ones(600, bool), np.zeros(600, bool)]
+    signal = 0.5 * is_member
+    a = _variant(signal, rng.normal(0, 1, 1200), is_member)
+    b = _variant(signal, rng.normal(0, 1, 1200), is_member)
+    j = joint_attack([a, b], resamples=200)
+    # averaging two independent noisy readings of one signal separates better than either
+    assert j["strongest_joint"]["auc"] > j["strongest_single"]["auc"] + 0.03
+    assert j["joint_exceeds_single"] or j["difference"]["auc"]["ci"][0] > 0
+    same = joint_attack([a, a], resamples=200)
+    assert same["strongest_joint"]["auc"] == same["strongest_single"]["auc"]
+    assert same["difference"]["mia_acc"]["delta"] == 0 and not same["joint_exceeds_single"]
+
+
+def test_two_identical_files_attacked_jointly_equal_the_single_file(leaky, leaky_onnx,
+                                                                     tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from commands.cli import main
+
+    exported = leaky_onnx
+    twin = exported.path.with_name("twin.onnx")
+    shutil.copy(exported.path, twin)
+    shutil.copy(exported.manifest_path, twin.with_suffix(".json"))
+    result = CliRunner().invoke(main, ["evaluate", str(exported.path), str(twin), "--json",
+                                       str(tmp_path / "joint.json")])
+    assert result.exit_code == 0, result.output
+    joint = json.loads((tmp_path / "joint.json").read_text())
+    single = json.loads((leaky.path / "evals" / f"{exported.path.stem}-onnxruntime.json")
+                        .read_text())["after"]
+    s = joint["strongest_single"]
+    assert joint["strongest_joint"]["attack"] == s["attack"]
+    for key in ("mia_acc", "auc", "tpr_at_1pct_fpr"):
+        assert joint["strongest_joint"][key] == s[key]
+    assert joint["joint"]["lira"]["auc"] == single["reference_attacks"]["lira"]["auc"]
+    assert not joint["joint_exceeds_single"]
+    assert "joint attack on 2 variants" in result.output and "no gain" in result.output

@@ -60,11 +60,14 @@ def is_member_of(members: Sized, nonmembers: Sized) -> np.ndarray:
 @dataclass
 class AttackResult:
     """One attack measured on an evaluation set: its figures (``mia_metrics``), its raw scores
-    (members first, as ``is_member`` orders them) and the decision threshold of its accuracy."""
+    (members first, as ``is_member`` orders them), the decision threshold of its accuracy and,
+    for an attack whose threshold is fitted on them, its scores of the known members and
+    non-members (a joint attack on several files fits its own threshold the same way)."""
 
     metrics: dict
     scores: np.ndarray
     threshold: float = 0.5
+    known: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Attack(Protocol):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from safeexport.attacks.base import Attack, AttackResult, Signals, is_member_of
-from safeexport.attacks.reference import REFERENCE_ATTACKS
+from safeexport.attacks.reference import REFERENCE_ATTACKS, fit_threshold
 from safeexport.attacks.threshold import THRESHOLD_ATTACKS
 from safeexport.metrics import (
     RESAMPLES,
@@ -16,6 +16,7 @@ from safeexport.metrics import (
     fold,
     measurable,
     mia_metrics,
+    paired_difference,
     roc_curve,
 )
 from safeexport.rundir import atomic_write
@@ -101,6 +102,48 @@ class MembershipResult:
                                    if ok else None}
                      for c in np.unique(labels[idx])}
         return {"attack": name, "fpr": fpr, "records": records, "per_class_tpr": per_class}
+
+
+def _rank(result: AttackResult) -> tuple:
+    return fold(result.metrics["mia_acc"]), fold(result.metrics["auc"])
+
+
+def joint_attack(variants: list[MembershipResult], resamples: int = RESAMPLES) -> dict:
+    """The multi-variant release (SPEC §9, CompLeak's multi-release setting): an attacker who
+    holds several variants of one model (float and int8 files, every bit width) sees all their
+    outputs for the same sample. For each attack, the joint score of a sample is the mean of its
+    scores under the variants, thresholded like the single attack (refitted on the known
+    parts' joint scores where the attack fits one, else the variants' mean threshold); so on
+    identical variants it IS the single-file attack. Reported beside the strongest single-file
+    attack, with a paired bootstrap of the difference on the same samples."""
+    first = variants[0]
+    if any(not np.array_equal(v.index, first.index) for v in variants[1:]):
+        raise ValueError("the variants were measured on different samples")
+    joint = {}
+    for name in first.results:
+        parts = [v.results[name] for v in variants if name in v.results]
+        if len(parts) != len(variants):
+            continue
+        scores = np.mean([p.scores for p in parts], axis=0)
+        if all(p.known is not None for p in parts):
+            known = tuple(np.mean([p.known[i] for p in parts], axis=0) for i in (0, 1))
+            t = fit_threshold(*known)
+        else:
+            known, t = None, float(np.mean([p.threshold for p in parts]))
+        joint[name] = AttackResult(mia_metrics(scores, first.is_member, t, resamples), scores,
+                                   t, known)
+    best = max(joint, key=lambda k: _rank(joint[k]))
+    k, single = max(((i, n) for i, v in enumerate(variants) for n in v.results),
+                    key=lambda p: _rank(variants[p[0]].results[p[1]]))
+    s = variants[k].results[single]
+    diff = paired_difference(s.scores, joint[best].scores, first.is_member,
+                             (s.threshold, joint[best].threshold), resamples)
+    return {"joint": {n: {**r.metrics, "threshold": r.threshold} for n, r in joint.items()},
+            "strongest_joint": {"attack": best, **joint[best].metrics},
+            "strongest_single": {"variant": k, "attack": single, **s.metrics},
+            "difference": diff,
+            "joint_exceeds_single": bool(diff["mia_acc"]["ci"] is not None
+                                         and diff["mia_acc"]["ci"][0] > 0)}
 
 
 def attack_figures(figures: dict, name: str) -> dict:

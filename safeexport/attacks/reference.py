@@ -102,6 +102,13 @@ def tune_a(ref_p: np.ndarray, trained: np.ndarray) -> float | None:
     return float(A_GRID[int(np.argmax(aucs))])
 
 
+def fit_threshold(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """``best_threshold`` on the scores that exist (a known sample every reference trained on
+    has none)."""
+    m, n = members[~np.isnan(members)], nonmembers[~np.isnan(nonmembers)]
+    return best_threshold(m, n) if len(m) and len(n) else 0.5
+
+
 @dataclass
 class References:
     """K reference models' logits on the samples ``index`` (dataset indices) and which of them
@@ -157,10 +164,8 @@ def reference_attacks(target: list[Signals], parts: list[np.ndarray], refs: Refe
     is_member = is_member_of(parts[2], parts[3])
     for name, scores in (("lira", lira), ("rmia", rmia)):
         km, kn, em, en = np.split(scores, cut)
-        ok_m, ok_n = ~np.isnan(km), ~np.isnan(kn)
-        t = best_threshold(km[ok_m], kn[ok_n]) if ok_m.any() and ok_n.any() else 0.5
-        s = np.r_[em, en]
-        out[name] = AttackResult(mia_metrics(s, is_member, t, resamples), s, t)
+        s, t = np.r_[em, en], fit_threshold(km, kn)
+        out[name] = AttackResult(mia_metrics(s, is_member, t, resamples), s, t, (km, kn))
     info = {"references": len(refs), "method": refs.method, "models": refs.models,
             "rmia_a": a, "rmia_a_tuned": tuned is not None, "rmia_gamma": 1.0,
             "rmia_population": int(len(parts[1])),

@@ -107,7 +107,8 @@ def threshold_attacks(known_members: Signals, known_nonmembers: Signals,
     out = {}
     is_member = is_member_of(eval_members, eval_nonmembers)
     for name, score in THRESHOLD_ATTACKS.items():
-        t = best_threshold(score(known_members), score(known_nonmembers))
+        known = score(known_members), score(known_nonmembers)
+        t = best_threshold(*known)
         scores = np.r_[score(eval_members), score(eval_nonmembers)]
-        out[name] = AttackResult(mia_metrics(scores, is_member, t, resamples), scores, t)
+        out[name] = AttackResult(mia_metrics(scores, is_member, t, resamples), scores, t, known)
     return out
