@@ -160,6 +160,20 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
     return res
 
 
+def _export_settings(model_file: Path) -> dict:
+    """The ExportConfig recorded in an export's manifest (--references-export exports the
+    references the same way)."""
+    from safeexport.rundir import read_json_file
+
+    manifest = model_file.with_suffix(".json")
+    config = read_json_file(manifest).get("config") if manifest.exists() else None
+    if model_file.suffix not in (".onnx", ".tflite") or not isinstance(config, dict):
+        raise ConfigError(f"--references-export needs an exported .onnx/.tflite file with its "
+                          f"manifest; {model_file.name} has none (without the flag the "
+                          "references are PyTorch models)")
+    return config
+
+
 def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None = None,
              json_out: Path | str | None = None, data_dir: Path | str | None = None,
              overwrite: bool = False, members: Path | str | None = None,
@@ -199,14 +213,21 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
             from compressor.references import ensure_run_references
 
             ensure_run_references(run_of(files[0], run), cfg.references, data)
+        ref_files = None
+        if cfg.references_export:
+            from exporters.run import export_references
+
+            ref_files = {f: export_references(run_of(f, run), _export_settings(f),
+                                              cfg.references, data) for f in files}
         if len(files) > 1:
             from device_eval.run import evaluate_variants
 
-            res = evaluate_variants(files, cfg, run, out, data, overwrite)
+            res = evaluate_variants(files, cfg, run, out, data, overwrite, ref_files)
             metrics = {"joint": {k: res.joint["strongest_joint"].get(k) for k in FIGURES},
                        "single": {k: res.joint["strongest_single"].get(k) for k in FIGURES}}
         else:
-            res = run_evaluate(files[0], cfg, run, out, data, overwrite)
+            res = run_evaluate(files[0], cfg, run, out, data, overwrite,
+                               ref_files[files[0]] if ref_files else None)
             metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
                        for key in ("before", "after")}
         metrics["passed"] = int(res.passed)

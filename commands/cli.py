@@ -362,6 +362,7 @@ def _print_export_table(rows: list[dict]) -> None:
 @click.option("--attack-epochs", type=int, help=EVAL_HELP["attack_epochs"])
 @click.option("--attack-seeds", type=int, help=EVAL_HELP["attack_seeds"])
 @click.option("--references", type=int, help=EVAL_HELP["references"])
+@click.option("--references-export", is_flag=True, help=EVAL_HELP["references_export"])
 @click.option("--adb", default="adb", show_default=True, help=EVAL_HELP["adb"])
 @click.option("--runner", default="benchmark_model", show_default=True,
               type=click.Choice(["benchmark_model", "python"]), help=EVAL_HELP["runner"])

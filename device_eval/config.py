@@ -29,6 +29,10 @@ class EvalConfig(StageConfig):
                                  "one the run has (none when it has none); K uses K of them, "
                                  "building the missing ones like the run's own (about one "
                                  "run's training each); 0 turns them off")
+    references_export: bool = opt(False, "export the reference models with the evaluated "
+                                  "file's own format, bits and scheme (in each reference's "
+                                  "exports/, reused) so they mimic the deployed pipeline; "
+                                  "without it the references are PyTorch models")
     serial: str | None = opt(None, "adb: the device's serial (needed when several are "
                              "connected)")
     adb: str = opt("adb", "adb: the adb client to run (a name on PATH or a path)")

@@ -167,10 +167,11 @@ def run_of(model_file: Path, run: Path | str | None, manifest: dict | None = Non
 
 def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,
              json_out: Path | None = None, data_dir: Path | None = None,
-             overwrite: bool = False) -> EvalReport:
+             overwrite: bool = False, reference_files: list[Path] | None = None) -> EvalReport:
     """Evaluate ``model_file`` (an export, or a run's model.safetensors) against its run; the
     report goes to ``json_out`` (refused when it exists, unless ``overwrite``) or
-    RUN/evals/. The run folder is held under a shared lock meanwhile."""
+    RUN/evals/. The run folder is held under a shared lock meanwhile. ``reference_files``:
+    the run's references exported like this file (else their PyTorch models are used)."""
     model_file = Path(model_file)
     json_out = Path(json_out) if json_out is not None else None
     if not model_file.exists():
@@ -180,11 +181,12 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     manifest = _manifest(model_file)
     rd = open_run(run_of(model_file, run, manifest))
     with rd.lock(shared=True):
-        return _evaluate(model_file, manifest, rd, cfg, json_out, data_dir)
+        return _evaluate(model_file, manifest, rd, cfg, json_out, data_dir, reference_files)
 
 
 def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
-              json_out: Path | None, data_dir: Path | None) -> EvalReport:
+              json_out: Path | None, data_dir: Path | None,
+              reference_files: list[Path] | None) -> EvalReport:
     if manifest and manifest["source"]["model_sha256"] != sha256_file(rd.model):
         raise ConfigError(f"{model_file.name} was exported from another model than "
                           f"{rd.model} (sha256 differs); pass the --run it came from")
@@ -221,7 +223,7 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     if cfg.references != 0:
         refs = reference_outputs(rd, np.concatenate([splits.known_members,
                                                      splits.known_nonmembers, um, un]),
-                                 cfg.references, data_dir)
+                                 cfg.references, data_dir, reference_files)
         if cfg.references and (refs is None or len(refs) < cfg.references):
             raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
                               "models; build them with `safeexport evaluate --references K` "
@@ -289,10 +291,12 @@ class JointReport:
 
 def evaluate_variants(model_files: list[Path | str], cfg: EvalConfig,
                       run: Path | str | None = None, json_out: Path | None = None,
-                      data_dir: Path | None = None, overwrite: bool = False) -> JointReport:
-    """Evaluate each of several exports of ONE run (each report in RUN/evals/), then the joint
-    attack of an attacker who holds them all (``joint_attack``); its report goes to
-    ``json_out`` or RUN/evals/joint-<files>.json."""
+                      data_dir: Path | None = None, overwrite: bool = False,
+                      reference_files: dict[Path, list[Path]] | None = None) -> JointReport:
+    """Evaluate each of several exports of ONE run (each report in RUN/evals/; with
+    ``reference_files``, each file's references exported like it), then the joint attack of
+    an attacker who holds them all (``joint_attack``); its report goes to ``json_out`` or
+    RUN/evals/joint-<files>.json."""
     files = [Path(f) for f in model_files]
     if len(set(files)) != len(files):
         raise ConfigError("a file is named twice; name each variant once")
@@ -301,7 +305,8 @@ def evaluate_variants(model_files: list[Path | str], cfg: EvalConfig,
         raise ConfigError(f"the files come from different runs ({', '.join(map(str, runs))}); "
                           "a joint attack takes variants of one model")
     _check_json_out(json_out, overwrite)
-    reports = [evaluate(f, cfg, run, None, data_dir) for f in files]
+    reports = [evaluate(f, cfg, run, None, data_dir, False,
+                        reference_files[f] if reference_files else None) for f in files]
     joint = joint_attack([r.result for r in reports])
     joint = {"files": [r.report["model_file"] for r in reports],
              "exports": [r.report["export"] for r in reports],

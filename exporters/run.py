@@ -32,7 +32,7 @@ from safeexport.rundir import (
     staged,
     write_json,
 )
-from safeexport.runio import inputs_of, load_data, load_model, open_run
+from safeexport.runio import inputs_of, load_data, load_model, open_run, references_of
 from safeexport.runtimes import open_runtime, torch_runtime
 
 FORMATS: Registry[ModuleType] = Registry("export format")
@@ -308,3 +308,23 @@ def summary(manifest: dict) -> dict:
             "acc_before": p["acc_before"], "acc_after": p["acc_after"],
             "agreement": p["agreement"], "snr_db": p["snr_db"],
             "max_abs_diff": p["max_abs_diff"]}
+
+
+def export_references(run: Path | str, config: dict, k: int | None = None,
+                      data_dir: Path | None = None) -> list[Path]:
+    """The run's reference models exported with ``config`` (an export manifest's ExportConfig:
+    the evaluated file's own format, bits and scheme), so the references mimic the deployed
+    pipeline; an export made earlier with the same settings from the same model is reused."""
+    cfg = ExportConfig.from_dict(config)
+    files = []
+    for ref in references_of(open_run(run), k):
+        path = ref.path / "exports" / f"{cfg.name()}{FORMATS.get(cfg.format).SUFFIX}"
+        manifest = path.with_suffix(".json")
+        if path.exists() and is_manifest(manifest):
+            m = read_json_file(manifest)
+            if (m.get("config") == cfg.to_dict() and m.get("sha256") == sha256_file(path)
+                    and m["source"].get("model_sha256") == sha256_file(ref.model)):
+                files.append(path)
+                continue
+        files.append(export(cfg, ref.path, overwrite=True, data_dir=data_dir).path)
+    return files

@@ -28,6 +28,7 @@ from safeexport.attacks.reference import (
 )
 from safeexport.data import load_dataset
 from safeexport.data.splits import Splits, make_splits
+from safeexport.errors import SafeExportError
 from safeexport.metrics import roc_auc
 from safeexport.rundir import RunDir, sha256_file
 from safeexport.runio import references_of
@@ -261,6 +262,25 @@ def test_an_exported_file_is_attacked_with_the_runs_references(leaky, leaky_onnx
     assert (tmp_path / "e-exposure.csv").exists() and r["exposure"]["attack"] == "lira"
     off = evaluate(exported.path, EvalConfig(references=0), json_out=tmp_path / "o.json")
     assert "reference_attacks" not in off.report["after"]
+
+
+def test_references_exported_like_the_file_mimic_the_pipeline(leaky, leaky_onnx, tmp_path):
+    from commands import api
+
+    res = api.evaluate(leaky_onnx.path, json_out=tmp_path / "x.json", references_export=True)
+    settings = res.report["after"]["reference_attacks"]["settings"]
+    assert settings["models"].startswith(f"exported ({leaky_onnx.path.name}, onnxruntime")
+    assert not any("PyTorch models" in w for w in res.report["warnings"])
+    files = [r.path / "exports" / leaky_onnx.path.name for r in references_of(leaky)]
+    assert all(f.exists() for f in files)
+    for f in files:  # exported with the file's own settings
+        assert json.loads(f.with_suffix(".json").read_text())["config"] == \
+            leaky_onnx.manifest["config"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    api.evaluate(leaky_onnx.path, json_out=tmp_path / "y.json", references_export=True)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not exported again
+    with pytest.raises(SafeExportError, match="references-export needs an exported"):
+        api.evaluate(leaky.model, json_out=tmp_path / "z.json", references_export=True)
 
 
 # ---------------------------------------------------------------- the multi-variant release
