@@ -1,10 +1,10 @@
 """``safeexport report RUN``: one self-contained HTML page a reviewer can be handed.
 
 It reads only what the run directory holds (config.json, report.json, the plots, exports/*.json
-manifests, evals/*.json verdicts), after ``open_run`` has checked every recorded hash, plus one
-measurement of its own: which unknown members the strongest threshold attack exposes most (the
-false-positive rate at which each would be flagged). Plots are embedded as data URIs; every
-string from a file is HTML-escaped; the page has no script and loads nothing.
+manifests, evals/*.json verdicts), after ``open_run`` has checked every recorded hash, plus the
+model's prediction and loss on the most exposed records (report.json ranks them). Plots are
+embedded as data URIs; every string from a file is HTML-escaped; the page has no script and
+loads nothing.
 """
 
 import base64
@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from safeexport.attacks.base import Signals
-from safeexport.attacks.threshold import THRESHOLD_ATTACKS
 from safeexport.errors import ConfigError
-from safeexport.metrics import flagged_fpr
 from safeexport.rundir import RunDir, atomic_write, check_targets, read_json_file
 from safeexport.runio import inputs_of, load_data, load_model, open_run
 from safeexport.runtimes import torch_runtime
@@ -138,33 +136,30 @@ def _exports_section(manifests: list[dict]) -> str:
 
 
 def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
-    """The unknown members the strongest threshold attack flags at the lowest false-positive
-    rate: ``flagged_fpr`` is the fraction of non-members scoring at least as high."""
-    m = report["compressed"]
-    names = [m["strongest"]["attack"], *m["threshold_attacks"]]
-    attack = next(n for n in names if n in THRESHOLD_ATTACKS)
-    ds, splits = load_data(run, data_dir)
-    runtime = torch_runtime(load_model(run))
-
-    def signals(idx: np.ndarray) -> Signals:
-        return Signals.from_logits(runtime(inputs_of(ds, idx)), ds.y[idx])
-
-    members, nonmembers = splits.unknown_members, splits.unknown_nonmembers
-    sm, sn = signals(members), signals(nonmembers)
-    score = THRESHOLD_ATTACKS[attack]
-    fpr = flagged_fpr(score(sm), score(sn))
-    order = np.argsort(fpr, kind="stable")[:EXPOSED_SHOWN]
-    loss = -sm.log_probs.gather(1, sm.labels[:, None])[:, 0].numpy()
-    pred = sm.logits.argmax(1).numpy()
-    rows = [[str(int(members[i])), _e(ds.y[members[i]]), _e(pred[i]), f"{loss[i]:.4g}",
-             f"{fpr[i]:.4f}"] for i in order]
-    floor = 1 / len(nonmembers)
+    """The evaluated members the run's exposure ranking (report.json's ``exposure``: LiRA when
+    references ran, else the strongest attack) flags at the lowest false-positive rate, with
+    the model's prediction and loss on each."""
+    exposure = report.get("exposure")
+    if exposure is None:
+        return ("<h2>Most exposed records</h2><p class=note>Not recorded: this run was made "
+                "before safeexport ranked records; run compress again to get them.</p>")
+    records = exposure["records"][:EXPOSED_SHOWN]
+    ds, _ = load_data(run, data_dir)
+    idx = np.array([r["index"] for r in records], dtype=np.int64)
+    s = Signals.from_logits(torch_runtime(load_model(run))(inputs_of(ds, idx)), ds.y[idx])
+    loss = -s.log_probs.gather(1, s.labels[:, None])[:, 0].numpy()
+    pred = s.logits.argmax(1).numpy()
+    rows = [[str(r["index"]), _e(r["label"]), _e(pred[k]), f"{loss[k]:.4g}",
+             f"{r['score']:.4g}", f"{r['flagged_fpr']:.4f}"] for k, r in enumerate(records)]
+    n = report["compressed"]["n_nonmembers"]
     return ("<h2>Most exposed records</h2>"
-            f"<p>The {len(order)} unknown members the <b>{_e(attack)}</b> attack flags at the "
-            "lowest false-positive rate (the fraction of non-members that score at least as "
-            "high): 0 means the record outscores every non-member; with "
-            f"{len(nonmembers)} non-members the rate moves in steps of {floor:.4f}.</p>"
-            + _table(["sample index", "label", "predicted", "loss", "flagged at FPR"], rows))
+            f"<p>The {len(records)} evaluated members the <b>{_e(exposure['attack'])}</b> "
+            "attack flags at the lowest false-positive rate (the fraction of non-members that "
+            "score at least as high): 0 means the record outscores every non-member; with "
+            f"{n} non-members the rate moves in steps of {1 / n:.4f}. Every member's rank is "
+            "in exposure.csv.</p>"
+            + _table(["sample index", "label", "predicted", "loss", "score", "flagged at FPR"],
+                     rows))
 
 
 def _hashes_section(manifests: list[dict], config: dict, report: dict) -> str:

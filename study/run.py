@@ -32,6 +32,10 @@ STUDY_COLUMNS = [Column("train_acc", "Train Acc"), Column("task_acc", "Test Acc"
 COMPARE_COLUMNS = [Column("task_acc", "Task Acc", better=1), PRIVACY_COLUMNS[0],
                    Column("tm_score", "TM-score", ".3f", 1), *PRIVACY_COLUMNS[1:],
                    Column("wall_time_s", "Wall time (s)", ".0f")]
+REFERENCE_COLUMNS = [Column("lira_auc", "LiRA AUC", ".3f", -1, fold=True),
+                     Column("lira_tpr_at_1pct_fpr", "LiRA TPR@1%FPR", ".3f", -1),
+                     Column("rmia_auc", "RMIA AUC", ".3f", -1, fold=True),
+                     Column("rmia_tpr_at_1pct_fpr", "RMIA TPR@1%FPR", ".3f", -1)]
 
 
 def row_figures(m: dict, columns: list[Column]) -> tuple[dict, dict]:
@@ -41,6 +45,10 @@ def row_figures(m: dict, columns: list[Column]) -> tuple[dict, dict]:
     m = {**m, "strongest_mia_acc": m["strongest"]["mia_acc"]}
     ci = {**m.get("ci", {}), "task_acc": m.get("task_acc_ci"),
           "strongest_mia_acc": m["strongest"].get("ci", {}).get("mia_acc")}
+    for attack in ("lira", "rmia"):  # the reference attacks, when the run has references
+        f = m.get("reference_attacks", {}).get(attack)
+        for key in ("auc", "tpr_at_1pct_fpr") if f else ():
+            m[f"{attack}_{key}"], ci[f"{attack}_{key}"] = f[key], f.get("ci", {}).get(key)
     return ({c.key: m[c.key] for c in columns if c.key in m},
             {c.key: ci.get(c.key) for c in columns})
 
@@ -199,6 +207,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     seed_list = seeds_of(cfg, seeds)
     rows = {m: Row(method_label(m)) for m in methods}
     flagged: dict[str, list[str]] = {}
+    columns = COMPARE_COLUMNS + (REFERENCE_COLUMNS if cfg.references else [])
     for seed in seed_list:
         base, sdir = _base(cfg, seed), out / f"seed-{seed}"
         run_method(replace(base, method="dense"), sdir / "dense", progress)
@@ -207,7 +216,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             rep = run_method(replace(base, method=m), sdir / m, progress,
                              None if m == "dense" else sdir / "dense")
             c = rep["compressed"]
-            figures, intervals = row_figures(c, COMPARE_COLUMNS)
+            figures, intervals = row_figures(c, columns)
             if "dp" in rep:
                 figures["epsilon"] = rep["dp"]["epsilon"]
             rows[m].add(figures, intervals)
@@ -226,13 +235,19 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             "is not ranked; MIA Acc and AUC rank folded, max(v, 1 - v)); a bold figure whose "
             "interval overlaps another row's is not a measured difference. MIA: the run's "
             f"attack ({cfg.attack}) trained on the known members/non-members, tested on the "
-            "balanced unknown ones; 'Strongest' names the attack (it or a threshold attack) "
-            "with the highest MIA accuracy. One seed: [95% bootstrap interval]. TM-score = "
+            "balanced unknown ones; 'Strongest' names the attack (it, a threshold attack, or "
+            "LiRA/RMIA when references ran) with the highest MIA accuracy. One seed: [95% "
+            "bootstrap interval]. TM-score = "
             f"Task Acc^λ / fold(MIA Acc) (λ = {cfg.lam:g}). "
             "Wall time: the whole method, including the dense model a two-step baseline starts "
             "from. ε: DP-SGD's (ε, δ) for its private phase. (!): a warning below; such a "
             "row is not ranked.")
+    if cfg.references:
+        note += (f" LiRA and RMIA (offline): {cfg.references} reference models per run, "
+                 f"trained with {'each row' if cfg.reference_method == 'same' else 'a dense'}"
+                 "'s method on halves of the known members and non-members; AUC and TPR at "
+                 "1% FPR on the same balanced unknown samples.")
     note += "".join(f"\n\n(!) {rows[m].label}: {w}" for m, ws in flagged.items() for w in ws)
-    cols = [*COMPARE_COLUMNS, Column("epsilon", "DP ε", ".2f")]
+    cols = [*columns, Column("epsilon", "DP ε", ".2f")]
     return _write(out, "compare", list(rows.values()), ["Weights", "Strongest"], cols, ranked,
                   title, note, plot_tradeoff)
