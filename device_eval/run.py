@@ -266,8 +266,8 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     stem = f"{model_file.stem}-{rt.name}"
     json_path = Path(json_out) if json_out else rd.path / "evals" / f"{stem}.json"
     plot_path = json_path.with_suffix(".png")
-    write_exposure_csv(exposure_path(json_path), exposure)
     write_json(json_path, report)
+    write_exposure_csv(exposure_path(json_path), exposure)
     plot_roc({**roc_curves(bres, "PyTorch (before export)", thresholds=False),
               **roc_curves(ares, f"{model_file.name} on {rt.name}")},
              plot_path, f"MIA before and after export\n{model_file.name}",
