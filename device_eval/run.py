@@ -219,20 +219,22 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     if not np.isfinite(after_logits).all():
         raise ConfigError(f"{model_file.name} produced non-finite logits in {rt.name}")
 
-    refs = None
+    # the PyTorch model is attacked with the references' PyTorch models, the file with the
+    # references exported like it when they were (--references-export)
+    refs = before_refs = None
     if cfg.references != 0:
-        refs = reference_outputs(rd, np.concatenate([splits.known_members,
-                                                     splits.known_nonmembers, um, un]),
-                                 cfg.references, data_dir, reference_files)
+        index = np.concatenate([splits.known_members, splits.known_nonmembers, um, un])
+        refs = before_refs = reference_outputs(rd, index, cfg.references, data_dir)
         if cfg.references and (refs is None or len(refs) < cfg.references):
             raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
                               "models; build them with `safeexport evaluate --references K` "
                               "or `safeexport compress --references K`")
+        if reference_files is not None:
+            refs = reference_outputs(rd, index, cfg.references, data_dir, reference_files)
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
-    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds,
-            refs)
-    before, bres = measure(before_logits, *args)
-    after, ares = measure(after_logits, *args)
+    args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
+    before, bres = measure(before_logits, *args, before_refs)
+    after, ares = measure(after_logits, *args, refs)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
     verdict = _verdict(before, after, bres, ares, cfg)
