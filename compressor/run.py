@@ -256,7 +256,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
             compressed["warnings"].append(
                 f"LiRA and RMIA did not run: fewer than 2 of the {cfg.references} reference "
                 "models finished")
-        elif cfg.reference_method == "dense":
+        elif cfg.reference_method == "dense" and cfg.method != "dense":
             compressed["warnings"].append(
                 "the references are dense models, an approximation of references trained "
                 f"with {label}'s own method (--reference-method dense)")
