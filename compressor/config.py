@@ -7,6 +7,9 @@ from safeexport.config import StageConfig, opt
 
 SELECTIONS = ("tm", "random")
 REFERENCE_METHODS = ("same", "dense")
+EXECUTOR_NAMES = ("local", "ray")
+# how runs are executed, not what they produce: not part of any run's settings
+EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_run", "gpus_per_run")
 
 
 @dataclass
@@ -79,6 +82,16 @@ class CompressConfig(StageConfig):
     reference_method: str = opt("same", "how references are trained: same (this run's method "
                                 "and settings) or dense (cheaper: a dense model on the same "
                                 "budget, an approximation the report names)")
+    executor: str = opt("local", "how the reference models run: local (one after another "
+                        "here) or ray (Ray tasks on this machine or a cluster)")
+    ray_address: str | None = opt(None, "--executor ray: the cluster to join (auto: the one "
+                                  "`ray start` made on this node); default: start a local Ray "
+                                  "instance")
+    cpus_per_run: float = opt(1.0, "--executor ray: CPUs each run reserves (and its torch "
+                              "threads)")
+    gpus_per_run: float = opt(0.0, "--executor ray: GPUs each run reserves; fractions share "
+                              "a GPU (a scheduling label: each run must fit its share of the "
+                              "memory)")
     select: str = opt("tm", "how a round's winner is chosen: tm (highest TM-score, the method) "
                       "or random (an ablation: does TM-score selection matter on this data?)")
     allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
@@ -90,6 +103,11 @@ class CompressConfig(StageConfig):
     pretrained: str | None = opt(None, "local folder of a pretrained BERT/RoBERTa + tokenizer")
     max_length: int = opt(64, "token sequence length for text models")
     vocab_size: int = opt(8000, "vocabulary of a tokenizer trained on the data")
+
+    def executor_options(self) -> dict:
+        """``run_tasks``' options for this config's executor."""
+        return ({"address": self.ray_address, "cpus_per_task": self.cpus_per_run,
+                 "gpus_per_task": self.gpus_per_run} if self.executor == "ray" else {})
 
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
@@ -161,6 +179,10 @@ class CompressConfig(StageConfig):
         if self.reference_method not in REFERENCE_METHODS:
             p.append(f"unknown reference method {self.reference_method!r}; known: "
                      f"{', '.join(REFERENCE_METHODS)}")
+        if self.executor not in EXECUTOR_NAMES:
+            p.append(f"unknown executor {self.executor!r}; known: {', '.join(EXECUTOR_NAMES)}")
+        if not self.cpus_per_run > 0 or self.gpus_per_run < 0:
+            p.append("cpus_per_run must be > 0 and gpus_per_run >= 0")
         if self.data_seed is not None and (not isinstance(self.data_seed, int)
                                            or self.data_seed < 0):
             p.append(f"data_seed must be an integer >= 0, got {self.data_seed}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.config import CompressConfig
+from compressor.config import EXECUTION_KEYS, CompressConfig
 from safeexport.data.base import stratified_order
 from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, SafeExportError
@@ -26,8 +26,9 @@ from safeexport.rundir import RunDir, write_json
 from safeexport.runio import REFERENCE_INDEX, REFERENCES, load_data, open_run
 from safeexport.seeding import derive_seed
 
-# where the data is read from and which device trains do not change what a reference is
-NOT_SETTINGS = ("data_dir", "download", "device")
+# where the data is read from, which device trains and how runs are executed do not change
+# what a reference is
+NOT_SETTINGS = ("data_dir", "download", "device", *EXECUTION_KEYS)
 
 
 def reference_dir(run: RunDir, i: int) -> RunDir:
@@ -94,10 +95,10 @@ def _build(cfg: dict, path: str, splits: Splits, resume: bool, overwrite: bool,
 
 
 def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.ndarray,
-                      k: int, progress: bool | None = None,
-                      executor: str = "local") -> list[RunDir]:
+                      k: int, progress: bool | None = None) -> list[RunDir]:
     """Make sure references 0..k-1 of ``run`` exist with the settings ``cfg`` implies: reuse
-    finished ones, resume unfinished ones, rebuild changed ones. Writes
+    finished ones, resume unfinished ones, rebuild changed ones, through ``cfg.executor``
+    (local, or Ray with ``cfg``'s address and per-run resources). Writes
     ``references/index.json`` (each reference's settings key and status) and returns the
     finished references; raises ConfigError naming every one that failed (after the others
     finished)."""
@@ -116,7 +117,8 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
                                progress))))
     failed = {}
     if tasks:
-        outcomes = run_tasks([t for _, t in tasks], executor, progress)
+        outcomes = run_tasks([t for _, t in tasks], cfg.executor, progress,
+                             **cfg.executor_options())
         for (i, _), o in zip(tasks, outcomes, strict=True):
             if not o.ok:
                 status[i], failed[i] = "failed", o.error

@@ -55,11 +55,61 @@ def run_local(tasks: Sequence[Task], progress: bool | None = None) -> list[Outco
     return out
 
 
+def _call_with_threads(fn: Callable[..., Any], args: tuple, kwargs: dict, threads: int) -> Any:
+    """A task in a Ray worker: torch uses the cores Ray gave it, not every core of the node."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args, **kwargs)
+
+
+def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | None = None,
+            cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> list[Outcome]:
+    """Every task as a Ray task (``ray.remote`` with ``cpus_per_task``/``gpus_per_task``:
+    scheduling labels, so a task must fit its share of a GPU's memory). Joins the running Ray
+    instance of this process, or the cluster at ``address`` ("auto": the local node's), or
+    starts a local instance that is shut down afterwards. Results come back in the tasks'
+    order; a task that raised is reported with its error while the others finish."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task)(_call_with_threads)
+        threads = max(1, int(cpus_per_task))
+        pending = {remote.remote(t.fn, t.args, t.kwargs, threads): i
+                   for i, t in enumerate(tasks)}
+        out: list[Outcome | None] = [None] * len(tasks)
+        with tqdm(total=len(tasks), desc="tasks (ray)", unit="task",
+                  disable=None if progress is None else not progress) as bar:
+            waiting = list(pending)
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                i = pending[done[0]]
+                try:
+                    out[i] = Outcome(tasks[i].name, ray.get(done[0]))
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if isinstance(e.cause, BaseException) else e
+                    out[i] = Outcome(tasks[i].name, error=_error_line(cause))
+                failed = sum(1 for o in out if o is not None and not o.ok)
+                bar.set_postfix_str(f"running {len(waiting)}, failed {failed}")
+                bar.update(1)
+        return [o for o in out if o is not None]
+    finally:
+        if started:
+            ray.shutdown()
+
+
 EXECUTORS: Registry[Callable[..., list[Outcome]]] = Registry("executor")
 EXECUTORS.register("local", run_local)
+EXECUTORS.register("ray", run_ray)
 
 
-def run_tasks(tasks: Sequence[Task], executor: str = "local",
-              progress: bool | None = None) -> list[Outcome]:
-    """Run ``tasks`` with the named executor; one ``Outcome`` per task, in the tasks' order."""
-    return EXECUTORS.get(executor)(tasks, progress)
+def run_tasks(tasks: Sequence[Task], executor: str = "local", progress: bool | None = None,
+              **options: Any) -> list[Outcome]:
+    """Run ``tasks`` with the named executor (``options``: the Ray executor's address and
+    per-task resources); one ``Outcome`` per task, in the tasks' order."""
+    if executor == "local":
+        return run_local(tasks, progress)
+    return EXECUTORS.get(executor)(tasks, progress, **options)

@@ -8,7 +8,6 @@ trained once per seed (``dense/``) and the other runs start from it. A run alrea
 with the same settings is reused, so a stopped study resumes by running the same command again.
 """
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,9 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compressor import compress
-from compressor.config import CompressConfig
+from compressor.config import EXECUTION_KEYS, CompressConfig
 from compressor.run import method_label
 from safeexport.errors import ConfigError
+from safeexport.executors import Task, run_tasks
 from safeexport.models import resolved_model
 from safeexport.rundir import RunDir, atomic_write
 from study.tables import Column, Row, markdown, plot_study, plot_tradeoff, write_csv
@@ -77,7 +77,7 @@ def run_method(cfg: CompressConfig, path: Path, progress: bool | None,
     if run.is_run():
         recorded = run.read_config()["config"]
         own = cfg.to_dict()
-        diff = sorted(k for k in own if recorded.get(k) != own[k])
+        diff = sorted(k for k in own if recorded.get(k) != own[k] and k not in EXECUTION_KEYS)
         if diff:
             raise ConfigError(f"{path} holds a run with other settings ({', '.join(diff)}); "
                               "remove it or choose another --out for this study")
@@ -208,25 +208,37 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     rows = {m: Row(method_label(m)) for m in methods}
     flagged: dict[str, list[str]] = {}
     columns = COMPARE_COLUMNS + (REFERENCE_COLUMNS if cfg.references else [])
-    for seed in seed_list:
-        base, sdir = _base(cfg, seed), out / f"seed-{seed}"
-        run_method(replace(base, method="dense"), sdir / "dense", progress)
-        for m in methods:
-            t0 = time.time()
-            rep = run_method(replace(base, method=m), sdir / m, progress,
-                             None if m == "dense" else sdir / "dense")
-            c = rep["compressed"]
-            figures, intervals = row_figures(c, columns)
-            if "dp" in rep:
-                figures["epsilon"] = rep["dp"]["epsilon"]
-            rows[m].add(figures, intervals)
-            rows[m].text = {"Weights": f"{c['nonzero_weights']:,}",
-                            "Strongest": c["strongest"]["attack"]}
-            for w in c["warnings"]:
-                flagged.setdefault(m, []).append(f"seed {seed}: {w}")
-                tqdm.write(f"seed {seed} {m}: warning: {w}")
-            tqdm.write(f"seed {seed} {m}: task {c['task_acc']:.4f} MIA {c['mia_acc']:.4f} "
-                       f"TM {c['tm_score']:.3f} ({time.time() - t0:.0f} s here)")
+    # through the executor seam: every seed's dense model first (the baselines start from
+    # it), then every (seed, method) run; one that fails is reported, the others go on
+    inner = progress if cfg.executor == "local" else False
+    sdir = {seed: out / f"seed-{seed}" for seed in seed_list}
+    failed = [o for o in run_tasks(
+        [Task(f"seed {seed} dense", run_method, (replace(_base(cfg, seed), method="dense"),
+                                                 sdir[seed] / "dense", inner))
+         for seed in seed_list], cfg.executor, progress, **cfg.executor_options()) if not o.ok]
+    pairs = [(seed, m) for seed in seed_list for m in methods]
+    outcomes = run_tasks(
+        [Task(f"seed {seed} {m}", run_method,
+              (replace(_base(cfg, seed), method=m), sdir[seed] / m, inner,
+               None if m == "dense" else sdir[seed] / "dense")) for seed, m in pairs],
+        cfg.executor, progress, **cfg.executor_options())
+    for (seed, m), o in zip(pairs, outcomes, strict=True):
+        if not o.ok:
+            failed.append(o)
+            continue
+        rep = o.value
+        c = rep["compressed"]
+        figures, intervals = row_figures(c, columns)
+        if "dp" in rep:
+            figures["epsilon"] = rep["dp"]["epsilon"]
+        rows[m].add(figures, intervals)
+        rows[m].text = {"Weights": f"{c['nonzero_weights']:,}",
+                        "Strongest": c["strongest"]["attack"]}
+        for w in c["warnings"]:
+            flagged.setdefault(m, []).append(f"seed {seed}: {w}")
+            tqdm.write(f"seed {seed} {m}: warning: {w}")
+        tqdm.write(f"seed {seed} {m}: task {c['task_acc']:.4f} MIA {c['mia_acc']:.4f} "
+                   f"TM {c['tm_score']:.3f} ({c['wall_time_s']:.0f} s)")
     for m in flagged:
         rows[m].label += " (!)"
     ranked = [method_label(m) for m in methods if m != "dense" and m not in flagged]
@@ -249,5 +261,10 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
                  "1% FPR on the same balanced unknown samples.")
     note += "".join(f"\n\n(!) {rows[m].label}: {w}" for m, ws in flagged.items() for w in ws)
     cols = [*columns, Column("epsilon", "DP ε", ".2f")]
-    return _write(out, "compare", list(rows.values()), ["Weights", "Strongest"], cols, ranked,
-                  title, note, plot_tradeoff)
+    done = [r for r in rows.values() if r.figures]
+    result = _write(out, "compare", done, ["Weights", "Strongest"], cols, ranked, title, note,
+                    plot_tradeoff) if done else None
+    if failed:  # after writing what finished
+        raise ConfigError("; ".join(f"{o.name} failed: {o.error}" for o in failed)
+                          + f" (the finished runs are in {out}; the same command resumes)")
+    return result

@@ -1,0 +1,97 @@
+"""The executor seam: the local executor and Ray (a local instance started by the test, no
+dashboard, shut down after) give the same outcomes in the same order; a task that raises is
+reported while the others finish; reference models built through Ray equal the local ones."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from compressor import compress
+from compressor.references import ensure_references
+from safeexport.data import load_dataset
+from safeexport.data.splits import Splits
+from safeexport.errors import ConfigError
+from safeexport.executors import Task, run_tasks
+from safeexport.rundir import sha256_file
+from tests.conftest import tiny_config
+
+
+def _square(x: int) -> int:
+    if x == 3:
+        raise ConfigError("three is refused")
+    return x * x
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_outcomes_in_order_and_a_failure_does_not_stop_the_others(executor, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_instance")
+    out = run_tasks([Task(f"t{i}", _square, (i,)) for i in range(5)], executor, False)
+    assert [o.name for o in out] == ["t0", "t1", "t2", "t3", "t4"]
+    assert [o.value for o in out if o.ok] == [0, 1, 4, 16]
+    assert out[3].error == "three is refused" and not out[3].ok
+
+
+def test_references_through_ray_equal_the_local_ones(ray_instance, tmp_path):
+    cfg = tiny_config(method="dense", dense_reference=False, attack="loss", epochs=2)
+    y = load_dataset("synthetic", None, False, 400, 0).y
+    models = {}
+    threads = torch.get_num_threads()
+    for executor in ("local", "ray"):
+        run = compress(cfg, tmp_path / executor, progress=False)
+        torch.set_num_threads(1)  # a Ray task with one CPU trains on one thread
+        try:
+            run_cfg = replace(cfg, executor=executor)
+            refs = ensure_references(run, run_cfg, Splits.load(run.splits), y, 2)
+        finally:
+            torch.set_num_threads(threads)
+        models[executor] = [sha256_file(r.model) for r in refs]
+        index = json.loads((run.path / "references" / "index.json").read_text())
+        assert [m["status"] for m in index["models"].values()] == ["built", "built"]
+    assert models["ray"] == models["local"]
+    # the executor is not a setting: the local references are reused as they are under Ray
+    run_cfg = replace(cfg, executor="ray")
+    ensure_references(run, run_cfg, Splits.load(run.splits), y, 2)
+    index = json.loads((run.path / "references" / "index.json").read_text())
+    assert [m["status"] for m in index["models"].values()] == ["reused", "reused"]
+
+
+def test_a_comparison_through_ray_equals_the_local_one_and_a_failed_run_is_reported(
+        ray_instance, tmp_path):
+    from study import compare
+
+    cfg = tiny_config(attack="loss", epochs=2, retrain_epochs=1, dense_reference=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray tasks (one CPU each) train
+    try:
+        compare(cfg, tmp_path / "local", ["dense", "prune"], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # a folder the prune run may not use: that task fails, the others finish and are written
+    blocked = tmp_path / "ray" / "seed-0" / "prune"
+    blocked.mkdir(parents=True)
+    (blocked / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="seed 0 prune failed: .*not a run directory"):
+        compare(replace(cfg, executor="ray"), tmp_path / "ray", ["dense", "prune"],
+                progress=False)
+    table = (tmp_path / "ray" / "compare.md").read_text()
+    assert "| dense |" in table and "| prune |" not in table
+    dense = tmp_path / "ray" / "seed-0" / "dense" / "model.safetensors"
+    stamp = dense.stat().st_mtime_ns
+    (blocked / "notes.txt").unlink()
+    compare(replace(cfg, executor="ray"), tmp_path / "ray", ["dense", "prune"], progress=False)
+    assert dense.stat().st_mtime_ns == stamp  # resumed: the finished run was not redone
+    for m in ("dense", "prune"):
+        assert sha256_file(tmp_path / "ray" / "seed-0" / m / "model.safetensors") == \
+            sha256_file(tmp_path / "local" / "seed-0" / m / "model.safetensors")
