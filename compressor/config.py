@@ -82,8 +82,9 @@ class CompressConfig(StageConfig):
     reference_method: str = opt("same", "how references are trained: same (this run's method "
                                 "and settings) or dense (cheaper: a dense model on the same "
                                 "budget, an approximation the report names)")
-    executor: str = opt("local", "how the reference models run: local (one after another "
-                        "here) or ray (Ray tasks on this machine or a cluster)")
+    executor: str = opt("local", "how the reference models (and study --compare's runs) "
+                        "run: local (one after another here) or ray (Ray tasks on this "
+                        "machine or a cluster)")
     ray_address: str | None = opt(None, "--executor ray: the cluster to join (auto: the one "
                                   "`ray start` made on this node); default: start a local Ray "
                                   "instance")
