@@ -134,7 +134,6 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
     return [reference_dir(run, i) for i in range(k)]
 
 
-
 def ensure_run_references(path: Path | str, k: int, data_dir: Path | None = None,
                           progress: bool | None = None) -> list[RunDir]:
     """``ensure_references`` for the finished run at ``path`` (its own config and split), for

@@ -1,7 +1,8 @@
-"""The one seam through which many independent runs are made (reference models today; the
-study's rows and seeds, and a Ray executor, behind the same call later): ``run_tasks(tasks)``
-runs each task and returns one ``Outcome`` per task, in order. A task that raises is reported
-with its error and the others go on; nothing else in the code knows how tasks run."""
+"""The one seam through which many independent runs are made (the reference models, and the
+runs of every method and seed of ``study --compare``): ``run_tasks(tasks, executor)`` runs each
+task here one after another (``local``) or as Ray tasks (``ray``) and returns one ``Outcome``
+per task, in order. A task that raises is reported with its error and the others go on;
+nothing else in the code knows how tasks run."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

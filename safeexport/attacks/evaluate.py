@@ -59,9 +59,9 @@ class MembershipResult:
 
     def summary(self) -> dict:
         """The JSON form: the configured attack's figures at the top level, every threshold
-        attack (and LiRA/RMIA) under ``threshold_attacks``, what the reference attacks used
-        under ``reference_attacks``, the strongest attack's name and figures, and the
-        attacker-seed spread."""
+        attack under ``threshold_attacks``, LiRA and RMIA (when they ran) with what they used
+        (``settings``) under ``reference_attacks``, the strongest attack's name and figures,
+        and the attacker-seed spread."""
         def figures(names) -> dict:
             return {k: {**self.results[k].metrics, "threshold": self.results[k].threshold}
                     for k in names if k != self.attack and k in self.results}
