@@ -127,6 +127,21 @@ class Masking:
             self.masks[i] = new
         return changed_total
 
+    @torch.no_grad()
+    def rescale_init(self) -> None:
+        """Multiply each masked tensor by 1/sqrt(its density), for a model initialised at
+        random: a layer keeping a fraction d of its weights sums d of its dense fan-in, so its
+        outputs' variance shrinks by d. At 4% that is 5x in standard deviation per layer, and
+        through Nasr's four tanh layers the MLP's output is its biases alone, a network that
+        never learns. Scaling restores the dense initialisation's variance through every layer
+        (the sparse initialisation of Evci et al. 2022, "Gradient flow in sparse neural
+        networks"; no maintained library applies it to an arbitrary mask, hence these lines).
+        Not for pretrained weights, whose scale is already learned."""
+        for p, m in zip(self.params, self.masks, strict=True):
+            kept = int(m.sum())
+            if kept:
+                p.mul_((m.numel() / kept) ** 0.5)
+
     def counts(self) -> list[int]:
         """Active weights per masked tensor."""
         return [int(m.sum()) for m in self.masks]

@@ -156,10 +156,12 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
     loss = lambda logits, y: loss_fn(logits, y, cfg.beta)  # noqa: E731
     model = setup.new_model("init")
     weights = [p for _, p in maskable(model)]
-    masks = init_masks(weights, cfg.sparsity, generator(cfg.seed, "mask"),
-                       by_magnitude=bool(cfg.pretrained or cfg.init_weights))
+    trained = bool(cfg.pretrained or cfg.init_weights)
+    masks = init_masks(weights, cfg.sparsity, generator(cfg.seed, "mask"), by_magnitude=trained)
     state = setup.new_state(model, masks)
     state.masking.apply()
+    if not trained:
+        state.masking.rescale_init()
     sampler = BatchSampler(splits.members, cfg.batch_size, generator(cfg.seed, "sampler"))
     torch.manual_seed(derive_seed(cfg.seed, "train"))
 

@@ -97,3 +97,39 @@ def test_train_state_clone_keeps_hyperparameters_and_state(name):
     assert src.keys() == dst.keys()
     assert all(torch.equal(src[k], dst[k]) for k in src if torch.is_tensor(src[k]))
     assert clone.model.weight.data_ptr() != model.weight.data_ptr()
+
+
+def _layer_stds(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Standard deviation of every Linear layer's output on ``x``."""
+    stds = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: stds.append(float(out.std())))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return stds
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparse_initialisation_keeps_the_dense_activation_scale(rescale):
+    # Nasr's MLP on 446 binary features, 30 classes, 5% of its weights kept (ERK): rescaled by
+    # 1/sqrt(layer density), every layer's outputs keep the dense model's spread; without it
+    # they collapse layer after layer (the MLP whose outputs are its biases and never learns).
+    from safeexport.models.vision import MLP
+
+    torch.manual_seed(0)
+    dense = MLP(446, 30)
+    sparse = MLP(446, 30)
+    sparse.load_state_dict(dense.state_dict())
+    weights = [p for _, p in maskable(sparse)]
+    masking = Masking(sparse, init_masks(weights, 0.05, torch.Generator().manual_seed(1)))
+    masking.apply()
+    if rescale:
+        masking.rescale_init()
+    x = (torch.rand(512, 446, generator=torch.Generator().manual_seed(2)) < 0.2).float()
+    ratios = [s / d for s, d in zip(_layer_stds(sparse, x), _layer_stds(dense, x), strict=True)]
+    if rescale:
+        assert all(0.8 < r < 1.25 for r in ratios), ratios
+    else:
+        assert min(ratios) < 0.3, ratios  # what the rescaling prevents
