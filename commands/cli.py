@@ -142,6 +142,7 @@ TRAINING_OPTIONS = [
     _field_option("dp_delta"),
     _field_option("dp_max_grad_norm"),
     _field_option("advreg_alpha"),
+    _field_option("advreg_attack_steps"),
     _field_option("kd_temperature"),
     _field_option("kd_alpha"),
     _field_option("dmp_keep"),

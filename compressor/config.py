@@ -58,6 +58,9 @@ class CompressConfig(StageConfig):
     dp_max_grad_norm: float = opt(1.0, "pr-dp, kd-dp: per-sample gradient clipping norm")
     advreg_alpha: float = opt(1.0, "pr-advreg, kd-advreg: weight α of the attacker's gain in "
                               "the target's loss")
+    advreg_attack_steps: int = opt(5, "pr-advreg, kd-advreg: attacker steps (each on a fresh "
+                                   "batch of members and reference non-members) before each "
+                                   "target step, Nasr et al.'s k")
     kd_temperature: float = opt(4.0, "kd baselines and DMP: softmax temperature of distillation")
     kd_alpha: float = opt(0.9, "kd baselines: weight of the teacher's soft labels against the "
                           "hard labels")
@@ -150,6 +153,8 @@ class CompressConfig(StageConfig):
                 p.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.advreg_alpha < 0:
             p.append(f"advreg_alpha must be >= 0, got {self.advreg_alpha}")
+        if self.advreg_attack_steps < 1:
+            p.append(f"advreg_attack_steps must be >= 1, got {self.advreg_attack_steps}")
         if self.max_samples is not None and self.max_samples < 1:
             p.append(f"max_samples must be >= 1, got {self.max_samples}")
         if self.lr is not None and not self.lr > 0:

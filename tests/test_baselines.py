@@ -162,7 +162,8 @@ def test_advreg_target_step_lowers_the_attackers_gain(tmp_path):
     from compressor.baselines.students import Targets
     from compressor.train import batch_tensors, train_batches
 
-    setup = prepare(tmp_path, advreg_alpha=20.0, dataset="digits")  # outputs not saturated
+    # outputs not saturated; one attacker step per call, as the attacker is frozen below
+    setup = prepare(tmp_path, advreg_alpha=20.0, dataset="digits", advreg_attack_steps=1)
     ce, gain = torch.tensor(1.0), torch.tensor([-0.2, -0.6])
     assert advreg_objective(ce, gain[1], 1.0) < advreg_objective(ce, gain[0], 1.0)
 
@@ -197,6 +198,30 @@ def test_advreg_target_step_lowers_the_attackers_gain(tmp_path):
     assert after < before - 0.01
     before, after = gain_before_after(-1.0)  # the reference code's sign
     assert after > before + 0.01
+
+
+def test_advreg_attacker_learns_during_the_game(tmp_path):
+    """On a target that memorised random labels, the inner attacker (k steps per target
+    step) tells members from reference non-members well above chance while the game runs; a
+    single step per target step (the old game) stays near chance."""
+    from compressor.baselines.defences import AdvReg
+    from compressor.baselines.students import Targets
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "r.npz", x=(rng.random((400, 40)) < 0.5).astype(np.float32),
+             y=rng.integers(0, 4, 400))
+    acc = {}
+    for steps in (5, 1):
+        setup = prepare(tmp_path / str(steps), dataset=f"npz:{tmp_path / 'r.npz'}",
+                        model="mlp", advreg_attack_steps=steps, advreg_alpha=0.0)
+        torch.manual_seed(0)
+        state = setup.new_state(setup.new_model("dense-init"))
+        setup.train(state, "memorise", 150, setup.lr, "memorise")
+        game = AdvReg(setup, state.model, Targets(setup, setup.splits.members, None))
+        setup.train(state, "advreg", 30, setup.lr * 0.1, "AdvReg", game)
+        acc[steps] = float(np.mean(game.attacker_acc[-10:]))
+    assert acc[5] > 0.7, acc
+    assert acc[5] > acc[1] + 0.1, acc
 
 
 def test_dmp_reference_set_is_disjoint_from_members(tmp_path):

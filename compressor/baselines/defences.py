@@ -131,39 +131,54 @@ def advreg_objective(task_loss: torch.Tensor, gain: torch.Tensor,
 
 
 class AdvReg:
-    """A batch loss that plays one round of the game per step: the attacker ascends its gain
-    on this batch of members against a batch of reference non-members, then the target's
-    loss is ``advreg_objective`` against the updated attacker."""
+    """A batch loss that plays one round of the game per target step, as in Nasr et al.'s
+    Algorithm 1: first ``advreg_attack_steps`` (k) attacker steps, each on a fresh batch of
+    members against a batch of reference non-members, then the target's loss is
+    ``advreg_objective`` against the updated attacker. One attacker step per target step left
+    the attacker near its initialisation (its gain at chance), so the defence defended against
+    nothing; the report records the attacker's accuracy on its own batches to show it learns."""
 
     def __init__(self, setup: Setup, model: torch.nn.Module, targets: Targets) -> None:
         self.setup, self.model, self.targets = setup, model, targets
         with seeded(derive_seed(setup.cfg.seed, "advreg-attacker"), setup.device):
             self.attacker = NasrAttackModel(setup.ds.num_classes).to(setup.device)
         self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=1e-3)
-        ref = reference_set(setup)
-        self.reference = torch.as_tensor(ref)
+        self.members = torch.as_tensor(setup.splits.members)
+        self.reference = torch.as_tensor(reference_set(setup))
         self.gen = generator(setup.cfg.seed, "advreg-reference")
         self.gains: list[float] = []
+        self.attacker_acc: list[float] = []  # per target step, on the attacker's last batches
+
+    def _draw(self, pool: torch.Tensor, n: int) -> np.ndarray:
+        return pool[torch.randint(len(pool), (n,), generator=self.gen)].numpy()
+
+    @torch.no_grad()
+    def _outputs(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's softmax outputs and the one-hot labels of ``idx``, in the training
+        mode its own step runs in (the attacker must see the outputs whose gain the target
+        lowers; with BatchNorm, eval-mode outputs differ)."""
+        x, y = batch_tensors(self.setup.ds, idx, self.setup.device)
+        probs = F.softmax(self.model(x).float(), dim=1)
+        return probs, F.one_hot(y, self.setup.ds.num_classes).float()
+
+    def _attacker_step(self, n: int) -> float:
+        """One ascent of log h(members) + log(1 - h(non-members)); the attacker's accuracy
+        on the batch (members above 0.5, non-members below)."""
+        pm, om = self._outputs(self._draw(self.members, n))
+        pr, orf = self._outputs(self._draw(self.reference, n))
+        hm, hr = self.attacker(pm, om), self.attacker(pr, orf)
+        loss = -(F.logsigmoid(hm).mean() + F.logsigmoid(-hr).mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(((hm > 0).float().mean() + (hr <= 0).float().mean()) / 2)
 
     def __call__(self, idx: np.ndarray) -> torch.Tensor:
-        ds, device = self.setup.ds, self.setup.device
-        x, y = batch_tensors(ds, idx, device)
-        ref = self.reference[torch.randint(len(self.reference), (len(idx),),
-                                           generator=self.gen)].numpy()
-        xr, yr = batch_tensors(ds, ref, device)
+        acc = [self._attacker_step(len(idx)) for _ in range(self.setup.cfg.advreg_attack_steps)]
+        self.attacker_acc.append(acc[-1])
+        x, y = batch_tensors(self.setup.ds, idx, self.setup.device)
         logits = self.model(x).float()
-        probs = F.softmax(logits, dim=1)
-        with torch.no_grad():
-            ref_probs = F.softmax(self.model(xr).float(), dim=1)
-        # the attacker's step: maximise log h(members) + log(1 - h(non-members))
-        gain = membership_gain(self.attacker, probs.detach(), y)
-        onehot_r = F.one_hot(yr, ds.num_classes).float()
-        ref_term = F.logsigmoid(-self.attacker(ref_probs, onehot_r)).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        (-(gain + ref_term)).backward()
-        self.optimizer.step()
-        # the target's step against the updated attacker
-        gain = membership_gain(self.attacker, probs, y)
+        gain = membership_gain(self.attacker, F.softmax(logits, dim=1), y)
         self.gains.append(float(gain.detach()))
         return advreg_objective(self.targets(logits, y, idx), gain, self.setup.cfg.advreg_alpha)
 
@@ -171,16 +186,19 @@ class AdvReg:
 @DEFENCES.decorator("advreg")
 def adversarial_regularisation(setup: Setup, student: Student,
                                teacher: torch.nn.Module) -> Defended:
-    """Nasr et al. (2018): attacker and target steps alternate; the target minimises its task
-    loss plus α·the attacker's gain on its members."""
+    """Nasr et al. (2018): k attacker steps, then one target step, alternate; the target
+    minimises its task loss plus α·the attacker's gain on its members."""
     game = AdvReg(setup, student.state.model, student.member_targets(setup, teacher))
     setup.train(student.state, "advreg", student.iters, student.lr, "AdvReg", game)
     tenth = max(1, len(game.gains) // 10)
     return student.state, {"advreg": {
-        "alpha": setup.cfg.advreg_alpha, "reference": "validation",
-        "reference_size": len(game.reference),
+        "alpha": setup.cfg.advreg_alpha, "attack_steps": setup.cfg.advreg_attack_steps,
+        "reference": "validation", "reference_size": len(game.reference),
         "attacker_gain_first_tenth": float(np.mean(game.gains[:tenth])),
-        "attacker_gain_last_tenth": float(np.mean(game.gains[-tenth:]))}}
+        "attacker_gain_last_tenth": float(np.mean(game.gains[-tenth:])),
+        "attacker_acc_first_tenth": float(np.mean(game.attacker_acc[:tenth])),
+        "attacker_acc_last_tenth": float(np.mean(game.attacker_acc[-tenth:])),
+        "attacker_acc_mean": float(np.mean(game.attacker_acc))}}
 
 
 def dmp_reference(setup: Setup, teacher: torch.nn.Module) -> tuple[np.ndarray, dict]:
