@@ -9,7 +9,7 @@ SELECTIONS = ("tm", "random")
 REFERENCE_METHODS = ("same", "dense")
 EXECUTOR_NAMES = ("local", "ray")
 # how runs are executed, not what they produce: not part of any run's settings
-EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_run", "gpus_per_run")
+EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_run", "gpus_per_run", "threads")
 
 
 @dataclass
@@ -34,14 +34,20 @@ class CompressConfig(StageConfig):
     data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
     download: bool = opt(False, "fetch a public dataset (checksum-verified) into data_dir")
     max_samples: int | None = opt(None, "use a class-stratified subset of this many samples")
+    augment: str = opt("auto", "training-time augmentation of the target: crop-flip (random "
+                       "crop with 4-pixel zero padding, horizontal flip), none, or auto "
+                       "(crop-flip for cifar10, cifar100 and tinyimagenet as in the paper, "
+                       "none otherwise); attacks and evaluation always read un-augmented inputs")
     sparsity: float = opt(0.05, "fraction of weights KEPT (Ω): 0.05 keeps 5%, 95% are zeros")
     epochs: int = opt(40, "training budget of the target, in epochs over the members")
     update_frequency: int = opt(40, "training iterations between two mask updates")
     batch_size: int = opt(128, "target batch size")
     optimizer: str = opt("auto", "auto = sgd for images and tables (as in the paper), adamw for "
                          "bert/roberta; or sgd, adamw")
-    lr: float | None = opt(None, "learning rate, cosine-annealed to 0 (default: 0.05 for sgd, "
-                           "1e-3 for adamw, 5e-5 for adamw on a --pretrained model)")
+    lr: float | None = opt(None, "learning rate, scheduled by --lr-schedule (default: 0.05 "
+                           "for sgd, 1e-3 for adamw, 5e-5 for adamw on a --pretrained model)")
+    lr_schedule: str = opt("cosine", "cosine (annealed to 0) or multistep (divided by 10 at 1/2 "
+                           "and 3/4 of the budget: the paper's recipe with --lr 0.1)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
     regularizer: str = opt("none", "entropy regularizer added to the loss: none, re1, re2")
@@ -96,6 +102,9 @@ class CompressConfig(StageConfig):
     gpus_per_run: float = opt(0.0, "--executor ray: GPUs each run reserves; fractions share "
                               "a GPU (a scheduling label: each run must fit its share of the "
                               "memory)")
+    threads: int | None = opt(None, "torch CPU threads of this run (default: torch's choice, "
+                              "one per core); figures can differ in the last digits between "
+                              "thread counts (floating-point sums)")
     select: str = opt("tm", "how a round's winner is chosen: tm (highest TM-score, the method) "
                       "or random (an ablation: does TM-score selection matter on this data?)")
     allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
@@ -119,9 +128,10 @@ class CompressConfig(StageConfig):
         from compressor.baselines import METHODS
         from compressor.regularizers import REGULARIZERS
         from compressor.strategies import GROW, PRUNE
-        from compressor.train import OPTIMIZERS
+        from compressor.train import OPTIMIZERS, SCHEDULES
         from safeexport.attacks import ATTACKS
         from safeexport.data import DATASETS, USER_PREFIXES, dataset_names
+        from safeexport.data.augment import AUGMENTS
         from safeexport.models import MODELS, known_model
 
         p = []
@@ -153,12 +163,18 @@ class CompressConfig(StageConfig):
                 p.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.advreg_alpha < 0:
             p.append(f"advreg_alpha must be >= 0, got {self.advreg_alpha}")
+        if self.threads is not None and self.threads < 1:
+            p.append(f"threads must be >= 1, got {self.threads}")
         if self.advreg_attack_steps < 1:
             p.append(f"advreg_attack_steps must be >= 1, got {self.advreg_attack_steps}")
         if self.max_samples is not None and self.max_samples < 1:
             p.append(f"max_samples must be >= 1, got {self.max_samples}")
         if self.lr is not None and not self.lr > 0:
             p.append(f"lr must be > 0, got {self.lr}")
+        if self.augment not in AUGMENTS:
+            p.append(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTS)}")
+        if self.lr_schedule not in SCHEDULES:
+            p.append(f"unknown lr_schedule {self.lr_schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.optimizer not in ("auto", *OPTIMIZERS):
             p.append(f"unknown optimizer {self.optimizer!r}; known: auto, "
                      f"{', '.join(OPTIMIZERS)}")

@@ -20,6 +20,13 @@ def maskable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if isinstance(m, WEIGHT_LAYERS) and m.weight is not None]
 
 
+def nonzero_parameters(model: nn.Module) -> tuple[int, int]:
+    """(non-zero, all) over every parameter of ``model``: biases, norms and embeddings too,
+    which the masked-layer density leaves out (most of a transformer's weights)."""
+    params = list(model.parameters())
+    return (sum(int(torch.count_nonzero(p)) for p in params), sum(p.numel() for p in params))
+
+
 def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
     """Active-weight count per tensor under Erdős–Rényi-Kernel allocation.
 

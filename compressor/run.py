@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from compressor.config import CompressConfig
-from compressor.masking import Masking, init_masks, maskable
+from compressor.masking import Masking, init_masks, maskable, nonzero_parameters
 from compressor.references import ensure_references
 from compressor.regularizers import REGULARIZERS
 from compressor.safecompress import mask_update
@@ -20,6 +20,7 @@ from compressor.train import (
     BatchSampler,
     TrainState,
     cosine,
+    learning_rate,
     predict_logits,
     train_steps,
 )
@@ -29,6 +30,7 @@ from safeexport.attacks.reference import References
 from safeexport.data import ArrayDataset
 from safeexport.data.splits import Splits, balanced
 from safeexport.errors import ConfigError
+from safeexport.executors import torch_threads
 from safeexport.metrics import accuracy
 from safeexport.plots import fmt_figure, plot_curve, plot_roc, roc_curves
 from safeexport.rundir import (
@@ -127,7 +129,8 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     t_start = time.time()
     run = RunDir(out)
     check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
-    with run.lock(create=not resume):  # a second process writing this folder is refused
+    # a second process writing this folder is refused
+    with run.lock(create=not resume), torch_threads(cfg.threads):
         cfg, setup = prepare(cfg, run, resume, overwrite, progress, splits)
         if setup is None:
             return run
@@ -175,9 +178,11 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
         it, rnd, elapsed0 = meta["iteration"], meta["round"], meta["elapsed"]
         history = run.read_history()[:rnd]
     masked = sum(m.numel() for m in state.masking.masks)
+    nonzero, params = nonzero_parameters(state.model)
     tqdm.write(f"{setup.model_name} on {cfg.dataset} ({len(ds)} samples, {len(splits.members)} "
                f"members): keeping {100 * state.masking.density():.1f}% of weights "
-               f"({sum(state.masking.counts()):,} of {masked:,} in {len(masks)} masked layers); "
+               f"({sum(state.masking.counts()):,} of {masked:,} in {len(masks)} masked layers; "
+               f"{100 * nonzero / params:.1f}% of all {params:,} parameters non-zero); "
                f"{cfg.epochs} epochs = {total} iterations, {n_rounds} mask updates x "
                f"{n_cands} candidates, on {device}")
 
@@ -189,18 +194,20 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
         bar.set_postfix_str(f"round {rnd}/{n_rounds} training")
         start = it
         losses = train_steps(state, ds, sampler, min(cfg.update_frequency, total - it), loss,
-                             lambda i, s=start: cosine(lr, s + i, total), device, step)
+                             lambda i, s=start: learning_rate(cfg.lr_schedule, lr, s + i, total),
+                             device, step)
         it += len(losses)
         if it >= total or rnd >= n_rounds:
             continue
         rnd += 1
         rate = cosine(cfg.prune_rate, it, total)
+        step_lr = learning_rate(cfg.lr_schedule, lr, it, total)
         state, row = mask_update(
-            cfg, ds, splits, state, rnd, rate, cosine(lr, it, total), loss, device,
+            cfg, ds, splits, state, rnd, rate, step_lr, loss, device,
             lambda name, r=rnd: bar.set_postfix_str(f"round {r}/{n_rounds} candidate {name}"),
             step)
         row.update(iteration=it, epoch=round(it / ipe, 3), train_loss=float(np.mean(losses)),
-                   density=state.masking.density())
+                   density=state.masking.density(), lr=step_lr)
         history.append(row)
         run.write_history(history)
         _save_checkpoint(run, state, sampler, rnd, it, elapsed0 + time.time() - t_start)
@@ -234,9 +241,12 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
                                        "compressed", refs)
     eval_time = time.time() - t0
     save_tensors(run.attacker, res.attacker.state_dict())
+    nonzero, params = nonzero_parameters(state.model)
     compressed.update(density=state.masking.density(),
                       nonzero_weights=sum(state.masking.counts()),
                       masked_weights=sum(m.numel() for m in state.masking.masks),
+                      model_density=nonzero / params, nonzero_parameters=nonzero,
+                      parameters=params,
                       wall_time_s=round(compress_time + reused_s, 1))
     label = method_label(cfg.method)
     exposure = res.exposure(setup.ds.y)
@@ -251,6 +261,8 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
               "final_eval_time_s": round(eval_time, 1),
+              "training": {"augment": "none" if setup.ds.augment is None else "crop-flip",
+                           "attacks_and_evaluation_read": "un-augmented inputs"},
               "exposure": exposure_for_report(exposure)}
     if cfg.references:
         report["references_time_s"] = round(ref_time, 1)

@@ -21,8 +21,8 @@ from compressor.regularizers import REGULARIZERS
 from compressor.train import (
     BatchSampler,
     TrainState,
-    cosine,
     iters_per_epoch,
+    learning_rate,
     make_optimizer,
     model_loss,
     resolve_device,
@@ -30,6 +30,7 @@ from compressor.train import (
     train_batches,
 )
 from safeexport.data import ArrayDataset, load_dataset
+from safeexport.data.augment import crop_flip, resolve_augment
 from safeexport.data.splits import Splits, make_splits
 from safeexport.errors import ConfigError, DataError
 from safeexport.models import (
@@ -203,8 +204,8 @@ class Setup:
               loss: Callable[[np.ndarray], torch.Tensor] | None = None,
               data: np.ndarray | None = None) -> list[float]:
         """``iters`` steps on shuffled batches of ``data`` (default: the members), the rate
-        cosine-annealed from ``lr`` to 0; ``loss(indices)`` defaults to cross-entropy on the
-        labels. ``tag`` seeds the batch order and dropout."""
+        scheduled from ``lr`` by ``--lr-schedule``; ``loss(indices)`` defaults to cross-entropy
+        on the labels. ``tag`` seeds the batch order and dropout."""
         data = self.splits.members if data is None else data
         sampler = BatchSampler(data, self.cfg.batch_size,
                                generator(self.cfg.seed, f"{tag}-sampler"))
@@ -222,7 +223,9 @@ class Setup:
         ``tag``."""
         with seeded(derive_seed(self.cfg.seed, f"{tag}-train"), self.device), \
                 tqdm(total=iters, desc=desc, unit="it", disable=self.hide_bars()) as bar:
-            return train_batches(state, batches, loss, lambda i: cosine(lr, i, iters),
+            schedule = self.cfg.lr_schedule
+            return train_batches(state, batches, loss,
+                                 lambda i: learning_rate(schedule, lr, i, iters),
                                  lambda: bar.update(1))
 
     def hide_bars(self) -> bool | None:
@@ -286,6 +289,7 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
         _check_updates(cfg, len(splits.members))
     model_name = DEFAULT_MODEL[ds.kind] if cfg.model == "auto" else cfg.model
     check_compatible(model_name, ds.kind, cfg.dataset)
+    augment = resolve_augment(cfg.augment, cfg.dataset, ds.kind)
     if cfg.pretrained and model_name not in ("bert", "roberta"):
         raise ConfigError(f"--pretrained works with bert and roberta, not {model_name}")
     if cfg.pretrained and cfg.init_weights:
@@ -298,6 +302,7 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
     else:
         model_kwargs = image_kwargs(model_name, ds, splits.members)
     _check_budget(cfg, model_name, model_kwargs, ds)
+    ds.augment = crop_flip if augment == "crop-flip" else None
     if not resume:
         if run.is_run():  # --overwrite, and the new run's inputs are valid: clear the old one
             run.clear()
@@ -308,6 +313,7 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
                                 "dataset_fingerprint": fingerprint, "num_samples": len(ds),
                                 "num_classes": ds.num_classes, "input_shape": ds.input_shape(),
                                 "optimizer": {"name": opt_name, "lr": lr},
+                                "augment": augment,
                                 "init_weights_sha256": (sha256_file(Path(cfg.init_weights))
                                                         if cfg.init_weights else None),
                                 "versions": _versions(), "device": str(device),

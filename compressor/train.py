@@ -32,6 +32,21 @@ def cosine(base: float, it: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / max(total, 1)))
 
 
+# how the learning rate falls over a budget of iterations
+SCHEDULES = ("cosine", "multistep")
+MULTISTEP = (0.5, 0.75)  # fractions of the budget where the multi-step schedule divides by 10
+
+
+def learning_rate(schedule: str, base: float, it: int, total: int) -> float:
+    """Step ``it``'s rate: ``cosine`` anneals ``base`` to 0; ``multistep`` divides it by 10 at
+    half and at three quarters of the budget (MultiStepLR as the SafeCompress paper's code,
+    built on Dettmers & Zettlemoyer's sparse-learning, schedules it), written here as a pure
+    function of the step so a resumed run and every candidate read the same rate."""
+    if schedule == "multistep":
+        return base * 0.1 ** sum(it >= int(f * total) for f in MULTISTEP)
+    return cosine(base, it, total)
+
+
 def iters_per_epoch(n: int, batch_size: int) -> int:
     """Full batches in one pass over ``n`` samples (a batch is at most ``n``)."""
     return n // min(batch_size, n)
@@ -122,6 +137,14 @@ def batch_tensors(ds: ArrayDataset, idx: np.ndarray,
     return x, y
 
 
+def training_batch(ds: ArrayDataset, idx: np.ndarray,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_tensors`` with the dataset's training augmentation applied (the target's
+    training steps only; evaluation and attacks read the stored inputs)."""
+    x, y = batch_tensors(ds, idx, device)
+    return (x if ds.augment is None else ds.augment(x)), y
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bfloat16 mixed precision on CUDA; a no-op on CPU or when not ``enabled``."""
     return torch.autocast(device.type, dtype=torch.bfloat16,
@@ -162,9 +185,10 @@ def model_loss(model: nn.Module, ds: ArrayDataset, device: torch.device,
                loss_fn: Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor],
                mixed: bool = True) -> Callable[[np.ndarray], torch.Tensor]:
     """``train_batches``'s loss from ``loss_fn(logits, labels, indices)``: the model's forward
-    on the batch (bfloat16 autocast on CUDA unless ``mixed`` is off), logits as float32."""
+    on the batch, augmented if the data says so (bfloat16 autocast on CUDA unless ``mixed``
+    is off), logits as float32."""
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        x, y = batch_tensors(ds, idx, device)
+        x, y = training_batch(ds, idx, device)
         with autocast(device, mixed):
             logits = model(x)
         return loss_fn(logits.float(), y, idx)

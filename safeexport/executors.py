@@ -4,7 +4,8 @@ task here one after another (``local``) or as Ray tasks (``ray``) and returns on
 per task, in order. A task that raises is reported with its error and the others go on;
 nothing else in the code knows how tasks run."""
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +57,25 @@ def run_local(tasks: Sequence[Task], progress: bool | None = None) -> list[Outco
     return out
 
 
-def _call_with_threads(fn: Callable[..., Any], args: tuple, kwargs: dict, threads: int) -> Any:
-    """A task in a Ray worker: torch uses the cores Ray gave it, not every core of the node."""
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with torch on ``threads`` CPU threads (None: unchanged), restoring the count
+    after it."""
     import torch
 
-    torch.set_num_threads(threads)
-    return fn(*args, **kwargs)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _call_with_threads(fn: Callable[..., Any], args: tuple, kwargs: dict, threads: int) -> Any:
+    """A task in a Ray worker: torch uses the cores Ray gave it, not every core of the node."""
+    with torch_threads(threads):
+        return fn(*args, **kwargs)
 
 
 def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | None = None,

@@ -63,6 +63,16 @@ def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
     return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
 
 
+def _density(m: dict) -> str:
+    """A model's masked-layer density and its whole-model density (every parameter: a
+    transformer's dense embeddings make the two far apart); the dense reference keeps all,
+    and a run from before the whole-model figure shows a dash for it."""
+    if "density" not in m:
+        return "1.0000 / 1.0000"
+    whole = m.get("model_density")
+    return f"{m['density']:.4f} / " + ("—" if whole is None else f"{whole:.4f}")
+
+
 def _figures_section(report: dict) -> str:
     rows = []
     for label, key in (("dense reference", "dense"), (report["method"], "compressed")):
@@ -75,12 +85,13 @@ def _figures_section(report: dict) -> str:
                      _fig(m["auc"], ci.get("auc"), 3),
                      _fig(m["tpr_at_1pct_fpr"], ci.get("tpr_at_1pct_fpr"), 3),
                      _e(s["attack"]), _fig(s["mia_acc"], s["ci"].get("mia_acc")),
-                     f"{m.get('density', 1.0):.4f}"])  # the dense reference keeps all
+                     _density(m)])
     m = report["compressed"]
     notes = "".join(f"<li>{_e(n)}</li>" for n in m.get("not_measurable", []) + m["warnings"])
     return ("<h2>Figures (95% bootstrap intervals)</h2>"
             + _table(["model", "task acc", "attack", "MIA acc", "AUC", "TPR at 1% FPR",
-                      "strongest attack", "its MIA acc", "density"], rows)
+                      "strongest attack", "its MIA acc",
+                      "density: masked layers / all parameters"], rows)
             + f"<p class=note>Measured on {m['n_members']} unknown members and "
             f"{m['n_nonmembers']} non-members. The strongest attack is the one with the "
             "highest MIA accuracy; a difference whose intervals overlap is not a measured "

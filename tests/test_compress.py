@@ -256,6 +256,13 @@ def test_text_model_on_a_csv(tmp_path):
     report = json.loads(run.report.read_text())
     assert report["compressed"]["task_acc"] > 0.6
     assert any(layer["name"].endswith("query.weight") for layer in report["layers"])
+    # the embeddings stay dense: the whole-model density, reported beside the masked layers',
+    # counts what the saved model holds, and is far above the budget
+    c = report["compressed"]
+    params = list(_rebuild(run.path).parameters())
+    assert c["nonzero_parameters"] == sum(int(torch.count_nonzero(p)) for p in params)
+    assert c["parameters"] == sum(p.numel() for p in params)
+    assert c["model_density"] > c["density"] + 0.02
 
 
 def test_tabular_with_the_mlp_and_regularizer(tmp_path):
@@ -330,3 +337,45 @@ def test_sparse_mlp_learns_many_class_binary_tables(tmp_path):
         acc[method] = json.loads(run.report.read_text())["compressed"]["task_acc"]
     assert acc["prune"] > 0.5, acc  # the data is learnable at this density
     assert acc["safecompress"] >= 0.9 * acc["prune"], acc
+
+
+def test_multistep_schedule_divides_the_rate_at_half_and_three_quarters(tmp_path):
+    from compressor.train import iters_per_epoch, learning_rate
+    from safeexport.data.splits import Splits
+
+    rates = [learning_rate("multistep", 0.1, i, 100) for i in (0, 49, 50, 74, 75, 99)]
+    assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert learning_rate("cosine", 0.1, 50, 100) == pytest.approx(0.05)
+    cfg = tiny_config(lr_schedule="multistep", lr=0.1, dense_reference=False)
+    run = compress(cfg, tmp_path / "run")
+    members = len(Splits.load(run.path / "splits.npz").members)
+    total = cfg.epochs * iters_per_epoch(members, cfg.batch_size)
+    rows = run.read_history()
+    # each round's candidates were fine-tuned at the rate of its iteration: all three levels
+    assert [r["lr"] for r in rows] == pytest.approx(
+        [learning_rate("multistep", 0.1, r["iteration"], total) for r in rows])
+    assert {round(r["lr"], 6) for r in rows} == {0.1, 0.01, 0.001}
+
+
+def test_augmented_training_is_recorded_and_changes_only_training(tmp_path):
+    plain = compress(tiny_config(augment="none", dense_reference=False), tmp_path / "plain")
+    aug = compress(tiny_config(augment="crop-flip", dense_reference=False), tmp_path / "aug")
+    assert json.loads(aug.config.read_text())["augment"] == "crop-flip"
+    assert json.loads(aug.report.read_text())["training"] == {
+        "augment": "crop-flip", "attacks_and_evaluation_read": "un-augmented inputs"}
+    assert json.loads(plain.report.read_text())["training"]["augment"] == "none"
+    # the same split and seeds: only the augmented batches differ
+    assert plain.splits.read_bytes() == aug.splits.read_bytes()
+    assert plain.model.read_bytes() != aug.model.read_bytes()
+
+
+def test_threads_option_sets_torch_threads_for_the_run_only(tmp_path):
+    before = torch.get_num_threads()
+    n = 2 if before == 1 else 1  # a count other than the current one
+    seen = []
+    compress(tiny_config(threads=n, dense_reference=False), tmp_path / "run",
+             on_round=lambda r: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {n}
+    assert torch.get_num_threads() == before
+    r = cli("compress", "--threads", "0", "--out", tmp_path / "bad")
+    assert r.returncode != 0 and "--threads" in r.stderr

@@ -258,3 +258,39 @@ def test_download_verifies_checksum_and_extracts(local_server, tmp_path):
 def test_download_refused_for_datasets_without_published_checksum(tmp_path):
     with pytest.raises(DataError, match="no download with a published checksum"):
         load_dataset("purchase100", data_dir=tmp_path, download=True)
+
+
+def _window(img, dy: int, dx: int, size: int, mirrored: bool):
+    crop = img[:, dy:dy + size, dx:dx + size]
+    return crop.flip(2) if mirrored else crop
+
+
+def test_crop_flip_shifts_and_mirrors_each_image_within_the_padding():
+    import torch
+
+    from safeexport.data.augment import PAD, crop_flip
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 6, 6)
+    out = crop_flip(x)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (PAD,) * 4)
+    flips = 0
+    for img, src in zip(out, padded, strict=True):
+        found = [(dy, dx, f) for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)
+                 for f in (False, True)
+                 if torch.equal(img, _window(src, dy, dx, 6, f))]
+        assert found, "an output image is no crop of its padded input, nor its mirror"
+        flips += all(f for *_, f in found)
+    assert 16 < flips < 48  # about half mirrored
+    assert not torch.equal(out, x)
+
+
+def test_augment_auto_is_for_natural_images_and_refused_on_tables():
+    from safeexport.data.augment import resolve_augment
+
+    assert resolve_augment("auto", "cifar10", "image") == "crop-flip"
+    assert resolve_augment("auto", "digits", "image") == "none"
+    assert resolve_augment("crop-flip", "digits", "image") == "crop-flip"
+    with pytest.raises(ConfigError, match="needs images"):
+        resolve_augment("crop-flip", "purchase100", "tabular")

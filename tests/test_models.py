@@ -75,3 +75,40 @@ def test_pretrained_folder_is_loaded(tmp_path):
                        ref.embeddings.word_embeddings.weight)
     with pytest.raises(ConfigError, match="no tokenizer.json"):
         pretrained_tokenizer(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg16", "resnet18"])
+def test_folding_batchnorm_keeps_the_eval_function_and_rebuilds(name):
+    """Pr-DP's private phase starts from the pruned model itself: every BatchNorm after a
+    convolution is folded into it with its running statistics (eval outputs unchanged, zeros
+    of a mask kept), and model.json's norm rebuilds the same modules for the saved weights."""
+    from safeexport.models import build_from_spec, fold_batchnorm
+
+    kwargs = {"in_channels": 3, "num_classes": 4, "input_size": [16, 16],
+              "mean": [0.5] * 3, "std": [0.25] * 3, "width": 0.25}
+    torch.manual_seed(0)
+    model = build_model(name, kwargs)
+    for m in model.modules():  # statistics and affine parameters far from their defaults
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.weight.data[0] = 0.0
+    x = torch.rand(8, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert fold_batchnorm(model) == n_bn > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-4)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert torch.count_nonzero(first.weight[0]) == 0
+    rebuilt = build_from_spec({"name": name, "kwargs": kwargs, "norm": "bn-folded"})
+    rebuilt.load_state_dict(model.state_dict())  # strict: same modules, same keys
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from compressor.setup import Setup, train_dense
 from compressor.train import TrainState
-from safeexport.models import OPACUS_NORM
 from safeexport.registry import Registry
 
 
@@ -56,9 +55,10 @@ def two_step(compression: str, defence: str) -> Callable[[Setup], Outcome]:
         student = student or pruned_student(setup, teacher.model)
         state, extra = DEFENCES.get(defence)(setup, student, teacher.model)
         spec = student.spec
-        if extra.get("dp", {}).get("norm"):
+        norm = extra.get("dp", {}).get("norm")
+        if norm:
             spec = {**(spec or {"name": setup.model_name, "kwargs": setup.model_kwargs}),
-                    "norm": OPACUS_NORM}
+                    "norm": norm}
         extra["two_step"] = {"compression": compression, "defence": defence,
                              "iters": student.iters, "lr": student.lr,
                              "seconds_after_dense": round(time.time() - t0, 1)}

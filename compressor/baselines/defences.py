@@ -21,10 +21,16 @@ import torch.nn.functional as F
 
 from compressor.baselines.students import Student, Targets
 from compressor.setup import Setup
-from compressor.train import TrainState, batch_tensors, model_loss, predict_logits
+from compressor.train import (
+    TrainState,
+    batch_tensors,
+    model_loss,
+    predict_logits,
+    training_batch,
+)
 from safeexport.attacks.nasr import NasrAttackModel
 from safeexport.errors import ConfigError
-from safeexport.models import OPACUS_NORM
+from safeexport.models import private_norm
 from safeexport.registry import Registry
 from safeexport.seeding import derive_seed, generator, seeded
 
@@ -51,16 +57,18 @@ def undefended(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defe
 def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defended:
     """DP-SGD (Poisson-sampled batches, per-sample clipping, Gaussian noise) with the noise
     Opacus calibrates to ``dp_epsilon`` at ``dp_delta`` over the student's iterations.
-    BatchNorm, which mixes samples of a batch, is replaced by Opacus's ``ModuleValidator.fix``
-    (the run's model.json records it so export rebuilds the same layers)."""
+    BatchNorm mixes the samples of a batch, which DP-SGD's per-sample gradients cannot: in a
+    trained student (Pr-DP) each BatchNorm after a convolution is folded into it with its
+    running statistics, so the private phase starts from the model it fine-tunes (Opacus's
+    ``ModuleValidator.fix`` put freshly initialised GroupNorm in their place, an architecture
+    reset that DP's cost was then blamed for); any other normalisation, and a student trained
+    from scratch (KD-DP), gets Opacus's fix. model.json records which, so export rebuilds it."""
     from opacus import PrivacyEngine
     from opacus.validators import ModuleValidator
 
     cfg = setup.cfg
-    model = student.state.model
-    fixed = not ModuleValidator.is_valid(model)
-    if fixed:
-        model = ModuleValidator.fix(model).to(setup.device)
+    model, norm = private_norm(student.state.model, fold=student.trained)
+    model = model.to(setup.device)
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
         raise ConfigError(f"{setup.model_name} cannot be trained with DP-SGD: "
@@ -109,7 +117,7 @@ def dp_sgd(setup: Setup, student: Student, teacher: torch.nn.Module) -> Defended
         "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": 1 / len(loader),
         "expected_batch_size": optimizer.expected_batch_size, "epochs": epochs,
         "steps": epochs * len(loader), "accountant": "rdp (opacus)",
-        "norm": OPACUS_NORM if fixed else None,
+        "norm": norm,
         "scope": "the DP-SGD phase only; the dense model it starts from or distils saw the "
                  "members without noise"}}
 
@@ -176,7 +184,7 @@ class AdvReg:
     def __call__(self, idx: np.ndarray) -> torch.Tensor:
         acc = [self._attacker_step(len(idx)) for _ in range(self.setup.cfg.advreg_attack_steps)]
         self.attacker_acc.append(acc[-1])
-        x, y = batch_tensors(self.setup.ds, idx, self.setup.device)
+        x, y = training_batch(self.setup.ds, idx, self.setup.device)
         logits = self.model(x).float()
         gain = membership_gain(self.attacker, F.softmax(logits, dim=1), y)
         self.gains.append(float(gain.detach()))

@@ -29,6 +29,7 @@ class Student:
     lr: float
     spec: dict | None
     distil: bool  # learns from the teacher's soft labels (KD) rather than the labels alone
+    trained: bool  # starts from trained weights (Pr-*) rather than from scratch (KD-*)
 
     def member_targets(self, setup: Setup, teacher: torch.nn.Module) -> "Targets":
         """Its loss on the members: the labels, with the teacher's soft labels if it distils."""
@@ -56,7 +57,7 @@ def pruned_student(setup: Setup, teacher: torch.nn.Module) -> Student:
     """Pr-*: the dense model pruned by magnitude, fine-tuned for ``retrain_epochs`` at a
     tenth of the training rate."""
     return Student(magnitude_pruned(setup, teacher), retrain_iters(setup),
-                   setup.lr * RETRAIN_LR_SCALE, None, distil=False)
+                   setup.lr * RETRAIN_LR_SCALE, None, distil=False, trained=True)
 
 
 def student_budget(setup: Setup) -> int:
@@ -74,7 +75,7 @@ def narrow_student(setup: Setup) -> Student:
     kwargs = {**setup.model_kwargs, "width": width}
     state = setup.new_state(setup.new_model("student-init", kwargs))
     return Student(state, setup.total, setup.lr, {"name": setup.model_name, "kwargs": kwargs},
-                   distil=True)
+                   distil=True, trained=False)
 
 
 def student_report(setup: Setup, student: Student) -> dict:

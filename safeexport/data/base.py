@@ -1,6 +1,7 @@
 """The in-memory dataset every loader returns, and its conversion to model inputs."""
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,9 @@ class ArrayDataset:
     y: np.ndarray
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    # the target's training batches go through it (inputs as model tensors); nothing else does
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False,
+                                                                   compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -146,23 +146,78 @@ def build_model(name: str, kwargs: dict) -> nn.Module:
         raise ConfigError(f"model {name}: bad arguments in model.json ({e})") from e
 
 
-# model.json's "norm" when a model's BatchNorm layers were replaced by Opacus's validator (the
-# DP-SGD baselines): rebuilding applies the same replacement, so the weights fit again.
+# model.json's "norm" when a DP-SGD baseline changed a model's normalisation: FOLDED_NORM, the
+# BatchNorm layers that follow a convolution folded into it (then Opacus's validator for any
+# left), or OPACUS_NORM, every BatchNorm replaced by Opacus's validator (a student trained from
+# scratch). Rebuilding applies the same change, so the weights fit again.
 OPACUS_NORM = "opacus-fix"
+FOLDED_NORM = "bn-folded"
+NORMS = (OPACUS_NORM, FOLDED_NORM)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm whose input is a convolution's output (used by nothing else) into
+    that convolution, with the BatchNorm's running statistics (torch's ``fuse_conv_bn_eval``),
+    in place: the convolution gains the folded bias, the BatchNorm becomes ``nn.Identity``, and
+    module names stay, so masks and state-dict keys still fit. The eval-mode function is
+    unchanged. Returns how many were folded; 0 for a model torch.fx cannot trace (its pairs
+    cannot be found without running it)."""
+    import torch.fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    bn_types = nn.modules.batchnorm._BatchNorm
+    if not any(isinstance(m, bn_types) for m in model.modules()):
+        return 0
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - a user's model may not be traceable in any way
+        return 0
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        src = node.args[0] if node.args else None
+        if (node.op == "call_module" and isinstance(modules.get(node.target), bn_types)
+                and isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), CONV_LAYERS) and len(src.users) == 1
+                and calls[src.target] == calls[node.target] == 1):
+            pairs.append((src.target, node.target))
+    training = model.training
+    model.eval()
+    for conv, bn in pairs:
+        model.set_submodule(conv, fuse_conv_bn_eval(modules[conv], modules[bn]))
+        model.set_submodule(bn, nn.Identity())
+    model.train(training)
+    return len(pairs)
+
+
+def private_norm(model: nn.Module, fold: bool) -> tuple[nn.Module, str | None]:
+    """``model`` made trainable by DP-SGD, and model.json's norm for it: with ``fold``, the
+    BatchNorm layers after convolutions folded into them (a trained model keeps what it
+    learned), then Opacus's ``ModuleValidator.fix`` for any normalisation still invalid."""
+    from opacus.validators import ModuleValidator
+
+    folded = fold_batchnorm(model) if fold else 0
+    if not ModuleValidator.is_valid(model):
+        model = ModuleValidator.fix(model)
+        return model, FOLDED_NORM if fold else OPACUS_NORM
+    return model, FOLDED_NORM if folded else None
 
 
 def build_from_spec(spec: dict) -> nn.Module:
     """The model a run's model.json describes: name, kwargs and, for a model trained with
-    DP-SGD, the normalisation Opacus's ``ModuleValidator.fix`` put in place of BatchNorm."""
+    DP-SGD, the normalisation change ``private_norm`` made."""
     model = build_model(spec["name"], spec["kwargs"])
     norm = spec.get("norm")
     if norm is None:
         return model
-    if norm != OPACUS_NORM:
-        raise ConfigError(f"model.json: unknown norm {norm!r} (known: {OPACUS_NORM})")
-    from opacus.validators import ModuleValidator
-
-    return ModuleValidator.fix(model)
+    if norm not in NORMS:
+        raise ConfigError(f"model.json: unknown norm {norm!r} (known: {', '.join(NORMS)})")
+    return private_norm(model, fold=norm == FOLDED_NORM)[0]
 
 
 # The layers whose weights a sparsity budget counts (and the compressor masks).
