@@ -5,7 +5,12 @@
 2. One attacker epoch on cached target outputs vs the same epoch if the target's outputs were
    recomputed every epoch (what caching saves).
 
-Run:  .venv/bin/python benchmarks/bench_compress.py [--steps N]
+3. SafeCompress against the dense model on the same budget, one digits run (``--ratio``): the
+   wall-time ratio the report records, and where SafeCompress's time goes (cProfile's
+   cumulative time of the training steps, the candidates' fine-tuning, the attacker's fits and
+   the target's inference), to show what a faster SafeCompress must cut.
+
+Run:  .venv/bin/python benchmarks/bench_compress.py [--steps N] [--ratio [--dataset D]]
 """
 
 import argparse
@@ -75,11 +80,54 @@ def attacker_epoch(n: int, classes: int = 10) -> None:
           f"(uncached/cached = {(epoch + forward) / epoch:.2f}x)")
 
 
+# (label, module file suffix, function): cumulative times over the whole command, so they
+# overlap (a candidate's attacker fit is inside the mask updates and inside the attacker fits)
+PHASES = [("SafeCompress loop", "compressor/run.py", "_safecompress"),
+          ("mask updates (all rounds)", "compressor/safecompress.py", "mask_update"),
+          ("candidates: fine-tune + test", "compressor/safecompress.py", "make_candidate"),
+          ("attacker fits (loop and final)", "safeexport/attacks/nasr.py", "fit"),
+          ("target inference (all)", "compressor/train.py", "predict_logits"),
+          ("final evaluations (both models)", "compressor/run.py", "final_evaluation")]
+
+
+def safecompress_vs_dense(dataset: str) -> None:
+    import cProfile
+    import json
+    import pstats
+    import tempfile
+    from pathlib import Path
+
+    from compressor import compress
+    from compressor.config import CompressConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = cProfile.Profile()
+        t = time.perf_counter()
+        run = profile.runcall(compress, CompressConfig(dataset=dataset, device="cpu"),
+                              Path(tmp) / "run", progress=False)
+        wall = time.perf_counter() - t
+        report = json.loads(run.report.read_text())
+    sc, dense = report["compressed"]["wall_time_s"], report["dense"]["wall_time_s"]
+    print(f"{dataset}: SafeCompress {sc:.1f} s, dense {dense:.1f} s on the same budget: "
+          f"ratio {sc / dense:.2f}x (whole command {wall:.1f} s, under cProfile)")
+    stats = pstats.Stats(profile).stats
+    for label, suffix, name in PHASES:
+        cum = sum(v[3] for (file, _, fn), v in stats.items()
+                  if fn == name and file.endswith(suffix))
+        print(f"  {label:32} {cum:8.1f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--ratio", action="store_true",
+                    help="only the SafeCompress/dense wall ratio of one run, with its breakdown")
+    ap.add_argument("--dataset", default="digits")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.ratio:
+        safecompress_vs_dense(args.dataset)
+        return
     masked_vs_dense("cnn", (1, 28, 28), args.steps * 3, 128)
     masked_vs_dense("vgg16", (3, 32, 32), args.steps, 32)
     attacker_epoch(5000)

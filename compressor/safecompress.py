@@ -122,6 +122,7 @@ def mask_update(cfg: CompressConfig, ds: ArrayDataset, splits: Splits, state: Tr
         attacker = ATTACKS.get(cfg.attack)(ds.num_classes, device)
     attacker.fit(*safety.attack_training_signals(state.model), cfg.attack_epochs, gen)
     base_metrics = safety.evaluate(state.model, attacker, cfg.lam, cfg.seed)
+    base_metrics["attacker_fit"] = attacker.last_fit
     candidates = []
     for pair in product(cfg.prune, cfg.grow):
         on_candidate(f"{pair[0]}+{pair[1]}")

@@ -179,6 +179,7 @@ def test_loss_attack_selects_deterministically_and_random_selection_is_an_ablati
         assert [c["mia_acc"] for c in a["candidates"]] == [c["mia_acc"] for c in b["candidates"]]
         assert a["winner"] == b["winner"] and a["select"] == "tm"
         assert all("threshold" in c["attacker_fit"] for c in a["candidates"])
+        assert "threshold" in a["base"]["attacker_fit"]  # the round's own attacker too
     rows = compress(tiny_config(select="random", dense_reference=False),
                     tmp_path / "random").read_history()
     assert all(r["select"] == "random" for r in rows)
