@@ -38,6 +38,19 @@ REFERENCE_COLUMNS = [Column("lira_auc", "LiRA AUC", ".3f", -1, fold=True),
                      Column("rmia_tpr_at_1pct_fpr", "RMIA TPR@1%FPR", ".3f", -1)]
 
 
+# a row's size: the masked layers' non-zero weights, and every parameter's (biases, norms,
+# embeddings: most of a transformer's parameters stay dense)
+SIZE_COLUMNS = ["Weights", "Non-zero params"]
+
+
+def _sizes(m: dict) -> dict[str, str]:
+    """The SIZE_COLUMNS texts of a run's figures (a dash where a run predates the whole-model
+    count)."""
+    whole = ("–" if "nonzero_parameters" not in m else
+             f"{m['nonzero_parameters']:,} ({100 * m['model_density']:.1f}%)")
+    return {"Weights": f"{m['nonzero_weights']:,}", "Non-zero params": whole}
+
+
 def row_figures(m: dict, columns: list[Column]) -> tuple[dict, dict]:
     """(figures, intervals) of ``columns`` from one model's report entry, with the strongest
     attack's MIA accuracy (the configured attack or a threshold attack, whichever reads
@@ -165,8 +178,7 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
                                sdir / "dense")
         for label, rep in zip(labels, (dense, pruned, retrained), strict=False):
             rows[label].add(*row_figures(rep["compressed"], STUDY_COLUMNS))
-            rows[label].text = {"Measured by": "PyTorch",
-                                "Weights": f"{rep['compressed']['nonzero_weights']:,}",
+            rows[label].text = {"Measured by": "PyTorch", **_sizes(rep["compressed"]),
                                 "Strongest": rep["compressed"]["strongest"]["attack"]}
         for b, label in tqdm(list(zip(bits, labels[3:], strict=True)), desc="quantize",
                              unit="file", disable=None if progress is None else not progress):
@@ -176,8 +188,9 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
             figures, intervals = row_figures(ev["after"], STUDY_COLUMNS)
             rows[label].add(figures | {"agreement": ev["parity"]["agreement"]}, intervals)
             rt = ev["runtime"]
+            retrained_text = rows["pruned + retrained"].text
             rows[label].text = {"Measured by": f"{rt['name']} {rt['version']}",
-                                "Weights": rows["pruned + retrained"].text["Weights"],
+                                **{k: retrained_text[k] for k in SIZE_COLUMNS},
                                 "Strongest": ev["after"]["strongest"]["attack"]}
     title = f"Pruning and quantization study: {_describe(cfg, seed_list)}"
     note = ("Every row is measured by the same final attack (the run's attack, trained on "
@@ -187,7 +200,7 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
             f"rows are the retrained model exported to {fmt} (weight-only) and run in that "
             "runtime; 'Agreement' is their top-1 agreement with the PyTorch model.")
     cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
-    return _write(out, "study", list(rows.values()), ["Measured by", "Weights", "Strongest"],
+    return _write(out, "study", list(rows.values()), ["Measured by", *SIZE_COLUMNS, "Strongest"],
                   cols, [], title, note, plot_study)
 
 
@@ -232,8 +245,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
         if "dp" in rep:
             figures["epsilon"] = rep["dp"]["epsilon"]
         rows[m].add(figures, intervals)
-        rows[m].text = {"Weights": f"{c['nonzero_weights']:,}",
-                        "Strongest": c["strongest"]["attack"]}
+        rows[m].text = {**_sizes(c), "Strongest": c["strongest"]["attack"]}
         for w in c["warnings"]:
             flagged.setdefault(m, []).append(f"seed {seed}: {w}")
             tqdm.write(f"seed {seed} {m}: warning: {w}")
@@ -262,7 +274,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     note += "".join(f"\n\n(!) {rows[m].label}: {w}" for m, ws in flagged.items() for w in ws)
     cols = [*columns, Column("epsilon", "DP ε", ".2f")]
     done = [r for r in rows.values() if r.figures]
-    result = _write(out, "compare", done, ["Weights", "Strongest"], cols, ranked, title, note,
+    result = _write(out, "compare", done, [*SIZE_COLUMNS, "Strongest"], cols, ranked, title, note,
                     plot_tradeoff) if done else None
     if failed:  # after writing what finished
         raise ConfigError("; ".join(f"{o.name} failed: {o.error}" for o in failed)

@@ -40,6 +40,9 @@ def test_study_table_has_every_row_measured_where_it_says(studied):
         report = json.loads((seed / run / "report.json").read_text())
         assert row.text["Measured by"] == "PyTorch"
         assert row.text["Strongest"] == report["compressed"]["strongest"]["attack"]
+        c = report["compressed"]
+        assert row.text["Non-zero params"] == \
+            f"{c['nonzero_parameters']:,} ({100 * c['model_density']:.1f}%)"
         expected, _ = row_figures(report["compressed"], STUDY_COLUMNS)
         assert expected["strongest_mia_acc"] == report["compressed"]["strongest"]["mia_acc"]
         for c in STUDY_COLUMNS:  # None (not measurable) is stored as NaN
@@ -55,8 +58,10 @@ def test_study_table_has_every_row_measured_where_it_says(studied):
         assert row.text["Measured by"].startswith("litert")
         assert row.figures["mia_acc"] == [ev["after"]["mia_acc"]]
         assert row.figures["train_acc"] == [ev["after"]["train_acc"]]
+        assert row.text["Non-zero params"] == res.rows[2].text["Non-zero params"]
     with open(out / "study.csv") as f:
         assert [r["row"] for r in csv.DictReader(f)] == labels
+    assert "Non-zero params" in res.markdown
     assert (out / "study.png").stat().st_size > 1000
     assert (out / "study.md").read_text().count("\n|") == len(labels) + 2  # header, rule, rows
 
