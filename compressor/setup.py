@@ -266,7 +266,10 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
     run folder's lock."""
     check_out(run, resume, overwrite)
     if resume:
-        cfg = CompressConfig.from_dict(run.read_config()["config"])
+        recorded = run.read_config()["config"]
+        # a run from before --augment trained on the stored inputs; it resumes as it began
+        recorded.setdefault("augment", "none")
+        cfg = CompressConfig.from_dict(recorded)
         if run.report.exists():
             tqdm.write(f"{run.path} is already complete; nothing to resume")
             return cfg, None

@@ -380,3 +380,25 @@ def test_threads_option_sets_torch_threads_for_the_run_only(tmp_path):
     assert torch.get_num_threads() == before
     r = cli("compress", "--threads", "0", "--out", tmp_path / "bad")
     assert r.returncode != 0 and "--threads" in r.stderr
+
+
+def test_a_run_from_before_augment_resumes_without_it(tmp_path, monkeypatch):
+    # auto augments the synthetic images here, as it does CIFAR's
+    monkeypatch.setattr("safeexport.data.augment.NATURAL_IMAGES", ("synthetic",))
+
+    class Stop(Exception):
+        pass
+
+    def stop(_round):
+        raise Stop
+
+    for name, old in (("old", True), ("new", False)):
+        with pytest.raises(Stop):
+            compress(tiny_config(dense_reference=False), tmp_path / name, on_round=stop)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        if old:  # what config.json held before the option existed
+            del config["config"]["augment"]
+            (tmp_path / name / "config.json").write_text(json.dumps(config))
+        run = compress(tiny_config(dense_reference=False), tmp_path / name, resume=True)
+        augment = json.loads(run.report.read_text())["training"]["augment"]
+        assert augment == ("none" if old else "crop-flip"), name
