@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from safeexport.config import StageConfig, opt
 
@@ -116,6 +117,10 @@ class CompressConfig(StageConfig):
     pretrained: str | None = opt(None, "local folder of a pretrained BERT/RoBERTa + tokenizer")
     max_length: int = opt(64, "token sequence length for text models")
     vocab_size: int = opt(8000, "vocabulary of a tokenizer trained on the data")
+
+    # runs from before --augment trained on the stored inputs, and before --lr-schedule on
+    # the cosine schedule
+    RECORDED_DEFAULTS: ClassVar[dict[str, Any]] = {"augment": "none", "lr_schedule": "cosine"}
 
     def executor_options(self) -> dict:
         """``run_tasks``' options for this config's executor."""

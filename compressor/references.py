@@ -78,7 +78,7 @@ def _recorded_key(ref: RunDir) -> str | None:
     if not ref.is_run():
         return None
     try:
-        cfg = CompressConfig.from_dict(ref.read_config()["config"])
+        cfg = CompressConfig.from_recorded(ref.read_config()["config"])
         return settings_key(cfg, Splits.load(ref.splits))
     except SafeExportError:
         return None
@@ -139,7 +139,7 @@ def ensure_run_references(path: Path | str, k: int, data_dir: Path | None = None
     """``ensure_references`` for the finished run at ``path`` (its own config and split), for
     ``safeexport evaluate --references K``; holds the run's shared lock meanwhile."""
     run = open_run(path)
-    cfg = CompressConfig.from_dict(run.read_config()["config"])
+    cfg = CompressConfig.from_recorded(run.read_config()["config"])
     if data_dir is not None:
         cfg = replace(cfg, data_dir=str(data_dir))
     with run.lock(shared=True):

@@ -261,7 +261,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
               "final_eval_time_s": round(eval_time, 1),
-              "training": {"augment": "none" if setup.ds.augment is None else "crop-flip",
+              "training": {"augment": setup.augment,
                            "attacks_and_evaluation_read": "un-augmented inputs"},
               "exposure": exposure_for_report(exposure)}
     if cfg.references:

@@ -169,6 +169,7 @@ class Setup:
     lr: float
     progress: bool | None
     dense_from: RunDir | None = None  # a finished --method dense run of this config to reuse
+    augment: str = "none"  # the training augmentation --augment resolved to
 
     @property
     def total(self) -> int:
@@ -266,10 +267,7 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
     run folder's lock."""
     check_out(run, resume, overwrite)
     if resume:
-        recorded = run.read_config()["config"]
-        # a run from before --augment trained on the stored inputs; it resumes as it began
-        recorded.setdefault("augment", "none")
-        cfg = CompressConfig.from_dict(recorded)
+        cfg = CompressConfig.from_recorded(run.read_config()["config"])
         if run.report.exists():
             tqdm.write(f"{run.path} is already complete; nothing to resume")
             return cfg, None
@@ -324,22 +322,26 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
         splits.save(run.splits)
         write_json(run.model_json, {"name": model_name, "kwargs": model_kwargs})
     return cfg, Setup(cfg, run, ds, splits, device, model_name, model_kwargs, opt_name, lr,
-                      progress)
+                      progress, augment=augment)
 
 
 # What decides the dense model: a dense run may stand in for another run's only if these agree.
 DENSE_KEYS = ("model", "init_weights", "dataset", "max_samples", "epochs", "batch_size",
-              "optimizer", "lr", "momentum", "weight_decay", "seed", "pretrained", "max_length",
-              "vocab_size")
+              "optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "seed", "pretrained",
+              "max_length", "vocab_size")
 
 
 def check_dense_from(dense: RunDir, setup: Setup) -> RunDir:
     """``dense`` if it is a finished dense run that trained the model this run would."""
-    recorded = dense.read_config().get("config", {}) if dense.is_run() else {}
+    recorded = (CompressConfig.from_recorded(dense.read_config()["config"]).to_dict()
+                if dense.is_run() else {})
     if not dense.report.exists() or recorded.get("method") != "dense":
         raise ConfigError(f"{dense.path} is not a finished `--method dense` run")
     own = setup.cfg.to_dict()
     diff = [k for k in DENSE_KEYS if recorded.get(k) != own.get(k)]
+    # compared as resolved (auto is none on digits); runs from before it trained on none
+    if dense.read_config().get("augment", "none") != setup.augment:
+        diff.append("augment")
     if diff:
         raise ConfigError(f"{dense.path} trained its dense model with other settings "
                           f"({', '.join(diff)}); it cannot stand in for this run's")

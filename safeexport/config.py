@@ -37,6 +37,10 @@ class StageConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    # keys added after runs were recorded, with the value such a run ran with: a recorded
+    # config lacking one means that value, not the new default
+    RECORDED_DEFAULTS: typing.ClassVar[dict[str, Any]] = {}
+
     def problems(self) -> list[str]:
         """Every invalid value (none by default)."""
         return []
@@ -78,13 +82,19 @@ class StageConfig:
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read it as a {Path(path).suffix[1:] or 'YAML'} "
                               f"config ({str(e).splitlines()[0]})") from e
-        if isinstance(data, dict) and isinstance(data.get("config"), dict) \
-                and "dataset_fingerprint" in data:
-            data = data["config"]  # a run's config.json: the resolved config it ran with
+        recorded = isinstance(data, dict) and isinstance(data.get("config"), dict) \
+            and "dataset_fingerprint" in data
         try:
-            return cls.from_dict(data)
+            # a run's config.json: the resolved config it ran with
+            return cls.from_recorded(data["config"]) if recorded else cls.from_dict(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
+
+    @classmethod
+    def from_recorded(cls, d: dict) -> "StageConfig":
+        """The config a run recorded (its config.json's ``config``), keys it predates filled
+        with what it ran with (``RECORDED_DEFAULTS``)."""
+        return cls.from_dict({**cls.RECORDED_DEFAULTS, **d} if isinstance(d, dict) else d)
 
     def to_json(self) -> str:
         """JSON text of the config."""

@@ -275,10 +275,15 @@ def test_dense_from_must_match_the_dense_settings(runs, tmp_path):
     with pytest.raises(ConfigError, match="other settings .*epochs"):
         compress(tiny_config(method="prune", epochs=5), tmp_path / "a",
                  dense_from=runs["dense"])
+    # the schedule and the augmentation shape the dense model too
+    with pytest.raises(ConfigError, match=r"other settings \(lr_schedule, augment\)"):
+        compress(tiny_config(method="prune", lr_schedule="multistep", augment="crop-flip"),
+                 tmp_path / "a2", dense_from=runs["dense"])
     with pytest.raises(ConfigError, match="not a finished `--method dense` run"):
         compress(tiny_config(method="prune"), tmp_path / "b", dense_from=runs["prune"])
-    run = compress(tiny_config(method="prune", retrain_epochs=2), tmp_path / "c",
-                   dense_from=runs["dense"])
+    # compared as resolved: auto on these images is none, so an explicit none matches
+    run = compress(tiny_config(method="prune", retrain_epochs=2, augment="none"),
+                   tmp_path / "c", dense_from=runs["dense"])
     assert run.model.read_bytes() == (runs["prune"] / "model.safetensors").read_bytes()
     rep = _report(run.path)
     assert rep["dense_reused_from"] == str(runs["dense"].resolve())

@@ -399,6 +399,9 @@ def test_a_run_from_before_augment_resumes_without_it(tmp_path, monkeypatch):
         if old:  # what config.json held before the option existed
             del config["config"]["augment"]
             (tmp_path / name / "config.json").write_text(json.dumps(config))
+        # a replay of its config.json means the same
+        assert CompressConfig.from_file(tmp_path / name / "config.json").augment == \
+            ("none" if old else "auto"), name
         run = compress(tiny_config(dense_reference=False), tmp_path / name, resume=True)
         augment = json.loads(run.report.read_text())["training"]["augment"]
         assert augment == ("none" if old else "crop-flip"), name
