@@ -6,7 +6,7 @@ import compressor.safecompress as sc
 from compressor.safecompress import Candidate, mask_update
 from compressor.train import TrainState
 from safeexport.attacks import ATTACKS, NasrAttack, Signals, fit_and_score
-from safeexport.attacks.nasr import NasrAttackModel
+from safeexport.attacks.nasr import NasrAttackModel, features
 from safeexport.metrics import accuracy, mia_metrics, roc_auc, tm_score, tpr_at_fpr
 from tests.conftest import tiny_config
 
@@ -14,13 +14,14 @@ from tests.conftest import tiny_config
 def test_nasr_architecture_and_a_trainable_init():
     m = NasrAttackModel(10)
     linear = [p for n, p in m.named_parameters() if n.endswith("weight")]
+    # the output stream reads the C sorted log-probabilities, the loss and the confidence
     assert [tuple(p.shape) for p in linear] == [
-        (1024, 10), (512, 1024), (64, 512), (512, 10), (64, 512), (256, 128), (64, 256), (1, 64)]
+        (1024, 12), (512, 1024), (64, 512), (512, 10), (64, 512), (256, 128), (64, 256), (1, 64)]
     # PyTorch's default (Kaiming-uniform) init, not the paper's N(0, 0.01) that freezes it:
     # the first layer's weights spread like U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     first = linear[0].detach()
-    assert float(first.abs().max()) <= 1 / np.sqrt(10) and float(first.std()) > 0.1
-    out = m(torch.softmax(torch.randn(5, 10), 1), torch.eye(10)[:5])
+    assert float(first.abs().max()) <= 1 / np.sqrt(12) and float(first.std()) > 0.1
+    out = m(torch.randn(5, 12), torch.eye(10)[:5])
     assert out.shape == (5,)
 
 
@@ -31,10 +32,17 @@ def _signals(n, confidence, g, classes=10):
     return Signals.from_logits(logits, y)
 
 
-def test_attacker_inputs_are_softmax_and_it_learns_a_confidence_gap():
+def test_attacker_inputs_are_log_space_and_it_learns_a_confidence_gap():
     g = torch.Generator().manual_seed(0)
     s = _signals(4, 3.0, g)
-    assert torch.allclose(s.probs.sum(1), torch.ones(4, dtype=torch.float64))
+    x = features(s)
+    # sorted log-probabilities, then the loss −log p_y and the logit-scaled confidence
+    assert x.dtype == torch.float64 and x.shape == (4, 12)
+    assert torch.all(x[:, :10].diff(dim=1) <= 0)
+    assert torch.allclose(torch.logsumexp(x[:, :10], 1), torch.zeros(4, dtype=torch.float64))
+    p_y = s.probs[torch.arange(4), s.labels]
+    assert torch.allclose(x[:, 10], -torch.log(p_y))
+    assert torch.allclose(x[:, 11], torch.log(p_y / (1 - p_y)))
     torch.manual_seed(0)
     res = fit_and_score(NasrAttack(10), _signals(300, 6.0, g), _signals(300, 2.0, g),
                         _signals(200, 6.0, g), _signals(200, 2.0, g), 30, g)

@@ -149,7 +149,8 @@ class AdvReg:
     def __init__(self, setup: Setup, model: torch.nn.Module, targets: Targets) -> None:
         self.setup, self.model, self.targets = setup, model, targets
         with seeded(derive_seed(setup.cfg.seed, "advreg-attacker"), setup.device):
-            self.attacker = NasrAttackModel(setup.ds.num_classes).to(setup.device)
+            self.attacker = NasrAttackModel(setup.ds.num_classes, inputs=setup.ds.num_classes
+                                            ).to(setup.device)
         self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=1e-3)
         self.members = torch.as_tensor(setup.splits.members)
         self.reference = torch.as_tensor(reference_set(setup))
