@@ -21,6 +21,7 @@ from safeexport.attacks.final import final_membership
 from safeexport.attacks.threshold import threshold_attacks
 from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import mia_metrics
+from safeexport.plots import fmt_interval
 
 
 def _gap_logits(n: int, member: np.ndarray, rng: np.random.Generator,
@@ -63,8 +64,7 @@ def cost(seeds: int) -> None:
           f"trained attacker {attacker:.1f} s ({attacker / whole:.0%}), threshold attacks "
           f"{thresholds:.2f} s ({thresholds / whole:.0%}), bootstrap intervals of "
           f"{len(res.results)} attacks {intervals:.1f} s ({intervals / whole:.0%})")
-    lo, hi = res.metrics["ci"]["mia_acc"]
-    print(f"  nasr MIA {res.metrics['mia_acc']:.4f} [{lo:.4f}, {hi:.4f}], best "
+    print(f"  nasr MIA {fmt_interval(res.metrics, 'mia_acc')}, best "
           f"threshold {max(r.metrics['mia_acc'] for r in res.results.values()):.4f}")
 
 

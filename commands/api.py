@@ -10,7 +10,7 @@ for an option that does not exist.
     run = compress("runs/digits", dataset="digits", sparsity=0.05, epochs=40)
     exported = export(run.path, format="tflite", bits=8)
     report = evaluate(exported.path)
-    print(report.passed, report.report["verdict"]["attack"])
+    print(report.outcome, report.report["verdict"]["reasons"])  # PASS, FAIL or INCONCLUSIVE
 """
 
 import re
@@ -183,9 +183,10 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
     runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
     fields. With ``members`` (and ``nonmembers``, or a ``member`` array in the members npz),
     an audit of a file safeexport did not make: its figures, no verdict. Returns the
-    ``EvalReport`` (``.passed``, ``.report``, ``.json_path``). With ``more`` files (other
-    variants of the same run's model): each is evaluated, then attacked jointly with the
-    others; returns the ``JointReport`` (``.reports``, ``.joint``, ``.json_path``)."""
+    ``EvalReport`` (``.outcome``: PASS, FAIL or INCONCLUSIVE; ``.passed``, ``.report``,
+    ``.json_path``). With ``more`` files (other variants of the same run's model): each is
+    evaluated, then attacked jointly with the others; returns the ``JointReport``
+    (``.reports``, ``.joint``, ``.json_path``)."""
     cfg = EvalConfig(**options)
     variants = [model_file, *more]
     _check_tracking(mlflow)
@@ -231,6 +232,7 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
             metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
                        for key in ("before", "after")}
         metrics["passed"] = int(res.passed)
+        metrics["inconclusive"] = int(res.outcome == "INCONCLUSIVE")
     if mlflow:
         from commands.tracking import log_run
 

@@ -32,7 +32,7 @@ from safeexport.data.splits import Splits, balanced
 from safeexport.errors import ConfigError
 from safeexport.executors import torch_threads
 from safeexport.metrics import accuracy
-from safeexport.plots import fmt_figure, plot_curve, plot_roc, roc_curves
+from safeexport.plots import fmt_figure, fmt_interval, plot_curve, plot_roc, roc_curves
 from safeexport.rundir import (
     RunDir,
     load_metadata,
@@ -328,9 +328,8 @@ def _print_summary(report: dict) -> None:
     tqdm.write(f"{'':14}{'task acc':>9}{'MIA acc (95% CI)':>24}{'AUC':>7}{'TPR@1%':>8}"
                f"{'TM':>7}  strongest attack")
     for name, m in rows:
-        lo, hi = m["ci"]["mia_acc"]
         s = m["strongest"]
-        tqdm.write(f"{name:14}{m['task_acc']:9.4f}{m['mia_acc']:9.4f} [{lo:.4f}, {hi:.4f}]"
+        tqdm.write(f"{name:14}{m['task_acc']:9.4f}{fmt_interval(m, 'mia_acc'):>24}"
                    f"{m['auc']:7.3f}{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}"
                    f"{m['tm_score']:7.3f}  {s['attack']} {s['mia_acc']:.4f}")
         refs = m.get("reference_attacks")
@@ -345,3 +344,5 @@ def _print_summary(report: dict) -> None:
                            f"{st['method']} reference models)")
         for w in m["warnings"]:
             tqdm.write(f"  warning ({name}): {w}")
+        for note in m["notes"]:
+            tqdm.write(f"  note ({name}): {note}")

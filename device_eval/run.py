@@ -27,7 +27,7 @@ from safeexport.attacks.final import final_membership, model_figures
 from safeexport.attacks.reference import References
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
-from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_difference
+from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_rises
 from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import (
     check_targets,
@@ -40,6 +40,7 @@ from safeexport.runio import inputs_of, load_data, open_run, reference_outputs
 from safeexport.runtimes import Runtime, open_runtime
 
 TAG = "compressed"  # the compressor's tag for its final evaluation of model.safetensors
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"  # the verdicts (SPEC §9)
 
 
 @dataclass
@@ -52,10 +53,14 @@ class EvalReport:
     result: MembershipResult | None = None  # the file's attacks (for a joint attack)
 
     @property
+    def outcome(self) -> str:
+        """PASS, FAIL or INCONCLUSIVE; an audit of a foreign file (no model to compare with)
+        has no verdict and passes: its figures are the result."""
+        return self.report["verdict"]["outcome"] if "verdict" in self.report else PASS
+
+    @property
     def passed(self) -> bool:
-        """The verdict; an audit of a foreign file (no model to compare with) has none and
-        passes: its figures are the result."""
-        return self.report["verdict"]["passed"] if "verdict" in self.report else True
+        return self.outcome == PASS
 
 
 def _manifest(model_file: Path) -> dict | None:
@@ -102,45 +107,79 @@ def file_logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.nd
 
 def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
             attack: str, epochs: int, seed: int, lam: float, attack_seeds: int,
-            references: References | None = None):
+            references: References | None = None, fitted: list | None = None):
     """One model's figures (``model_figures``) and its ``MembershipResult`` from its logits on
     the samples ``pos`` maps (dataset index -> row of ``logits``); LiRA and RMIA too with
-    ``references``."""
+    ``references``; ``fitted``: trained attackers to apply instead of training new ones."""
     def of(idx: np.ndarray) -> np.ndarray:
         return logits[[pos[i] for i in idx]]
 
     res = final_membership(of, y, splits, num_classes, attack, epochs, seed, TAG,
-                           torch.device("cpu"), attack_seeds, references)
+                           torch.device("cpu"), attack_seeds, references, fitted)
     figures = model_figures(res, of(splits.test), y[splits.test],
                             accuracy(of(splits.members), y[splits.members]), lam)
     return figures, res
 
 
 def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
-    """Pass/fail from the SAME samples: the strongest attack on the PyTorch model (chosen
-    before looking at the file), its figures on both models, and a paired bootstrap interval
-    of each difference. Privacy fails only when the MIA accuracy rise exceeds the tolerance AND
-    its interval excludes zero; accuracy fails when the drop exceeds its tolerance."""
-    name = bres.strongest()
-    b, a = bres.results[name], ares.results[name]
-    paired = paired_difference(b.scores, a.scores, bres.is_member, (b.threshold, a.threshold))
-    rise = paired["mia_acc"]["delta"]
-    lo = paired["mia_acc"]["ci"][0]
-    n_m, n_n = b.metrics["n_members"], b.metrics["n_nonmembers"]
+    """PASS, FAIL or INCONCLUSIVE (SPEC §9), from the SAME samples scored by every attack on
+    both models (the trained attacker fitted once, on the PyTorch model's known outputs).
+
+    The burden of proof is on safety: for each of ``VERDICT_FIGURES`` (folded MIA accuracy,
+    folded AUC, TPR at 1% FPR), the rise after − before of every attack, and the largest of
+    them, get a paired bootstrap interval (``paired_rises``: one resample draws every attack,
+    so looking at many does not flatter the result). PASS when the upper bound of the largest
+    rise is below ``max_mia_rise`` for every figure, and task accuracy fell by at most
+    ``max_task_drop``; FAIL when some attack's rise is above the tolerance with a lower bound
+    above zero, or accuracy fell by more; otherwise INCONCLUSIVE, with an estimate of the
+    evaluated samples that would decide it. MIA accuracy is read at the PyTorch model's
+    thresholds on both models; AUC and TPR need none."""
+    names = [k for k in bres.results if k in ares.results]
+    # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
+    # file whose outputs barely moved gets the same decisions (refitted on a few hundred known
+    # samples, a threshold jumps, and a float16 file read +3 points on 50 + 50 samples)
+    rises = paired_rises({k: (bres.results[k].scores, bres.results[k].threshold) for k in names},
+                         {k: (ares.results[k].scores, bres.results[k].threshold) for k in names},
+                         bres.is_member)
+    tol = cfg.max_mia_rise
+    n_m, n_n = int(bres.is_member.sum()), int((~bres.is_member).sum())
     task_drop = before["task_acc"] - after["task_acc"]
-    reasons = []
-    if rise > cfg.max_mia_rise and lo > 0:
-        reasons.append(f"MIA accuracy of the {name} attack rose by {100 * rise:.2f} points "
-                       f"(95% interval {100 * lo:.2f} to {100 * paired['mia_acc']['ci'][1]:.2f};"
-                       f" allowed {100 * cfg.max_mia_rise:g})")
+    reasons, open_ = [], []
+    for name in names:
+        for fig, d in rises["attacks"][name].items():
+            if d["ci"] and d["delta"] > tol and d["ci"][0] > 0:
+                reasons.append(f"{_FIGURE_NAMES[fig]} of the {name} attack rose by "
+                               f"{100 * d['delta']:.2f} points (95% interval "
+                               f"{100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}; allowed "
+                               f"{100 * tol:g})")
     if task_drop > cfg.max_task_drop:
         reasons.append(f"task accuracy fell by {100 * task_drop:.2f} points (allowed "
                        f"{100 * cfg.max_task_drop:g})")
-    return {"passed": not reasons, "reasons": reasons, "attack": name, "paired": paired,
-            "mia_rise": rise, "task_drop": task_drop, "max_mia_rise": cfg.max_mia_rise,
-            "max_task_drop": cfg.max_task_drop,
-            "detectable_rise": detectable_rise(n_m, n_n),
-            "rise_within_noise": bool(rise > 0 and lo <= 0)}
+    needed = 0
+    for fig, d in rises["max"].items():
+        if d["delta"] is None:
+            continue  # no attack measures it on this many samples
+        upper = d["ci"][1] if d["ci"] else d["delta"]
+        if upper < tol:
+            continue
+        open_.append(f"{_FIGURE_NAMES[fig]}: the largest rise ({d['attack']}) is "
+                     f"{100 * d['delta']:+.2f} points, 95% upper bound {100 * upper:+.2f}, "
+                     f"tolerance {100 * tol:g}")
+        # the interval narrows as 1/sqrt(n): the samples at which its upper bound would fall
+        # below the tolerance if the point rise stayed where it is (none when it is above)
+        needed = (None if needed is None or d["delta"] >= tol else
+                  max(needed, int(np.ceil((n_m + n_n) * ((upper - d["delta"])
+                                                         / (tol - d["delta"])) ** 2))))
+    outcome = FAIL if reasons else INCONCLUSIVE if open_ else PASS
+    return {"outcome": outcome, "passed": outcome == PASS, "reasons": reasons,
+            "undecided": open_ if outcome == INCONCLUSIVE else [],
+            "samples_needed": needed if outcome == INCONCLUSIVE else None,
+            "rises": rises, "attacks": names, "task_drop": task_drop, "max_mia_rise": tol,
+            "max_task_drop": cfg.max_task_drop, "evaluated": n_m + n_n,
+            "detectable_rise": detectable_rise(n_m, n_n)}
+
+
+_FIGURE_NAMES = {"mia_acc": "MIA accuracy", "auc": "AUC", "tpr_at_1pct_fpr": "TPR at 1% FPR"}
 
 
 def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
@@ -234,7 +273,9 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
     args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
     before, bres = measure(before_logits, *args, before_refs)
-    after, ares = measure(after_logits, *args, refs)
+    # the trained attacker is fitted once, on the PyTorch model, and applied to the file: a
+    # file whose outputs equal the model's gets identical scores
+    after, ares = measure(after_logits, *args, refs, bres.attackers)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
     verdict = _verdict(before, after, bres, ares, cfg)
@@ -286,9 +327,14 @@ class JointReport:
     json_path: Path
 
     @property
+    def outcome(self) -> str:
+        """FAIL when a file fails, else INCONCLUSIVE when one is, else PASS."""
+        outcomes = {r.outcome for r in self.reports}
+        return next(o for o in (FAIL, INCONCLUSIVE, PASS) if o in outcomes or o == PASS)
+
+    @property
     def passed(self) -> bool:
-        """Every file's verdict."""
-        return all(r.passed for r in self.reports)
+        return self.outcome == PASS
 
 
 def evaluate_variants(model_files: list[Path | str], cfg: EvalConfig,

@@ -15,6 +15,7 @@ import numpy as np
 
 from safeexport.attacks.base import Signals
 from safeexport.errors import ConfigError
+from safeexport.plots import fmt_interval
 from safeexport.rundir import RunDir, atomic_write, check_targets, read_json_file
 from safeexport.runio import inputs_of, load_data, load_model, open_run
 from safeexport.runtimes import torch_runtime
@@ -28,6 +29,7 @@ margin-top:2em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px sol
 padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
 .pass{background:#1b7a2f;color:#fff;padding:.1em .5em;border-radius:3px}
 .fail{background:#b3261e;color:#fff;padding:.1em .5em;border-radius:3px}
+.inconclusive{background:#a15c00;color:#fff;padding:.1em .5em;border-radius:3px}
 code{font-size:12px;word-break:break-all}img{max-width:100%;border:1px solid #eee}
 .note{color:#555}
 """
@@ -45,6 +47,11 @@ def _fig(value: float | None, ci: list | None = None, digits: int = 4) -> str:
     if ci:
         text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
     return text
+
+
+def _interval(ci: list | None) -> str:
+    """A paired interval in points, or "identical" where the scores did not change."""
+    return "identical" if ci is None else f"{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}"
 
 
 def _img(path: Path, alt: str) -> str:
@@ -81,7 +88,7 @@ def _figures_section(report: dict) -> str:
         m = report[key]
         s, ci = m["strongest"], m["ci"]
         rows.append([_e(label), _fig(m["task_acc"], m.get("task_acc_ci")),
-                     _e(m["attack"]), _fig(m["mia_acc"], ci.get("mia_acc")),
+                     _e(m["attack"]), _e(fmt_interval(m, "mia_acc")),
                      _fig(m["auc"], ci.get("auc"), 3),
                      _fig(m["tpr_at_1pct_fpr"], ci.get("tpr_at_1pct_fpr"), 3),
                      _e(s["attack"]), _fig(s["mia_acc"], s["ci"].get("mia_acc")),
@@ -107,19 +114,21 @@ def _verdicts_section(run: RunDir) -> str:
     for path in evals:
         r = read_json_file(path)
         v = r["verdict"]
-        d = v["paired"]["mia_acc"]
-        badge = '<span class=pass>PASS</span>' if v["passed"] else '<span class=fail>FAIL</span>'
+        badge = f'<span class={v["outcome"].lower()}>{v["outcome"]}</span>'
+        largest = []
+        for fig, d in v["rises"]["max"].items():
+            if d["delta"] is not None:
+                largest.append(f"{fig} {100 * d['delta']:+.2f} [{_interval(d['ci'])}] "
+                               f"({d['attack']})")
+        why = v["reasons"] or v["undecided"] or ["every upper bound below the tolerance"]
         rows.append([_e(Path(r["model_file"]).name), _e(r["runtime"]["name"]), badge,
-                     _e(v["attack"]),
-                     f"{100 * d['delta']:+.2f} [{100 * d['ci'][0]:+.2f}, "
-                     f"{100 * d['ci'][1]:+.2f}]",
-                     f"{100 * v['task_drop']:+.2f}", f"{100 * v['detectable_rise']:.1f}",
-                     _e("; ".join(v["reasons"]) or "within the tolerances")])
+                     _e("; ".join(largest)), f"{100 * v['task_drop']:+.2f}",
+                     _e("; ".join(why))])
         plots.append(_img(path.with_suffix(".png"), f"ROC of {path.stem}"))
     return ("<h2>Verdicts on exported files</h2>"
-            + _table(["file", "runtime", "verdict", "strongest attack",
-                      "MIA acc change, points [paired 95%]", "task acc drop, points",
-                      "smallest detectable rise, points", "reasons"], rows, 2)
+            + _table(["file", "runtime", "verdict",
+                      "largest rise over all attacks, points [paired 95%] (attack)",
+                      "task acc drop, points", "reasons"], rows, 2)
             + "".join(plots))
 
 
@@ -146,6 +155,15 @@ def _exports_section(manifests: list[dict]) -> str:
                                         "sha256"], rows)
 
 
+def beats_chance(row: dict) -> bool:
+    """Whether some attack of a report row (the configured one, the threshold and reference
+    attacks) has an MIA accuracy or AUC interval that excludes 0.5."""
+    attacks = [row, *row.get("threshold_attacks", {}).values(),
+               *(v for k, v in row.get("reference_attacks", {}).items() if k != "settings")]
+    return any(ci[0] > 0.5 or ci[1] < 0.5 for m in attacks for key in ("mia_acc", "auc")
+               if (ci := m.get("ci", {}).get(key)))
+
+
 def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
     """The evaluated members the run's exposure ranking (report.json's ``exposure``: LiRA when
     references ran, else the strongest attack) flags at the lowest false-positive rate, with
@@ -163,7 +181,11 @@ def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
     rows = [[str(r["index"]), _e(r["label"]), _e(pred[k]), f"{loss[k]:.4g}",
              f"{r['score']:.4g}", f"{r['flagged_fpr']:.4f}"] for k, r in enumerate(records)]
     n = report["compressed"]["n_nonmembers"]
-    return ("<h2>Most exposed records</h2>"
+    caveat = ("" if beats_chance(report["compressed"]) else
+              "<p class=note><b>No attack measurably beats chance on this model</b> (every MIA "
+              "accuracy and AUC interval contains 0.5): this ranking orders noise and is not "
+              "evidence that these records leak.</p>")
+    return ("<h2>Most exposed records</h2>" + caveat +
             f"<p>The {len(records)} evaluated members the <b>{_e(exposure['attack'])}</b> "
             "attack flags at the lowest false-positive rate (the fraction of non-members that "
             "score at least as high): 0 means the record outscores every non-member; with "

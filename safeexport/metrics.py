@@ -143,8 +143,10 @@ def mia_metrics(scores: np.ndarray, is_member: np.ndarray, threshold: float = 0.
                 resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """MIA accuracy at ``threshold`` (0.5 = chance on a balanced set), ROC AUC, TPR at 1% and
     0.1% FPR with the achieved FPRs (None, and listed in ``not_measurable``, when the target is
-    below 1/N non-members), the sample counts they rest on, and ``ci``: a 95% bootstrap
-    interval of each figure (``resamples`` = 0 skips them)."""
+    below 1/N non-members), the sample counts they rest on, ``degenerate`` (every sample on
+    the same side of the threshold: the accuracy is 0.5 in every resample, and its interval a
+    single point that says nothing) and ``ci``: a 95% bootstrap interval of each figure
+    (``resamples`` = 0 skips them)."""
     sm, sn = _split(scores, is_member)
     n_m, n_n = len(sm), len(sn)
     s, y = np.r_[sm, sn], _labels(n_m, n_n)
@@ -155,7 +157,9 @@ def mia_metrics(scores: np.ndarray, is_member: np.ndarray, threshold: float = 0.
         if out[f"tpr_at_{key}_fpr"] is None:
             not_measurable.append(f"TPR at {100 * target:g}% FPR is not measurable with "
                                   f"{n_n} non-members (needs {int(np.ceil(1 / target))})")
-    out.update(n_members=n_m, n_nonmembers=n_n, not_measurable=not_measurable)
+    decisions = s > threshold
+    out.update(n_members=n_m, n_nonmembers=n_n, not_measurable=not_measurable,
+               degenerate=bool(decisions.all() or not decisions.any()))
     if resamples:
         lo, hi = _bootstrap(lambda i, j: _figures(np.r_[sm[i], sn[j]], y, threshold, n_n),
                             n_m, n_n, resamples, seed)
@@ -182,6 +186,60 @@ def paired_difference(before: np.ndarray, after: np.ndarray, is_member: np.ndarr
     lo, hi = _bootstrap(diff, len(bm), n_n, resamples, seed)
     return {k: {"delta": None if np.isnan(p) else float(p), "ci": _interval(a, b)}
             for k, p, a, b in zip(FIGURES, point, lo, hi, strict=True)}
+
+
+VERDICT_FIGURES = ("mia_acc", "auc", "tpr_at_1pct_fpr")  # what a release verdict compares
+
+
+def paired_rises(before: dict[str, tuple[np.ndarray, float]],
+                 after: dict[str, tuple[np.ndarray, float]], is_member: np.ndarray,
+                 resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """after − before of every attack's folded MIA accuracy, folded AUC and TPR at 1% FPR
+    (``VERDICT_FIGURES``), two models scored on the SAME samples (``before`` and ``after`` map
+    an attack's name to its scores and threshold), and of the largest rise over the attacks,
+    each with a paired bootstrap interval. One resample draws the same members and
+    non-members for every attack and both models, so the interval of the maximum accounts for
+    looking at many attacks: its upper bound below a tolerance shows that no attack rose by
+    that much (a non-inferiority test over all of them at once)."""
+    names = list(before)
+    is_member = np.asarray(is_member, dtype=bool)
+    split = {k: (_split(before[k][0], is_member), _split(after[k][0], is_member))
+             for k in names}
+    y = _labels(int(is_member.sum()), int((~is_member).sum()))
+    n_n = int((~is_member).sum())
+    keep = [FIGURES.index(f) for f in VERDICT_FIGURES]
+
+    def folded(f: np.ndarray) -> np.ndarray:
+        f = f[keep]
+        f[:2] = np.maximum(f[:2], 1 - f[:2])  # accuracy and AUC below chance are folded
+        return f
+
+    def rises(i, j):
+        d = np.array([folded(_figures(np.r_[am[i], an[j]], y, after[k][1], n_n))
+                      - folded(_figures(np.r_[bm[i], bn[j]], y, before[k][1], n_n))
+                      for k, ((bm, bn), (am, an)) in split.items()])
+        with np.errstate(all="ignore"):  # a figure no attack measures stays NaN
+            worst = np.full(d.shape[1], np.nan)
+            ok = ~np.isnan(d).all(0)
+            worst[ok] = np.nanmax(d[:, ok], axis=0)
+        return np.r_[d.ravel(), worst]
+
+    point = rises(np.arange(len(y) - n_n), np.arange(n_n))
+    lo, hi = _bootstrap(rises, len(y) - n_n, n_n, resamples, seed)
+    width = len(VERDICT_FIGURES)
+
+    def entry(at: int) -> dict:
+        return {"delta": None if np.isnan(point[at]) else float(point[at]),
+                "ci": _interval(lo[at], hi[at])}
+
+    per = {k: {f: entry(a * width + b) for b, f in enumerate(VERDICT_FIGURES)}
+           for a, k in enumerate(names)}
+    worst = {}
+    for b, f in enumerate(VERDICT_FIGURES):
+        values = {k: per[k][f]["delta"] for k in names if per[k][f]["delta"] is not None}
+        worst[f] = {**entry(len(names) * width + b),
+                    "attack": max(values, key=values.get) if values else None}
+    return {"attacks": per, "max": worst}
 
 
 def detectable_rise(n_members: int, n_nonmembers: int, power: float = 0.8) -> float:
@@ -219,6 +277,10 @@ def figure_warnings(task_acc_ci: list[float], chance: float, attack: str,
     from always guessing the commonest class, and an attack that reads below chance by more
     than its 95% interval allows."""
     out = []
+    if attack_metrics.get("degenerate"):
+        out.append(f"the {attack} attack's decisions are constant (every evaluated sample on "
+                   "one side of its threshold): degenerate, its MIA accuracy of 0.5 and its "
+                   "interval say nothing")
     if task_acc_ci[0] <= chance:
         out.append(f"task accuracy (95% interval {task_acc_ci[0]:.4f}-{task_acc_ci[1]:.4f}) "
                    f"cannot be told from chance ({chance:.4f}, the commonest class): its "

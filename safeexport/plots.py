@@ -16,6 +16,18 @@ def fmt_figure(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def fmt_interval(m: dict, key: str, digits: int = 4) -> str:
+    """A figure of ``mia_metrics`` with its 95% interval; "degenerate" instead of the
+    single-point interval of an attack whose decisions are all the same."""
+    value, ci = m[key], m.get("ci", {}).get(key)
+    if value is None:
+        return "n/m"
+    text = f"{value:.{digits}f}"
+    if key == "mia_acc" and m.get("degenerate"):
+        return f"{text} degenerate"
+    return f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else text
+
+
 def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG, atomically, and close it."""
     import io

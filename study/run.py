@@ -262,7 +262,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             "balanced unknown ones; 'Strongest' names the attack (it, a threshold attack, or "
             "LiRA/RMIA when references ran) with the highest MIA accuracy. One seed: [95% "
             "bootstrap interval]. TM-score = "
-            f"Task Acc^λ / fold(MIA Acc) (λ = {cfg.lam:g}). "
+            f"Task Acc^λ / fold(MIA Acc of the strongest attack) (λ = {cfg.lam:g}). "
             "Wall time: the whole method, including the dense model a two-step baseline starts "
             "from. ε: DP-SGD's (ε, δ) for its private phase. (!): a warning below; such a "
             "row is not ranked.")

@@ -16,6 +16,7 @@ from compressor import compress
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from safeexport.errors import ConfigError, DataError
+from safeexport.metrics import fold
 from safeexport.rundir import RunDir, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data
 from safeexport.runtimes import open_runtime
@@ -60,20 +61,32 @@ def test_float_exports_give_pytorch_logits(run, name, tmp_path):
     assert res.plot_path.exists() and res.json_path.exists()
 
 
+EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
+
+
 def test_verdict_and_exit_codes(run, tmp_path):
     two_bit = _exp(run, "model-tflite-w2-weight-only.tflite")
     r = cli("evaluate", two_bit, "--json", tmp_path / "a.json", "--max-task-drop", "0")
     report = json.loads((tmp_path / "a.json").read_text())
-    drop = report["verdict"]["task_drop"]
-    assert drop == pytest.approx(report["before"]["task_acc"] - report["after"]["task_acc"])
-    assert r.returncode == (1 if drop > 0 or _privacy_fails(report["verdict"], 0.01) else 0)
+    v = report["verdict"]
+    assert v["task_drop"] == pytest.approx(report["before"]["task_acc"]
+                                           - report["after"]["task_acc"])
+    assert v["outcome"] == _rule(v) and r.returncode == EXIT[v["outcome"]], r.stdout + r.stderr
+    assert v["outcome"] in r.stdout
+    # a tolerance no rise reaches passes
     r = cli("evaluate", two_bit, "--json", tmp_path / "b.json", "--max-task-drop", "1",
             "--max-mia-rise", "1")
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    # no tolerance: nothing can be shown safe, so never PASS; INCONCLUSIVE is exit 3, or 0
+    # with --inconclusive-ok
     r = cli("evaluate", two_bit, "--json", tmp_path / "c.json", "--max-task-drop", "1",
             "--max-mia-rise", "0")
-    verdict = json.loads((tmp_path / "c.json").read_text())["verdict"]
-    assert r.returncode == (1 if _privacy_fails(verdict, 0.0) else 0)
+    v = json.loads((tmp_path / "c.json").read_text())["verdict"]
+    assert v["outcome"] == _rule(v) != "PASS" and r.returncode == EXIT[v["outcome"]]
+    if v["outcome"] == "INCONCLUSIVE":
+        r = cli("evaluate", two_bit, "--json", tmp_path / "c2.json", "--max-task-drop", "1",
+                "--max-mia-rise", "0", "--inconclusive-ok")
+        assert r.returncode == 0 and "INCONCLUSIVE" in r.stdout and "warning" in r.stderr
     # the same command through the module entry point
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     m = subprocess.run([sys.executable, "-m", "device_eval", str(two_bit), "--json",
@@ -82,9 +95,23 @@ def test_verdict_and_exit_codes(run, tmp_path):
     assert m.returncode == 0 and "PASS" in m.stdout, m.stderr
 
 
-def _privacy_fails(verdict: dict, tolerance: float) -> bool:
-    """The rule: a rise above the tolerance whose paired interval excludes zero."""
-    return verdict["mia_rise"] > tolerance and verdict["paired"]["mia_acc"]["ci"][0] > 0
+def _rule(v: dict) -> str:
+    """SPEC §9's rule, read back from the report's own figures."""
+    tol = v["max_mia_rise"]
+    if v["task_drop"] > v["max_task_drop"] or any(
+            d["ci"] and d["delta"] > tol and d["ci"][0] > 0
+            for per in v["rises"]["attacks"].values() for d in per.values()):
+        return "FAIL"
+    if all(d["delta"] is None or (d["ci"][1] if d["ci"] else d["delta"]) < tol
+           for d in v["rises"]["max"].values()):
+        return "PASS"
+    return "INCONCLUSIVE"
+
+
+def _figures_of(side: dict, name: str) -> dict:
+    if name == side["attack"]:
+        return side
+    return {**side["threshold_attacks"], **side.get("reference_attacks", {})}[name]
 
 
 def test_verdict_logic_on_known_deltas(run, tmp_path):
@@ -96,18 +123,22 @@ def test_verdict_logic_on_known_deltas(run, tmp_path):
     strict = EvalConfig(max_mia_rise=0.0, max_task_drop=0.0)
     res = evaluate(_exp(run, "model-tflite-w8-static.tflite"), strict,
                    json_out=tmp_path / "t.json")
-    v = r["verdict"]
-    # the verdict's attack is the strongest on the PyTorch model, and its paired delta is
-    # the difference of that attack's figures on the two models
-    strongest = r["before"]["strongest"]
-    assert v["attack"] == strongest["attack"]
-    after = (r["after"] if v["attack"] == r["attack"]["name"]
-             else r["after"]["threshold_attacks"][v["attack"]])
-    assert v["mia_rise"] == pytest.approx(after["mia_acc"] - strongest["mia_acc"])
-    expected = not _privacy_fails(v, 0.0) and v["task_drop"] <= 0
-    assert res.passed == expected
-    assert len(res.report["verdict"]["reasons"]) == _privacy_fails(v, 0.0) + (
-        v["task_drop"] > 0)
+    v = res.report["verdict"]
+    assert v["outcome"] == _rule(v) == res.outcome and not res.passed
+    # every attack is compared; AUC and TPR rises are the differences of the reported
+    # figures (folded AUC), and the largest rise is the largest over the attacks
+    assert set(v["attacks"]) == {r["attack"]["name"], *r["before"]["threshold_attacks"]}
+    for name in v["attacks"]:
+        b, a = _figures_of(r["before"], name), _figures_of(r["after"], name)
+        assert v["rises"]["attacks"][name]["auc"]["delta"] == pytest.approx(
+            fold(a["auc"]) - fold(b["auc"]))
+        if b["tpr_at_1pct_fpr"] is not None:
+            assert v["rises"]["attacks"][name]["tpr_at_1pct_fpr"]["delta"] == pytest.approx(
+                a["tpr_at_1pct_fpr"] - b["tpr_at_1pct_fpr"])
+    for fig, worst in v["rises"]["max"].items():
+        values = [v["rises"]["attacks"][k][fig]["delta"] for k in v["attacks"]]
+        if worst["delta"] is not None:
+            assert worst["delta"] == pytest.approx(max(x for x in values if x is not None))
 
 
 # ---------------------------------------------------------------- bad input
@@ -187,8 +218,8 @@ def test_cli_compress_export_evaluate_on_the_digits_default(tmp_path):
             name = f"model-{fmt}-w{bits}-weight-only"
             model = out / "exports" / f"{name}.{fmt}"
             r = cli("evaluate", model, "--json", tmp_path / f"{name}.json")
-            assert r.returncode in (0, 1), r.stderr
             report = json.loads((tmp_path / f"{name}.json").read_text())
-            assert ("PASS" in r.stdout) == report["verdict"]["passed"] == (r.returncode == 0)
+            outcome = report["verdict"]["outcome"]
+            assert r.returncode == EXIT[outcome] and outcome in r.stdout, r.stderr
             assert report["samples"]["eval_members"] == report["samples"]["eval_nonmembers"]
             assert report["before"]["task_acc"] > 0.5  # 10 classes: chance is 0.1

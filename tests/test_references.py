@@ -327,8 +327,10 @@ def test_two_identical_files_attacked_jointly_equal_the_single_file(leaky, leaky
     twin = exported.path.with_name("twin.onnx")
     shutil.copy(exported.path, twin)
     shutil.copy(exported.manifest_path, twin.with_suffix(".json"))
+    # an int8 file's TPR at 1% FPR on 224 non-members moves by single samples: its verdict may
+    # be INCONCLUSIVE, which is not what this test is about
     result = CliRunner().invoke(main, ["evaluate", str(exported.path), str(twin), "--json",
-                                       str(tmp_path / "joint.json")])
+                                       str(tmp_path / "joint.json"), "--inconclusive-ok"])
     assert result.exit_code == 0, result.output
     joint = json.loads((tmp_path / "joint.json").read_text())
     single = json.loads((leaky.path / "evals" / f"{exported.path.stem}-onnxruntime.json")

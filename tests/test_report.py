@@ -16,7 +16,7 @@ from commands.cli import main
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from safeexport.errors import ConfigError
-from safeexport.html_report import EXPOSED_SHOWN, write_report
+from safeexport.html_report import EXPOSED_SHOWN, beats_chance, write_report
 from safeexport.metrics import flagged_fpr
 from safeexport.runio import open_run
 
@@ -50,7 +50,7 @@ def test_the_report_renders_in_a_browser_with_its_plots_and_figures(reported, tm
     run, page = reported
     dom = _chromium("--dump-dom", page.as_uri()).stdout
     verdict = json.loads(next((run / "evals").glob("*.json")).read_text())["verdict"]
-    assert ("PASS" if verdict["passed"] else "FAIL") in dom
+    assert f'<span class={verdict["outcome"].lower()}>{verdict["outcome"]}</span>' in dom
     manifest = json.loads((run / "exports" / "model-onnx-w8-weight-only.json").read_text())
     assert manifest["sha256"] in dom  # the export table and the hashes
     assert open_run(run).read_report()["files"]["model.safetensors"] in dom
@@ -59,6 +59,13 @@ def test_the_report_renders_in_a_browser_with_its_plots_and_figures(reported, tm
     assert "<script" not in page.read_text()
     exposed = dom.split("Most exposed records")[1].split("</table>")[0]
     assert exposed.count("<tr>") == EXPOSED_SHOWN + 1  # header + the records
+    # the ranking carries its caveat exactly when no attack's interval excludes chance
+    row = open_run(run).read_report()["compressed"]
+    intervals = [m["ci"][k] for m in (row, *row["threshold_attacks"].values())
+                 for k in ("mia_acc", "auc")]
+    noise = all(lo <= 0.5 <= hi for lo, hi in intervals)
+    assert ("No attack measurably beats chance" in exposed) == noise
+    assert beats_chance(row) != noise
 
     shot = tmp_path / "shot.png"
     _chromium("--window-size=1200,3000", f"--screenshot={shot}", page.as_uri())
@@ -86,3 +93,19 @@ def test_flagged_fpr_is_the_share_of_nonmembers_scoring_at_least_as_high():
     nonmembers = np.array([0.1, 0.2, 0.2, 0.5])
     assert flagged_fpr(np.array([0.6, 0.5, 0.2, 0.0]), nonmembers).tolist() == \
         [0.0, 0.25, 0.75, 1.0]
+
+
+def test_beats_chance_reads_every_attacks_interval():
+    def row(*intervals, refs=()):
+        ci = [{"ci": {"mia_acc": i, "auc": [0.45, 0.55]}} for i in intervals]
+        out = {**ci[0], "threshold_attacks": dict(enumerate(ci[1:]))}
+        if refs:
+            out["reference_attacks"] = {"settings": {}, "lira": {"ci": {"auc": refs}}}
+        return out
+
+    assert not beats_chance(row([0.45, 0.55], [0.48, 0.6]))
+    assert beats_chance(row([0.45, 0.55], [0.51, 0.6]))  # a threshold attack
+    assert beats_chance(row([0.40, 0.49], [0.48, 0.6]))  # below chance beyond the noise
+    assert beats_chance(row([0.45, 0.55], refs=[0.52, 0.7]))  # LiRA's AUC
+    assert not beats_chance(row([0.45, 0.55], refs=[0.42, 0.7]))
+

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import partial
 
 from safeexport.attacks.base import Attack, AttackResult, Signals, is_member_of
-from safeexport.attacks.evaluate import MembershipResult, attack_figures, fit_and_score
+from safeexport.attacks.evaluate import MembershipResult, fit_and_score
 from safeexport.attacks.nasr import NasrAttack
 from safeexport.attacks.threshold import THRESHOLD_ATTACKS, ThresholdAttack
 from safeexport.registry import Registry
@@ -23,4 +23,4 @@ for _name in THRESHOLD_ATTACKS:
     ATTACKS.register(_name, partial(ThresholdAttack, _name))
 
 __all__ = ["ATTACKS", "Attack", "AttackResult", "MembershipResult", "NasrAttack", "Signals",
-           "ThresholdAttack", "attack_figures", "fit_and_score", "is_member_of"]
+           "ThresholdAttack", "fit_and_score", "is_member_of"]

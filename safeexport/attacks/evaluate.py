@@ -38,6 +38,7 @@ class MembershipResult:
     seeds: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)  # what LiRA/RMIA used, when they ran
     index: np.ndarray | None = None  # dataset index of each scored sample (is_member's order)
+    attackers: list[Attack] = field(default_factory=list)  # the trained attacker of each seed
 
     @property
     def metrics(self) -> dict:
@@ -146,16 +147,6 @@ def joint_attack(variants: list[MembershipResult], resamples: int = RESAMPLES) -
                                          and diff["mia_acc"]["ci"][0] > 0)}
 
 
-def attack_figures(figures: dict, name: str) -> dict:
-    """The figures of attack ``name`` in a ``MembershipResult.summary()`` dict."""
-    if name == figures["attack"]:
-        return figures
-    for group in ("threshold_attacks", "reference_attacks"):
-        if name in figures.get(group, {}):
-            return figures[group][name]
-    raise KeyError(f"no attack {name!r} in these figures")
-
-
 def exposure_for_report(exposure: dict) -> dict:
     """``exposure`` with only its ``EXPOSED_IN_REPORT`` most exposed records."""
     return {**exposure, "records": exposure["records"][:EXPOSED_IN_REPORT]}
@@ -172,14 +163,17 @@ def write_exposure_csv(path: Path, exposure: dict) -> None:
 
 def fit_and_score(attacker: Attack, known_members: Signals, known_nonmembers: Signals,
                   eval_members: Signals, eval_nonmembers: Signals, epochs: int,
-                  gen: torch.Generator, resamples: int = RESAMPLES) -> AttackResult:
-    """Train ``attacker`` on the known parts, then score and measure the evaluation parts.
+                  gen: torch.Generator, resamples: int = RESAMPLES,
+                  fit: bool = True) -> AttackResult:
+    """Train ``attacker`` on the known parts (``fit=False``: it is fitted already, on another
+    model's), then score and measure the evaluation parts.
 
     The evaluation parts must be balanced (equal counts) for MIA accuracy to read against 0.5.
     """
     if len(eval_members) != len(eval_nonmembers):
         raise ValueError("the membership evaluation set must be balanced")
-    attacker.fit(known_members, known_nonmembers, epochs, gen)
+    if fit:
+        attacker.fit(known_members, known_nonmembers, epochs, gen)
     scores = np.concatenate([attacker.score(eval_members), attacker.score(eval_nonmembers)])
     return AttackResult(mia_metrics(scores, is_member_of(eval_members, eval_nonmembers),
                                     resamples=resamples), scores)

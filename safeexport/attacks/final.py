@@ -11,13 +11,14 @@ import torch
 
 from safeexport.attacks import ATTACKS, MembershipResult, Signals, fit_and_score, is_member_of
 from safeexport.attacks.reference import References, reference_attacks
-from safeexport.attacks.threshold import threshold_attacks
+from safeexport.attacks.threshold import THRESHOLD_ATTACKS, threshold_attacks
 from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import (
     RESAMPLES,
     accuracy_interval,
     chance_accuracy,
     figure_warnings,
+    fold,
     tm_score,
 )
 from safeexport.seeding import derive_seed, generator, seeded
@@ -26,13 +27,17 @@ from safeexport.seeding import derive_seed, generator, seeded
 def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
                      splits: Splits, num_classes: int, attack: str, epochs: int, seed: int,
                      tag: str, device: torch.device, attack_seeds: int = 1,
-                     references: References | None = None) -> MembershipResult:
+                     references: References | None = None,
+                     fitted: list | None = None) -> MembershipResult:
     """Train the ``attack`` on ALL known members/non-members and measure it on the BALANCED
     unknown members/non-members; the threshold attacks run on the same signals.
     ``logits(indices)`` gives the model's outputs on samples; softmax is applied on the host.
     With ``attack_seeds`` > 1 the attack is trained again from that many seeds: the first
     gives the figures, all of them give ``seeds`` (mean ± std of each figure). With
-    ``references`` (reference models' outputs on the same samples), LiRA and RMIA too."""
+    ``references`` (reference models' outputs on the same samples), LiRA and RMIA too.
+    ``fitted``: the attackers (one per seed) of another model's evaluation, applied here as
+    they are instead of trained on this model's outputs, so that a model whose outputs equal
+    that one's gets identical scores (device_eval's comparison of a file with its model)."""
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
 
     def signals(idx: np.ndarray) -> Signals:
@@ -42,10 +47,13 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
     runs = []
     for k in range(attack_seeds):
         tags = (tag,) if k == 0 else (tag, k)
-        with seeded(derive_seed(seed, "final-attacker", *tags), device):
-            attacker = ATTACKS.get(attack)(num_classes, device)
+        if fitted:
+            attacker = fitted[k]
+        else:
+            with seeded(derive_seed(seed, "final-attacker", *tags), device):
+                attacker = ATTACKS.get(attack)(num_classes, device)
         res = fit_and_score(attacker, *parts, epochs, generator(seed, "final-attack", *tags),
-                            resamples=RESAMPLES if k == 0 else 0)
+                            resamples=RESAMPLES if k == 0 else 0, fit=not fitted)
         runs.append((attacker, res))
     results = {attack: runs[0][1], **threshold_attacks(*parts)}
     reference = {}
@@ -62,18 +70,31 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
                 spread[key] = {"mean": float(np.mean(values)),
                                "std": float(np.std(values, ddof=1)), "values": values}
     return MembershipResult(attack, runs[0][0], results, is_member_of(parts[2], parts[3]),
-                            spread, reference, np.r_[um, un])
+                            spread, reference, np.r_[um, un], [a for a, _ in runs])
 
 
 def model_figures(res: MembershipResult, test_logits: np.ndarray, test_labels: np.ndarray,
                   train_acc: float, lam: float) -> dict:
     """One model's row of a report: task accuracy on the test split (with its interval), train
     accuracy, every attack's figures (``MembershipResult.summary``), TM-score on the folded
-    MIA accuracy, and ``warnings`` when the figures are unfit to rank on."""
+    MIA accuracy of the STRONGEST attack measured (a collapsed trained attacker would read
+    0.5 and rank the leakiest model best), ``warnings`` when the figures are unfit to rank on,
+    and ``notes``: that the configured attack reads less than a threshold attack."""
     correct = np.asarray(test_logits).argmax(1) == np.asarray(test_labels)
     task = float(correct.mean())
     task_ci = accuracy_interval(correct)
+    strongest = res.strongest()
+    notes = []
+    best = max(THRESHOLD_ATTACKS, key=lambda k: fold(res.results[k].metrics["auc"]))
+    mine, theirs = res.metrics, res.results[best].metrics
+    if (res.attack not in THRESHOLD_ATTACKS and fold(mine["auc"]) < fold(theirs["auc"])
+            and fold(mine["mia_acc"]) < fold(theirs["mia_acc"])):
+        notes.append(f"the {res.attack} attack reads less than the {best} threshold attack "
+                        f"(MIA accuracy {mine['mia_acc']:.4f} vs {theirs['mia_acc']:.4f}, AUC "
+                        f"{mine['auc']:.3f} vs {theirs['auc']:.3f}); the TM-score uses the "
+                        f"strongest attack, {strongest}")
     return {"task_acc": task, "task_acc_ci": task_ci, "train_acc": train_acc, **res.summary(),
-            "tm_score": tm_score(task, res.metrics["mia_acc"], lam),
+            "tm_score": tm_score(task, res.results[strongest].metrics["mia_acc"], lam),
+            "tm_attack": strongest, "notes": notes,
             "warnings": figure_warnings(task_ci, chance_accuracy(test_labels), res.attack,
                                         res.metrics)}
