@@ -41,6 +41,7 @@ from safeexport.models import (
     weight_shapes,
 )
 from safeexport.rundir import (
+    LOCK,
     RunDir,
     atomic_write,
     load_tensors,
@@ -48,7 +49,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
-from safeexport.runio import check_fits
+from safeexport.runio import check_fits, open_run
 from safeexport.seeding import derive_seed, generator, seeded
 
 
@@ -76,10 +77,16 @@ def check_out(run: RunDir, resume: bool, overwrite: bool) -> None:
             f"{run.path} already holds a run ({cfg.get('model')} on {cfg.get('dataset')}, "
             f"sparsity {cfg.get('sparsity')}); pass --resume to continue it, --overwrite to "
             "replace it, or choose another --out")
+    if not run.is_run():
+        # not provably a run: anything in it is the user's, even a file named like a run's
+        # own (a config.json of theirs would otherwise be replaced by --overwrite)
+        held = (sorted(p.name for p in run.path.iterdir() if p.name != LOCK)
+                if run.path.is_dir() else [])
+        if held:
+            raise ConfigError(f"{run.path} exists, is not empty and is not a run directory "
+                              f"(it holds {', '.join(held[:3])}); choose another --out")
+        return
     foreign = run.foreign()
-    if foreign and not run.is_run():
-        raise ConfigError(f"{run.path} exists, is not empty and is not a run directory "
-                          f"(it holds {', '.join(foreign[:3])}); choose another --out")
     if foreign:
         raise ConfigError(f"{run.path} holds a run and files that are not the run's own "
                           f"({', '.join(foreign[:3])}); --overwrite replaces only a run's own "
@@ -269,6 +276,8 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
     if resume:
         cfg = CompressConfig.from_recorded(run.read_config()["config"])
         if run.report.exists():
+            open_run(run.path)  # a damaged finished run is refused, not called complete
+            run.read_history()
             tqdm.write(f"{run.path} is already complete; nothing to resume")
             return cfg, None
     device = resolve_device(cfg.device)

@@ -86,7 +86,16 @@ def _manifest(model_file: Path) -> dict | None:
         raise ConfigError(f"{model_file} does not match its manifest (sha256 {actual[:12]} vs "
                           f"{str(manifest.get('sha256'))[:12]}): the file was changed or "
                           "replaced after export")
+    if manifest.get("file") != model_file.name:
+        raise ConfigError(f"{path} describes {manifest.get('file')!r}, not {model_file.name}: "
+                          "a manifest belongs to the file it was written beside; give the file "
+                          "its exported name again, or set the manifest's \"file\" to its new one")
     return manifest
+
+
+# what ``_manifest`` verified of a manifest before an evaluation trusts it (in the report)
+MANIFEST_CHECKED = ("sha256 of the file", "file name", "format, bits, scheme",
+                    "source.run, source.model_sha256 (the run's model)", "input shape and dtype")
 
 
 def open_file_runtime(model_file: Path, cfg: EvalConfig, sample: np.ndarray) -> Runtime:
@@ -186,8 +195,12 @@ def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
     """A report path the user named must not replace a file (or the plot beside it) unless
     --overwrite says so; the default path in RUN/evals/ is the run's own."""
     if json_out is not None:
-        check_targets([json_out, json_out.with_suffix(".png"), exposure_path(json_out)],
-                      overwrite, "--json", "the report")
+        targets = [json_out, json_out.with_suffix(".png"), exposure_path(json_out)]
+        if len(set(targets)) < len(targets):
+            raise ConfigError(f"--json {json_out.name}: the ROC plot goes beside the report as "
+                              ".png and the ranked records as -exposure.csv, so the report "
+                              "needs a name of its own; use a .json name")
+        check_targets(targets, overwrite, "--json", "the report")
 
 
 def exposure_path(json_path: Path) -> Path:
@@ -290,6 +303,7 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
         "export": ({k: manifest[k] for k in ("format", "bits", "scheme")} if manifest
                    else {"format": "pytorch", "bits": 32, "scheme": None}),
         "run": str(rd.path.resolve()), "runtime": runtime,
+        "manifest_checked": list(MANIFEST_CHECKED) if manifest else [],
         "attack": {"name": attack, "epochs": epochs, "seed": rc["seed"], "seeds": seeds},
         "samples": {"test": len(splits.test), "known_members": len(splits.known_members),
                     "known_nonmembers": len(splits.known_nonmembers),

@@ -110,6 +110,24 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
     assert snapshot(proj) == before
 
 
+def test_overwrite_never_replaces_a_users_config_json(tmp_path):
+    """A file named like a run's own does not make a run: the folder is the user's."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"config": {"model": "mine"}}')
+    before = snapshot(mine)
+    refused(r"not a run directory \(it holds config\.json\)", "compress", *TINY, "--out",
+            mine, "--overwrite")
+    assert snapshot(mine) == before
+
+
+def test_resume_of_a_finished_run_with_a_broken_history_is_refused(copy):
+    shutil.rmtree(copy / "checkpoint", ignore_errors=True)
+    with open(copy / "history.jsonl", "a") as f:
+        f.write('{"round": 9, "winn')
+    refused(r"history\.jsonl is damaged", "compress", "--out", copy, "--resume")
+
+
 def test_overwrite_refuses_a_run_that_holds_foreign_files(done, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(done, run)
@@ -149,6 +167,23 @@ def test_export_names_the_file_that_exists(copy, tmp_path):
             "--bits", "32", "--out", tmp_path / "m.onnx")
 
 
+def test_evaluate_json_named_like_its_plot_is_refused(copy, tmp_path):
+    exp = copy / "exports" / "model-onnx-w32-weight-only.onnx"
+    refused(r"--json out\.png: the ROC plot goes beside the report as \.png", "evaluate", exp,
+            "--json", tmp_path / "out.png", "--attack-epochs", "1")
+    assert not any(tmp_path.glob("out*"))
+
+
+def test_a_manifest_that_names_another_file_is_refused(copy):
+    exp = copy / "exports" / "model-onnx-w32-weight-only.onnx"
+    m = exp.with_suffix(".json")
+    manifest = json.loads(m.read_text())
+    write_json(m, {**manifest, "file": "other.onnx"})
+    refused(r"describes 'other\.onnx', not model-onnx-w32-weight-only\.onnx", "evaluate", exp,
+            "--attack-epochs", "1")
+    assert not (copy / "evals").exists()
+
+
 def test_evaluate_json_is_not_overwritten_without_the_flag(copy, tmp_path):
     target = tmp_path / "mine.json"
     target.write_text("keep me")
@@ -158,8 +193,10 @@ def test_evaluate_json_is_not_overwritten_without_the_flag(copy, tmp_path):
             "--attack-epochs", "1")
     assert target.read_text() == "keep me" and (tmp_path / "mine.png").read_text() == "keep me too"
     code, err = invoke("evaluate", exp, "--json", target, "--attack-epochs", "1", "--overwrite")
-    assert code in (0, 1), err
-    assert json.loads(target.read_text())["model_file"] == str(exp.resolve())
+    assert code in (0, 1, 3), err
+    report = json.loads(target.read_text())
+    assert report["model_file"] == str(exp.resolve())
+    assert "file name" in report["manifest_checked"]
 
 
 # ------------------------------------------------------------------ silently wrong results
@@ -330,7 +367,7 @@ def test_a_runtime_crash_is_reported_not_silent(run, tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(bytes(data))
     manifest = json.loads(src.with_suffix(".json").read_text())
-    manifest["sha256"] = sha256_file(bad)
+    manifest["sha256"], manifest["file"] = sha256_file(bad), bad.name
     write_json(bad.with_suffix(".json"), manifest)
     sample = tmp_path / "x.npy"
     np.save(sample, np.zeros((1, *manifest["input"]["shape"][1:]), np.float32))
@@ -550,6 +587,7 @@ CIFAR_CASES = {
     "string-labels": (dict(batch1={"labels": ["cat"] * 50}), "one integer label per image"),
     "label-1e12": (dict(batch1={"labels": [10**12] * 50}), "class indices 0..K-1"),
     "label-names-int": (dict(meta={"label_names": 7}), "list of class names"),
+    "ragged-data": (dict(batch1={"data": [[1, 2, 3], [1, 2]]}), "not a CIFAR batch"),
 }
 
 

@@ -151,7 +151,8 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(run, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file")
     manifest = json.loads(onnx.with_suffix(".json").read_text())
-    write_json(bad.with_suffix(".json"), {**manifest, "sha256": sha256_file(bad)})
+    write_json(bad.with_suffix(".json"), {**manifest, "sha256": sha256_file(bad),
+                                          "file": bad.name})
     _one_line(cli("evaluate", bad, "--json", evals / "x.json"), "onnxruntime cannot load")
     # a file that differs from its manifest
     changed = tmp_path / "changed.onnx"
@@ -167,8 +168,9 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(run, tmp_path):
     # an input shape that does not match the run's data
     shaped = tmp_path / "shaped.onnx"
     shutil.copy(onnx, shaped)
-    write_json(shaped.with_suffix(".json"), {**manifest, "input": {"shape": [None, 3, 8, 8],
-                                                                   "dtype": "float32"}})
+    write_json(shaped.with_suffix(".json"), {**manifest, "file": shaped.name,
+                                             "input": {"shape": [None, 3, 8, 8],
+                                                       "dtype": "float32"}})
     _one_line(cli("evaluate", shaped, "--json", evals / "x.json"),
               "takes float32 inputs of shape \\[3, 8, 8\\]")
     assert not evals.exists()
@@ -193,12 +195,13 @@ def test_data_and_class_mismatches(run, tmp_path):
     shutil.copy(_exp(run, "model-onnx-w32-weight-only.onnx"), onnx)
     manifest = json.loads(_exp(run, "model-onnx-w32-weight-only.json").read_text())
     manifest["source"]["model_sha256"] = sha256_file(digits / "model.safetensors")
-    write_json(onnx.with_suffix(".json"), manifest)
+    write_json(onnx.with_suffix(".json"), {**manifest, "file": onnx.name})
     with pytest.raises(ConfigError, match="outputs shape \\[4\\], the run has 10 classes"):
         evaluate(onnx, EvalConfig(), digits, json_out=tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
     # and without the edit, the model mismatch is caught first
-    shutil.copy(_exp(run, "model-onnx-w32-weight-only.json"), onnx.with_suffix(".json"))
+    manifest = json.loads(_exp(run, "model-onnx-w32-weight-only.json").read_text())
+    write_json(onnx.with_suffix(".json"), {**manifest, "file": onnx.name})
     with pytest.raises(ConfigError, match="exported from another model"):
         evaluate(onnx, EvalConfig(), digits)
 

@@ -137,7 +137,11 @@ def load_cifar_pickles(name: str, root: Path, files: list[str], label_key: str,
     xs, ys = [], []
     for fname in files:
         d = read_cifar_batch(root / fname)
-        data, labels = np.asarray(d["data"]), np.asarray(d.get(label_key))
+        try:  # a ragged list (rows of different lengths) is no array at all
+            data, labels = np.asarray(d["data"]), np.asarray(d.get(label_key))
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{root / fname}: not a CIFAR batch ('data' and {label_key!r} must "
+                            f"be arrays: {str(e)[:120]})") from e
         if data.dtype != np.uint8 or data.size == 0 or data.size % 3072:
             raise DataError(f"{root / fname}: 'data' must hold uint8 pixels, 3072 per image, "
                             f"got {data.dtype} of {data.size} values")
