@@ -41,6 +41,7 @@ from safeexport.runtimes import Runtime, open_runtime
 
 TAG = "compressed"  # the compressor's tag for its final evaluation of model.safetensors
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"  # the verdicts (SPEC §9)
+_FIGURE_NAMES = {"mia_acc": "MIA accuracy", "auc": "AUC", "tpr_at_1pct_fpr": "TPR at 1% FPR"}
 
 
 @dataclass
@@ -186,9 +187,6 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
             "rises": rises, "attacks": names, "task_drop": task_drop, "max_mia_rise": tol,
             "max_task_drop": cfg.max_task_drop, "evaluated": n_m + n_n,
             "detectable_rise": detectable_rise(n_m, n_n)}
-
-
-_FIGURE_NAMES = {"mia_acc": "MIA accuracy", "auc": "AUC", "tpr_at_1pct_fpr": "TPR at 1% FPR"}
 
 
 def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
@@ -344,7 +342,7 @@ class JointReport:
     def outcome(self) -> str:
         """FAIL when a file fails, else INCONCLUSIVE when one is, else PASS."""
         outcomes = {r.outcome for r in self.reports}
-        return next(o for o in (FAIL, INCONCLUSIVE, PASS) if o in outcomes or o == PASS)
+        return FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
 
     @property
     def passed(self) -> bool:

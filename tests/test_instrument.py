@@ -3,6 +3,7 @@ scores, a verdict that compares two models on the same samples, and warnings whe
 unfit to rank on."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from compressor import compress
 from compressor.config import CompressConfig
 from device_eval import evaluate
 from device_eval.config import EvalConfig
-from device_eval.run import _verdict
+from device_eval.run import EvalReport, JointReport, _verdict
 from exporters import export
 from exporters.config import ExportConfig
 from safeexport.attacks import AttackResult, MembershipResult, NasrAttack, Signals, fit_and_score
@@ -196,6 +197,19 @@ def test_the_verdict_passes_only_what_it_proves_and_says_how_many_samples_would_
     v = _verdict(kept, kept, _membership(small, 50), _membership(moved, 50),
                  EvalConfig(max_mia_rise=0.0))
     assert v["outcome"] == "INCONCLUSIVE" and v["samples_needed"] is None
+
+
+def test_several_files_take_the_worst_verdict_and_an_audit_passes():
+    def one(outcome):
+        return EvalReport({"verdict": {"outcome": outcome}}, Path("r.json"), Path("r.png"))
+
+    def joint(*outcomes):
+        return JointReport([one(o) for o in outcomes], {}, Path("j.json")).outcome
+
+    assert joint("PASS", "PASS") == "PASS"
+    assert joint("PASS", "INCONCLUSIVE") == "INCONCLUSIVE"
+    assert joint("INCONCLUSIVE", "FAIL", "PASS") == "FAIL"
+    assert EvalReport({}, Path("a.json"), Path("a.png")).passed  # no verdict: a foreign audit
 
 
 def test_the_largest_rise_bounds_every_attacks_rise():
