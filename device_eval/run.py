@@ -30,7 +30,9 @@ from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_rises
 from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import (
+    MANIFEST_FIELDS,
     check_targets,
+    manifest_missing,
     read_json_file,
     regular_file,
     sha256_file,
@@ -73,15 +75,11 @@ def _manifest(model_file: Path) -> dict | None:
         raise ConfigError(f"{model_file} has no manifest ({path.name}) beside it; evaluate "
                           "files written by `safeexport export`")
     manifest = read_json_file(path)
-    source, inp = manifest.get("source"), manifest.get("input")
-    if not (isinstance(manifest.get("sha256"), str) and isinstance(source, dict)
-            and isinstance(source.get("run"), str) and isinstance(source.get("model_sha256"), str)
-            and isinstance(inp, dict) and isinstance(inp.get("shape"), list)
-            and isinstance(inp.get("dtype"), str)
-            and all(k in manifest for k in ("format", "bits", "scheme"))):
-        raise ConfigError(f"{path} is not a complete export manifest (it needs sha256, format, "
-                          "bits, scheme, source.run, source.model_sha256, input.shape and "
-                          "input.dtype); export the file again with `safeexport export`")
+    missing = manifest_missing(manifest)
+    if missing:
+        raise ConfigError(f"{path} is not a complete export manifest (missing or mistyped: "
+                          f"{', '.join(missing)}); export the file again with "
+                          "`safeexport export`")
     actual = sha256_file(model_file)
     if actual != manifest.get("sha256"):
         raise ConfigError(f"{model_file} does not match its manifest (sha256 {actual[:12]} vs "
@@ -95,8 +93,9 @@ def _manifest(model_file: Path) -> dict | None:
 
 
 # what ``_manifest`` verified of a manifest before an evaluation trusts it (in the report)
-MANIFEST_CHECKED = ("sha256 of the file", "file name", "format, bits, scheme",
-                    "source.run, source.model_sha256 (the run's model)", "input shape and dtype")
+MANIFEST_CHECKED = (*(f"{k} present" for k in MANIFEST_FIELDS), "sha256 equals the file's",
+                    "file is the file's name", "source.model_sha256 equals the run's model's",
+                    "input shape and dtype are the run's data's")
 
 
 def open_file_runtime(model_file: Path, cfg: EvalConfig, sample: np.ndarray) -> Runtime:

@@ -27,6 +27,7 @@ from safeexport.registry import Registry
 from safeexport.rundir import (
     RunDir,
     check_targets,
+    manifest_missing,
     read_json_file,
     sha256_file,
     staged,
@@ -112,12 +113,11 @@ def _out_path(src: Source, cfg: ExportConfig, out: Path | None) -> Path:
 
 
 def is_manifest(path: Path) -> bool:
-    """True when ``path`` is an export manifest (what ``export`` writes beside a file)."""
+    """True when ``path`` is a complete export manifest (``manifest_missing``)."""
     try:
-        m = read_json_file(path)
+        return not manifest_missing(read_json_file(path))
     except ConfigError:
         return False
-    return all(k in m for k in ("format", "bits", "sha256", "source", "parity"))
 
 
 def _check_targets(path: Path, manifest_path: Path, overwrite: bool) -> None:

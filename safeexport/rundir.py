@@ -212,6 +212,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# What every export manifest (the JSON `safeexport export` writes beside a file) holds, with
+# its type: the one definition the exporter (which overwrites nothing but a manifest) and
+# evaluate (which trusts a file only through a complete one) share.
+MANIFEST_FIELDS = {"file": str, "sha256": str, "format": str, "bits": int, "scheme": str,
+                   "source.run": str, "source.model_sha256": str, "input.shape": list,
+                   "input.dtype": str, "parity": dict}
+
+
+def manifest_missing(manifest: object) -> list[str]:
+    """The ``MANIFEST_FIELDS`` that ``manifest`` lacks or holds with another type (empty: it is
+    a complete export manifest)."""
+    def field(key: str) -> object:
+        value = manifest
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    return [k for k, kind in MANIFEST_FIELDS.items() if not isinstance(field(k), kind)]
+
+
 # Every name a run directory's own files and folders have; nothing else in the folder is ours.
 RUN_FILES = ("config.json", "splits.npz", "model.safetensors", "model.json",
              "attacker.safetensors", "dense.safetensors", "tokenizer.json", "history.jsonl",

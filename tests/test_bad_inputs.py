@@ -161,8 +161,7 @@ def test_export_manifest_never_overwrites_a_run_file(copy):
 
 
 def test_export_names_the_file_that_exists(copy, tmp_path):
-    (tmp_path / "m.json").write_text('{"format": "onnx", "bits": 8, "sha256": "x", '
-                                     '"source": {}, "parity": {}}')
+    shutil.copy(copy / "exports" / "model-onnx-w32-weight-only.json", tmp_path / "m.json")
     refused(r"m\.json already exists.*--overwrite", "export", "--run", copy, "--format", "onnx",
             "--bits", "32", "--out", tmp_path / "m.onnx")
 
@@ -668,8 +667,11 @@ def test_model_file_that_is_a_folder_or_fifo(copy, tmp_path):
 
 
 @pytest.mark.parametrize("change,pattern", [
-    (_drop("source"), "not a complete export manifest"),
+    (_drop("source"), r"not a complete export manifest \(missing or mistyped: source\.run, "
+                      r"source\.model_sha256\)"),
     (_drop("input"), "not a complete export manifest"),
+    (_put("bits", "8"), r"missing or mistyped: bits\)"),
+    (_drop("parity"), r"missing or mistyped: parity\)"),
     (lambda o: [o], "expected a JSON object"),
 ])
 def test_bad_manifest_gets_one_line(copy, tmp_path, change, pattern):
@@ -677,6 +679,19 @@ def test_bad_manifest_gets_one_line(copy, tmp_path, change, pattern):
     m.write_text(json.dumps(change(json.loads(m.read_text()))))
     refused(pattern, "evaluate", m.with_suffix(".onnx"), "--attack-epochs", "1", "--json",
             tmp_path / "e.json")
+
+
+def test_the_exporter_and_evaluate_agree_on_what_a_manifest_is(copy, tmp_path):
+    """One definition: a manifest evaluate refuses as incomplete is no manifest to the
+    exporter either (it will not write over it as an earlier export)."""
+    src = copy / "exports" / "model-onnx-w32-weight-only.json"
+    incomplete = {k: v for k, v in json.loads(src.read_text()).items() if k != "input"}
+    (tmp_path / "x.json").write_text(json.dumps(incomplete))
+    refused(r"x\.json, which exists and is not an export manifest", "export", "--run", copy,
+            "--format", "onnx", "--bits", "32", "--out", tmp_path / "x.onnx", "--overwrite")
+    src.write_text(json.dumps(incomplete))
+    refused(r"not a complete export manifest \(missing or mistyped: input\.shape, input\.dtype",
+            "evaluate", src.with_suffix(".onnx"), "--attack-epochs", "1")
 
 
 def test_resume_with_broken_history_or_on_a_foreign_folder(tmp_path):
