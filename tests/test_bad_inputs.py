@@ -195,7 +195,7 @@ def test_evaluate_json_is_not_overwritten_without_the_flag(copy, tmp_path):
     assert code in (0, 1, 3), err
     report = json.loads(target.read_text())
     assert report["model_file"] == str(exp.resolve())
-    assert "file name" in report["manifest_checked"]
+    assert "file is the file's name" in report["manifest_checked"]
 
 
 # ------------------------------------------------------------------ silently wrong results
