@@ -50,7 +50,8 @@ def test_the_report_renders_in_a_browser_with_its_plots_and_figures(reported, tm
     run, page = reported
     dom = _chromium("--dump-dom", page.as_uri()).stdout
     verdict = json.loads(next((run / "evals").glob("*.json")).read_text())["verdict"]
-    assert f'<span class={verdict["outcome"].lower()}>{verdict["outcome"]}</span>' in dom
+    outcome = verdict["outcome"]  # the browser serialises the attribute quoted
+    assert f'<span class="{outcome.lower()}">{outcome}</span>' in dom
     manifest = json.loads((run / "exports" / "model-onnx-w8-weight-only.json").read_text())
     assert manifest["sha256"] in dom  # the export table and the hashes
     assert open_run(run).read_report()["files"]["model.safetensors"] in dom
