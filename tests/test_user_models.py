@@ -140,7 +140,7 @@ def test_user_model_from_module_path_through_compress_export_evaluate(user_dir):
     assert json.loads(onnx.with_suffix(".json").read_text())["parity"]["agreement"] > 0.9
     result = CliRunner().invoke(main, ["evaluate", str(onnx), "--trust-code",
                                        "--attack-epochs", "2", "--json", str(folder / "e.json")])
-    assert result.exit_code in (0, 1), result.stderr  # 1: a verdict, not an error
+    assert result.exit_code in (0, 1, 3), result.stderr  # 1 or 3: a verdict, not an error
     report = json.loads((folder / "e.json").read_text())
     assert report["before"]["task_acc"] == pytest.approx(
         json.loads((out / "report.json").read_text())["compressed"]["task_acc"], abs=1e-6)
