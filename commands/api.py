@@ -15,6 +15,7 @@ for an option that does not exist.
 
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from compressor.config import CompressConfig
@@ -178,11 +179,15 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
              json_out: Path | str | None = None, data_dir: Path | str | None = None,
              overwrite: bool = False, members: Path | str | None = None,
              nonmembers: Path | str | None = None, test: Path | str | None = None,
-             mlflow: str | None = None, trust_code: bool = False, **options):
+             mlflow: str | None = None, trust_code: bool = False, model: str | None = None,
+             train_config: Path | str | None = None, **options):
     """``safeexport evaluate``: task accuracy and membership attacks on ``model_file`` in its
     runtime, beside the run's PyTorch model, and the verdict; ``options`` are EvalConfig's
     fields. With ``members`` (and ``nonmembers``, or a ``member`` array in the members npz),
-    an audit of a file safeexport did not make: its figures, no verdict. Returns the
+    an audit of a file safeexport did not make: its figures, no verdict; with ``model`` (the
+    file's architecture, e.g. ``package.module:factory``), ``references=K`` and optionally
+    ``train_config`` (a YAML/JSON of compress keys saying how it was trained; default a
+    dense model), LiRA and RMIA on the file with K reference models. Returns the
     ``EvalReport`` (``.outcome``: PASS, FAIL or INCONCLUSIVE; ``.passed``, ``.report``,
     ``.json_path``). With ``more`` files (other variants of the same run's model): each is
     evaluated, then attacked jointly with the others; returns the ``JointReport``
@@ -197,12 +202,22 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
         if run is not None or data_dir is not None or more:
             raise ConfigError("--members audits one file on your data; drop --run/--data-dir "
                               "and name one file")
-        res = audit(model_file, members, nonmembers, test, cfg, out, overwrite)
+        train = _audit_training(model, train_config, trust_code, cfg.references)
+        build = None
+        if train is not None:
+            from compressor.references import ensure_audit_references
+
+            def build(folder, ds, splits):
+                return ensure_audit_references(folder, ds, splits, train, cfg.references)
+        res = audit(model_file, members, nonmembers, test, cfg, out, overwrite,
+                    build_references=build)
         metrics = {"figures": {k: res.report["figures"].get(k) for k in FIGURES}}
     else:
-        if nonmembers is not None or test is not None:
-            raise ConfigError("--nonmembers and --test go with --members (an audit of a file "
-                              "safeexport did not make)")
+        if nonmembers is not None or test is not None or model is not None \
+                or train_config is not None:
+            raise ConfigError("--nonmembers, --test, --model and --train-config go with "
+                              "--members (an audit of a file safeexport did not make); a "
+                              "run's file is attacked with the run's own references")
         from device_eval.run import evaluate as run_evaluate
         from device_eval.run import run_of
 
@@ -247,6 +262,30 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
                      "runtime": r["runtime"], "attack": r["attack"], "config": r["config"]},
                     metrics, [res.json_path, res.plot_path])
     return res
+
+
+def _audit_training(model: str | None, train_config: Path | str | None, trust_code: bool,
+                    references: int | None) -> CompressConfig | None:
+    """How the audited file's model was trained, for its reference models: ``train_config``
+    (compress keys; default a dense model) with ``model`` as the architecture. None when no
+    references are asked for."""
+    if not references:
+        if model is not None or train_config is not None:
+            raise ConfigError("--model and --train-config describe the reference models of "
+                              "an audit; add --references K (at least 2)")
+        return None
+    cfg = (CompressConfig.from_file(Path(train_config)) if train_config is not None
+           else CompressConfig(method="dense"))
+    if trust_code:
+        _trust(cfg)
+    if model is not None:
+        _trust({"model": model, "dataset": ""})  # the caller named it
+        cfg = replace(cfg, model=model)
+    if cfg.model == "auto":
+        raise ConfigError("--references in an audit needs --model (or model in "
+                          "--train-config): the file's architecture, e.g. cnn or "
+                          "package.module:factory, to train reference models like it")
+    return cfg
 
 
 def study(out: Path | str, *, compare: list[str] | None = None,

@@ -396,11 +396,20 @@ def _print_export_table(rows: list[dict]) -> None:
               help="With --members: npz (x, y) of samples the model did not train on.")
 @click.option("--test", type=click.Path(dir_okay=False, path_type=Path),
               help="With --members: npz (x, y) for task accuracy (default: the non-members).")
+@click.option("--model", metavar="ARCH",
+              help="With --members --references K: the file's architecture (cnn, mlp, ... or "
+                   "package.module:factory), to train K reference models like it for LiRA and "
+                   "RMIA.")
+@click.option("--train-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --model: how the file's model was trained, a YAML/JSON of `safeexport "
+                   "compress` keys (method, epochs, lr, ...; default a dense model with "
+                   "compress's defaults); the data keys are the audit's own.")
 @MLFLOW
 @TRUST
 def evaluate_cmd(model_files: tuple[Path, ...], run_dir: Path | None, json_out: Path | None,
                  data_dir: Path | None, overwrite: bool, members: Path | None,
-                 nonmembers: Path | None, test: Path | None, mlflow: str | None,
+                 nonmembers: Path | None, test: Path | None, model: str | None,
+                 train_config: Path | None, mlflow: str | None,
                  trust_code: bool, inconclusive_ok: bool, **flags) -> None:
     """Re-run the task test and the membership-inference attacks on MODEL_FILE (an export from
     `safeexport export`, or a run's model.safetensors) in the runtime a phone uses, beside the
@@ -414,8 +423,10 @@ def evaluate_cmd(model_files: tuple[Path, ...], run_dir: Path | None, json_out: 
     With --members (and --nonmembers, or a 'member' array in the members npz): an audit of a
     .onnx/.tflite file safeexport did not make, on your data: task accuracy and every attack
     that needs no reference models, with intervals (no verdict: there is no model to compare
-    with). The file must take inputs as safeexport feeds them: images N x C x H x W scaled to
-    [0, 1], tables N x D float32.
+    with); with --model ARCH --references K also LiRA and RMIA, from K reference models
+    trained like it (--train-config) on halves of the members and non-members the attacks
+    do not measure, and the exposure ranking by LiRA. The file must take inputs as
+    safeexport feeds them: images N x C x H x W scaled to [0, 1], tables N x D float32.
 
     The verdict puts the burden of proof on safety. Every attack (threshold attacks, the
     trained attacker fitted once on the PyTorch model, LiRA/RMIA with references) is compared
@@ -430,7 +441,8 @@ def evaluate_cmd(model_files: tuple[Path, ...], run_dir: Path | None, json_out: 
     """
     res = api.evaluate(*model_files, run=run_dir, json_out=json_out, data_dir=data_dir,
                        overwrite=overwrite, members=members, nonmembers=nonmembers, test=test,
-                       mlflow=mlflow, trust_code=trust_code, **flags)
+                       mlflow=mlflow, trust_code=trust_code, model=model,
+                       train_config=train_config, **flags)
     if members is not None:
         _print_audit(res)
         return
@@ -534,11 +546,27 @@ def _print_audit(res) -> None:
     for name, m in rows:
         click.echo(f"{name:18}{fmt_interval(m, 'mia_acc'):>26}{m['auc']:7.3f}"
                    f"{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}")
-    click.echo(f"strongest: {f['strongest']['attack']}; reference attacks "
-               f"{r['reference_attacks']}")
+    refs = r["reference_attacks"]
+    if isinstance(refs, dict):
+        for name in ("lira", "rmia"):
+            m = refs[name]
+            click.echo(f"{name:18}{fmt_interval(m, 'mia_acc'):>26}{m['auc']:7.3f}"
+                       f"{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}")
+        st = refs["settings"]
+        click.echo(f"  (LiRA, RMIA: {st['references']} {st['method']} reference models in "
+                   f"{r['references']['folder']})")
+    else:
+        click.echo(f"reference attacks {refs}")
+    click.echo(f"strongest: {f['strongest']['attack']}")
+    top = r["exposure"]["records"][:5]
+    if top:
+        click.echo(f"most exposed members ({r['exposure']['attack']}; row of the members "
+                   f"file: FPR at which it is flagged): "
+                   + ", ".join(f"{e['index']}: {e['flagged_fpr']:.3f}" for e in top))
     for w in r["warnings"]:
         click.echo(f"warning: {w}")
-    click.echo(f"report {res.json_path}, ROC {res.plot_path.name}")
+    click.echo(f"report {res.json_path}, ROC {res.plot_path.name}, exposure "
+               f"{res.json_path.stem}-exposure.csv")
 
 
 @main.command("report")

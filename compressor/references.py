@@ -1,8 +1,10 @@
 """Reference models for LiRA and RMIA (SPEC §8): K runs trained like the target, each on a random
 half of the attacker's auxiliary data (the known members ∪ known non-members), never on the
-unknown members or non-members the audit scores. Each is a normal run directory
-``RUN/references/ref-i/`` (inspectable, exportable, resumable), built through the executor seam;
-its splits.npz records which auxiliary samples it trained on (its members).
+unknown members or non-members the audit scores. A half is 3/16 of the pool against the
+target's 1/2, so a reference trains for proportionally more epochs: the target's number of
+iterations, hence of mask updates. Each is a normal run directory ``RUN/references/ref-i/``
+(inspectable, exportable, resumable), built through the executor seam; its splits.npz records
+which auxiliary samples it trained on (its members).
 
 Halves come in complementary pairs (ref-0 trains on what ref-1 does not, and so on), so with an
 even K every auxiliary sample is out of exactly half the references: both "in" and "out"
@@ -12,17 +14,19 @@ config, the data fingerprint or its half); an unfinished one resumes.
 
 import hashlib
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from compressor.config import EXECUTION_KEYS, CompressConfig
-from safeexport.data.base import stratified_order
+from compressor.train import iters_per_epoch
+from safeexport.data.base import ArrayDataset, stratified_order
 from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, SafeExportError
 from safeexport.executors import Task, run_tasks
-from safeexport.rundir import RunDir, write_json
+from safeexport.rundir import RunDir, atomic_write, write_json
 from safeexport.runio import REFERENCE_INDEX, REFERENCES, load_data, open_run
 from safeexport.seeding import derive_seed
 
@@ -53,12 +57,26 @@ def reference_splits(splits: Splits, y: np.ndarray, i: int, seed: int) -> Splits
                   fingerprint=splits.fingerprint)
 
 
-def reference_config(cfg: CompressConfig, i: int) -> CompressConfig:
+def matched_epochs(epochs: int, n_target: int, n_ref: int, batch_size: int) -> int:
+    """Epochs over ``n_ref`` members that make at least the iterations ``epochs`` make over
+    ``n_target`` (SPEC §8: a reference sees the target's number of training steps, hence its
+    mask updates, which are counted in iterations; fewer steps made references weaker than the
+    target, an offset RMIA does not absorb)."""
+    target = epochs * iters_per_epoch(n_target, batch_size)
+    return max(1, math.ceil(target / iters_per_epoch(n_ref, batch_size))) if epochs else 0
+
+
+def reference_config(cfg: CompressConfig, i: int, n_target: int, n_ref: int) -> CompressConfig:
     """The target's settings (or a dense model's, with ``reference_method`` dense) under a seed
-    of its own; the data subset keeps the target's seed so the indices mean the same samples."""
+    of its own, with its training and retraining epochs scaled so that the reference, on its
+    ``n_ref`` members, makes as many iterations as the target on its ``n_target``; the data
+    subset keeps the target's seed so the indices mean the same samples."""
     return replace(cfg, seed=derive_seed(cfg.seed, "reference", i) % 2**31,
                    data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
                    method="dense" if cfg.reference_method == "dense" else cfg.method,
+                   epochs=matched_epochs(cfg.epochs, n_target, n_ref, cfg.batch_size),
+                   retrain_epochs=matched_epochs(cfg.retrain_epochs, n_target, n_ref,
+                                                 cfg.batch_size),
                    references=0, dense_reference=False)
 
 
@@ -102,11 +120,12 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
     ``references/index.json`` (each reference's settings key and status) and returns the
     finished references; raises ConfigError naming every one that failed (after the others
     finished)."""
-    tasks, status, keys = [], {}, {}
+    tasks, status, keys, epochs = [], {}, {}, {}
     for i in range(k):
         ref = reference_dir(run, i)
-        rcfg, rsplits = reference_config(cfg, i), reference_splits(splits, y, i, cfg.seed)
-        keys[i] = settings_key(rcfg, rsplits)
+        rsplits = reference_splits(splits, y, i, cfg.seed)
+        rcfg = reference_config(cfg, i, len(splits.members), len(rsplits.members))
+        keys[i], epochs[i] = settings_key(rcfg, rsplits), rcfg.epochs
         same = _recorded_key(ref) == keys[i]
         if same and ref.report.exists():
             status[i] = "reused"
@@ -123,8 +142,9 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
             if not o.ok:
                 status[i], failed[i] = "failed", o.error
     write_json(run.path / REFERENCES / REFERENCE_INDEX,
-               {"references": k, "method": cfg.reference_method,
+               {"references": k, "method": cfg.reference_method, "target_epochs": cfg.epochs,
                 "models": {f"ref-{i}": {"settings_sha256": keys[i], "status": status[i],
+                                        "epochs": epochs[i],
                                         **({"error": failed[i]} if i in failed else {})}
                            for i in range(k)}})
     if failed:
@@ -145,3 +165,32 @@ def ensure_run_references(path: Path | str, k: int, data_dir: Path | None = None
     with run.lock(shared=True):
         ds, splits = load_data(run, data_dir)
         return ensure_references(run, cfg, splits, ds.y, k, progress)
+
+
+def ensure_audit_references(folder: Path, ds: ArrayDataset, splits: Splits,
+                            train: CompressConfig, k: int,
+                            progress: bool | None = None) -> RunDir:
+    """``ensure_references`` for an audit of a file safeexport did not make (``safeexport
+    evaluate FILE --members --references K``): ``folder`` becomes a work folder holding the
+    audit's data (data.npz), its split (splits.npz, the references' validation and test
+    halves of the audit's test part, which they never train on), how the references are
+    trained (train_config.json: ``train`` on this data) and references/ref-i. Returns the
+    folder as the run whose references they are."""
+    from compressor.baselines import TRAINS_ON_VALIDATION
+
+    if train.method in TRAINS_ON_VALIDATION:
+        raise ConfigError(f"references trained with --method {train.method} train on "
+                          "non-member data; an audit has none to spare (its non-members are "
+                          "measured): use another method in --train-config")
+    validation, test = np.array_split(splits.test, 2)
+    base = replace(splits, validation=validation, test=test)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.npz"
+    atomic_write(data, lambda f: np.savez(f, x=ds.x, y=ds.y))
+    base.save(folder / "splits.npz")
+    cfg = replace(train, dataset=f"npz:{data.resolve()}", data_dir=None, download=False,
+                  max_samples=None, data_seed=None, references=0, dense_reference=False)
+    write_json(folder / "train_config.json", cfg.to_dict())
+    work = RunDir(folder)
+    ensure_references(work, cfg, base, ds.y, k, progress)
+    return work

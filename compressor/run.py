@@ -261,7 +261,8 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
               "final_eval_time_s": round(eval_time, 1),
-              "training": {"augment": setup.augment,
+              "training": {"augment": setup.augment, "members": len(setup.splits.members),
+                           "iterations": setup.total,
                            "attacks_and_evaluation_read": "un-augmented inputs"},
               "exposure": exposure_for_report(exposure)}
     if cfg.references:

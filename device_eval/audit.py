@@ -6,45 +6,61 @@ a before/after verdict: task accuracy (on ``--test`` when given, else on the non
 the model did not train on), and every attack that needs no reference models: the trained
 attacker (Nasr et al.'s, trained on half of the members and half of the non-members, measured on
 the other halves) and the four threshold attacks beside it, each with its bootstrap interval.
-Attacks that need reference models (LiRA, RMIA) need a way to train models like this one,
-which a bare file does not give; the report says they were not run.
+
+With ``--model`` (the file's architecture) and ``--references K``, LiRA and RMIA run on the file
+too (SPEC §8): K reference models are trained like the file's model (``--train-config``: a
+YAML/JSON of ``safeexport compress`` keys, default a dense model) on complementary halves of the
+KNOWN members and non-members, never on the measured ones, into ``<report>-references/``
+(reused while their settings and the data are unchanged). The per-record exposure
+(``<report>-exposure.csv``) then ranks the measured members by LiRA, each named by its row in
+the members file.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from device_eval.config import EvalConfig
-from device_eval.run import EvalReport, file_logits, measure, open_file_runtime
-from safeexport.data.base import stratified_order
+from device_eval.run import EvalReport, exposure_path, file_logits, measure, open_file_runtime
+from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
+from safeexport.data.base import ArrayDataset, stratified_order
 from safeexport.data.images import arrays_dataset, read_npz
 from safeexport.data.splits import Splits, balanced
 from safeexport.errors import ConfigError, DataError
 from safeexport.plots import plot_roc, roc_curves
-from safeexport.rundir import check_targets, regular_file, sha256_file, write_json
-from safeexport.runio import inputs_of
+from safeexport.rundir import (
+    RunDir,
+    check_targets,
+    regular_file,
+    sha256_file,
+    write_json,
+)
+from safeexport.runio import inputs_of, reference_outputs
 
 MIN_HALF = 10  # samples in each half of members and non-members (the attacker's and the test's)
 ATTACK_EPOCHS = 300  # the compressor's final_attack_epochs default; early stopping ends it sooner
-NO_REFERENCES = ("not run: LiRA and RMIA need reference models trained like this one, which a "
-                 "model file alone does not give")
+NO_REFERENCES = ("not run: LiRA and RMIA need reference models trained like this one; give "
+                 "--model (its architecture) and --references K")
 
 
 def _sets(members: Path, nonmembers: Path | None):
     """(members, non-members) as checked datasets, from two npz files or one with a
-    ``member`` array (1 = member, 0 = not)."""
+    ``member`` array (1 = member, 0 = not), and each member's row in its file."""
     if nonmembers is not None:
-        return tuple(arrays_dataset(f"npz:{p}", a["x"], a["y"], str(p))
-                     for p, a in ((members, read_npz(members, ("x", "y"))),
-                                  (nonmembers, read_npz(nonmembers, ("x", "y")))))
+        mem, non = (arrays_dataset(f"npz:{p}", a["x"], a["y"], str(p))
+                    for p, a in ((members, read_npz(members, ("x", "y"))),
+                                 (nonmembers, read_npz(nonmembers, ("x", "y")))))
+        return mem, non, np.arange(len(mem))
     a = read_npz(members, ("x", "y", "member"))
     flag = a["member"]
     if flag.shape != a["y"].shape or not np.isin(flag, (0, 1)).all():
         raise DataError(f"{members}: 'member' must hold one 0 or 1 per sample (1 = the model "
                         "trained on it)")
     flag = flag.astype(bool)
-    return tuple(arrays_dataset(f"npz:{members}", a["x"][m], a["y"][m], f"{members} ({what})")
-                 for m, what in ((flag, "members"), (~flag, "non-members")))
+    mem, non = (arrays_dataset(f"npz:{members}", a["x"][m], a["y"][m], f"{members} ({what})")
+                for m, what in ((flag, "members"), (~flag, "non-members")))
+    return mem, non, np.flatnonzero(flag)
 
 
 def _halves(y: np.ndarray, offset: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -60,16 +76,26 @@ def _halves(y: np.ndarray, offset: int, seed: int, what: str) -> tuple[np.ndarra
 
 def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | None = None,
           test: Path | str | None = None, cfg: EvalConfig | None = None,
-          json_out: Path | None = None, overwrite: bool = False, seed: int = 0) -> EvalReport:
+          json_out: Path | None = None, overwrite: bool = False, seed: int = 0,
+          build_references: Callable[[Path, ArrayDataset, Splits], RunDir] | None = None
+          ) -> EvalReport:
     """The file's task accuracy and membership figures on the user's members and non-members;
     written to ``json_out`` (default ``FILE-audit-<runtime>.json`` beside the file) with the
-    ROC beside it as .png."""
+    ROC beside it as .png and the per-record exposure as ``-exposure.csv``. With
+    ``cfg.references`` K, LiRA and RMIA too: ``build_references(folder, data, split)`` makes
+    sure K reference models exist in ``folder/references/`` (``<report>-references/``),
+    trained on halves of the split's known parts (the command line trains them with the
+    compressor; a stage does not import another)."""
     cfg = cfg or EvalConfig()
     model_file = regular_file(Path(model_file))
     if model_file.suffix.lower() not in (".onnx", ".tflite"):
         raise ConfigError(f"{model_file.name}: an audit takes an .onnx or .tflite file; a run's "
                           "model.safetensors is evaluated with its run (--run)")
-    mem, non = _sets(Path(members), Path(nonmembers) if nonmembers is not None else None)
+    if cfg.references and build_references is None:
+        raise ConfigError("--references in an audit needs --model: the architecture of the "
+                          "file's model, to train reference models like it")
+    mem, non, member_rows = _sets(Path(members),
+                                  Path(nonmembers) if nonmembers is not None else None)
     parts = [mem, non] + ([arrays_dataset(f"npz:{test}", **read_npz(Path(test), ("x", "y")),
                                           where=str(test))] if test is not None else [])
     shapes = {(d.kind, d.input_shape()) for d in parts}
@@ -91,6 +117,11 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
         if probe.ndim != 2 or probe.shape[1] <= int(y.max()):
             raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}; the "
                               f"labels need at least {int(y.max()) + 1} classes")
+        if cfg.references and probe.shape[1] != ds.num_classes:
+            raise ConfigError(f"{model_file.name} has {probe.shape[1]} outputs but the labels "
+                              f"name {ds.num_classes} classes; reference models of this data "
+                              "would not be like it (give data with every class, or run "
+                              "without --references)")
         logits = file_logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
         runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads}
     if not np.isfinite(logits).all():
@@ -98,20 +129,33 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
     stem = f"{model_file.stem}-audit-{runtime['name']}"
     json_path = Path(json_out) if json_out else model_file.parent / f"{stem}.json"
     plot_path = json_path.with_suffix(".png")
-    check_targets([json_path, plot_path], overwrite, "--json", "the audit")
+    check_targets([json_path, plot_path, exposure_path(json_path)], overwrite, "--json",
+                  "the audit")
 
+    eval_m, eval_n = balanced(um, un)
+    refs, ref_folder = None, json_path.with_name(f"{json_path.stem}-references")
+    if cfg.references:
+        work = build_references(ref_folder, ds, splits)
+        refs = reference_outputs(work, np.concatenate([km, kn, eval_m, eval_n]),
+                                 cfg.references)
+        if refs is None or len(refs) < cfg.references:
+            raise ConfigError(f"fewer than {cfg.references} reference models finished in "
+                              f"{ref_folder}")
     attack = cfg.attack or "nasr"
     epochs = cfg.attack_epochs or ATTACK_EPOCHS
     seeds = cfg.attack_seeds or 1
     figures, res = measure(logits, {i: i for i in range(len(y))}, y, splits, logits.shape[1],
-                           attack, epochs, seed, 1.0, seeds)
-    eval_m, eval_n = balanced(um, un)
+                           attack, epochs, seed, 1.0, seeds, refs)
     data = {"members": str(Path(members).resolve()),
             "members_sha256": sha256_file(Path(members))}
     for name, path in (("nonmembers", nonmembers), ("test", test)):
         if path is not None:
             data[name] = str(Path(path).resolve())
             data[f"{name}_sha256"] = sha256_file(Path(path))
+    # the exposure names each member by its row in the members file
+    exposure = res.exposure(y)
+    for r in exposure["records"]:
+        r["index"] = int(member_rows[r["index"]])
     report = {
         "model_file": str(model_file.resolve()), "sha256": sha256_file(model_file),
         "runtime": runtime, "data": data,
@@ -121,11 +165,17 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
                     "eval_nonmembers": len(eval_n), "test": len(test_idx)},
         "task_acc_on": "test" if test is not None else "the unknown non-members (no --test)",
         "figures": figures,
-        "reference_attacks": NO_REFERENCES,
+        "reference_attacks": (figures["reference_attacks"] if refs is not None
+                              else NO_REFERENCES),
+        "exposure": {**exposure_for_report(exposure), "index": "row of the members file"},
         "warnings": figures["warnings"],
         "config": cfg.to_dict(),
     }
+    if refs is not None:
+        report["references"] = {"folder": str(ref_folder.resolve()), "train_config":
+                                work.read_json(work.path / "train_config.json")}
     write_json(json_path, report)
+    write_exposure_csv(exposure_path(json_path), exposure)
     plot_roc(roc_curves(res, f"{model_file.name} on {runtime['name']}"), plot_path,
              f"MIA audit of {model_file.name}", figures["n_nonmembers"])
-    return EvalReport(report, json_path, plot_path)
+    return EvalReport(report, json_path, plot_path, res)

@@ -105,6 +105,18 @@ def test_audit_refusals(foreign, tmp_path):
         evaluate(folder / "model.onnx", members=good, nonmembers=good, run=folder)
     with pytest.raises(ConfigError, match="go with --members"):
         evaluate(folder / "model.onnx", nonmembers=good)
+    with pytest.raises(ConfigError, match="go with --members"):
+        evaluate(folder / "model.onnx", model="cnn", references=2)
+    with pytest.raises(ConfigError, match="needs --model"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=good, references=2)
+    with pytest.raises(ConfigError, match="add --references K"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=good, model="cnn")
+    dmp = tmp_path / "dmp.yaml"
+    dmp.write_text("method: pr-dmp\n")
+    with pytest.raises(ConfigError, match="pr-dmp train on non-member data"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=good, model="cnn",
+                 references=2, train_config=dmp, json_out=tmp_path / "dmp.json")
+    assert not (tmp_path / "dmp-references").exists()
     mine = tmp_path / "mine.json"
     mine.write_text("{}")
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):

@@ -5,14 +5,19 @@ an exported file is attacked with the run's references."""
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from scipy.special import softmax
 
+from commands import api
+from commands.cli import main
 from compressor import compress
+from compressor.config import CompressConfig
 from compressor.references import ensure_references, reference_splits
 from device_eval import evaluate
 from device_eval.config import EvalConfig
@@ -170,6 +175,12 @@ def test_references_are_reused_resumed_and_rebuilt_only_when_settings_change(tmp
 
     refs = ensure_references(run, cfg, splits, y, 2)
     assert status() == ["built", "built"]
+    # trained for the target's iterations on their smaller halves (SPEC §8), not its epochs
+    target = run.read_report()["training"]
+    for r in refs:
+        t = r.read_report()["training"]
+        assert t["members"] < target["members"] and t["iterations"] == target["iterations"]
+        assert CompressConfig.from_recorded(r.read_config()["config"]).epochs > cfg.epochs
     hashes = [sha256_file(r.model) for r in refs]
     ensure_references(run, cfg, splits, y, 2)
     assert status() == ["reused", "reused"]
@@ -186,6 +197,16 @@ def test_references_are_reused_resumed_and_rebuilt_only_when_settings_change(tmp
     assert status() == ["rebuilt", "rebuilt"]
     assert [sha256_file(r.model) for r in refs] != hashes
     assert len(references_of(run)) == 2
+
+
+def test_a_safecompress_reference_makes_the_targets_mask_updates(tmp_path):
+    cfg = tiny_config(dense_reference=False, attack="loss", epochs=3)
+    run = compress(replace(cfg, references=2), tmp_path / "run", progress=False)
+    target = run.read_report()
+    for r in references_of(run):
+        ref = r.read_report()
+        assert ref["rounds"] == target["rounds"] >= 2
+        assert ref["training"]["iterations"] >= target["training"]["iterations"]
 
 
 # ---------------------------------------------------------------- real data: digits
@@ -247,6 +268,57 @@ def test_more_leakage_reads_higher_and_planted_records_rank_most_exposed(planted
     assert [r["index"] for r in exposure["records"]] == [int(r["index"]) for r in rows[:20]]
 
 
+def test_a_foreign_file_is_audited_with_references_and_planted_members_rank_top(
+        planted, leaky, leaky_onnx, tmp_path):
+    """The leaky run's ONNX file, handed over without its run: the audit trains 4 references
+    like it (--model, --train-config) on halves of the members and non-members it does not
+    measure, and LiRA puts the planted (mislabelled) members at the top of the exposure."""
+    ds = load_dataset(f"npz:{planted[0]}", None, False, None, 0)
+    splits = Splits.load(leaky.splits)
+    members, nonmembers = splits.members, np.r_[splits.known_nonmembers,
+                                                splits.unknown_nonmembers]
+    np.savez(tmp_path / "m.npz", x=ds.x[members], y=ds.y[members])
+    np.savez(tmp_path / "n.npz", x=ds.x[nonmembers], y=ds.y[nonmembers])
+    recorded = CompressConfig.from_recorded(leaky.read_config()["config"]).to_dict()
+    (tmp_path / "train.json").write_text(json.dumps(
+        {k: recorded[k] for k in ("method", "epochs", "batch_size", "weight_decay", "attack",
+                                  "final_attack_epochs", "device")}))
+    shutil.copy(leaky_onnx.path, tmp_path / "model.onnx")
+    args = dict(members=tmp_path / "m.npz", nonmembers=tmp_path / "n.npz", model="cnn",
+                references=4, train_config=tmp_path / "train.json", attack="loss")
+    res = api.evaluate(tmp_path / "model.onnx", **args)
+    r = res.report
+    lira = r["reference_attacks"]["lira"]
+    assert lira["ci"]["auc"][0] > 0.55
+    assert r["exposure"]["attack"] == "lira" and r["figures"]["strongest"]["auc"] >= lira["auc"]
+    # the references never trained on a measured sample (reference_attacks refuses that) and
+    # ran the target's iterations on their halves
+    folder = tmp_path / "model-audit-onnxruntime-references"
+    index = json.loads((folder / "references" / "index.json").read_text())
+    assert [m["status"] for m in index["models"].values()] == ["built"] * 4
+    # exposure rows are rows of the members file: the planted members lead it
+    rows = list(csv.DictReader((tmp_path / "model-audit-onnxruntime-exposure.csv").open()))
+    planted_rows = set(np.flatnonzero(np.isin(members, planted[1])).tolist())
+    ours = [int(x["rank"]) for x in rows if int(x["index"]) in planted_rows]
+    assert len(ours) >= 5  # 6 planted members fall in the measured half here
+    assert sum(rank <= 20 for rank in ours) >= 0.7 * len(ours), sorted(ours)
+    # the same audit from the command line reuses the references and prints LiRA, RMIA and
+    # the most exposed rows
+    out = CliRunner().invoke(main, [
+        "evaluate", str(tmp_path / "model.onnx"), "--members", str(tmp_path / "m.npz"),
+        "--nonmembers", str(tmp_path / "n.npz"), "--model", "cnn", "--references", "4",
+        "--train-config", str(tmp_path / "train.json"), "--attack-epochs", "20", "--overwrite"])
+    assert out.exit_code == 0, out.output
+    index = json.loads((folder / "references" / "index.json").read_text())
+    assert [m["status"] for m in index["models"].values()] == ["reused"] * 4
+    lines = out.stdout.splitlines()
+    assert any(ln.startswith("lira") and f"{lira['auc']:.3f}" in ln for ln in lines)
+    assert any(ln.startswith("rmia") for ln in lines)
+    top = int(rows[0]["index"])
+    assert f"most exposed members (lira; row of the members file: FPR at which it is " \
+           f"flagged): {top}: " in out.stdout
+
+
 def test_an_exported_file_is_attacked_with_the_runs_references(leaky, leaky_onnx, tmp_path):
     exported = leaky_onnx
     res = evaluate(exported.path, EvalConfig(), json_out=tmp_path / "e.json")
@@ -265,8 +337,6 @@ def test_an_exported_file_is_attacked_with_the_runs_references(leaky, leaky_onnx
 
 
 def test_references_exported_like_the_file_mimic_the_pipeline(leaky, leaky_onnx, tmp_path):
-    from commands import api
-
     res = api.evaluate(leaky_onnx.path, json_out=tmp_path / "x.json", references_export=True)
     settings = res.report["after"]["reference_attacks"]["settings"]
     assert settings["models"].startswith(f"exported ({leaky_onnx.path.name}, onnxruntime")

@@ -70,11 +70,16 @@ def two_step(compression: str, defence: str) -> Callable[[Setup], Outcome]:
     return method
 
 
+# the methods whose defence trains on non-member data (the validation split, defences.py's
+# reference_set): an audit must not hand them the non-members it scores
+TRAINS_ON_VALIDATION: set[str] = set()
 for _name, _compression, _defence in (("prune", "pr", "none"), ("pr-dp", "pr", "dp"),
                                       ("pr-advreg", "pr", "advreg"), ("pr-dmp", "pr", "dmp"),
                                       ("kd", "kd", "none"), ("kd-dp", "kd", "dp"),
                                       ("kd-advreg", "kd", "advreg"), ("kd-dmp", "kd", "dmp")):
     METHODS.register(_name, two_step(_compression, _defence))
+    if _defence in ("advreg", "dmp"):
+        TRAINS_ON_VALIDATION.add(_name)
 
 
 @METHODS.decorator("mia-pr")
