@@ -3,8 +3,10 @@ one process on this machine.
 
 One target run (SafeCompress, or --method) on digits is timed; then its references are built
 with K = 4 and K = 16 (each K from scratch), and the scoring of LiRA and
-RMIA on their outputs is timed apart. A reference trains on a half of the auxiliary data (3/8
-of the pool, against the target's 1/2), so with the same epochs one costs less than the target.
+RMIA on their outputs is timed apart. A reference trains on a half of the auxiliary data (3/16
+of the pool, against the target's 1/2) for the target's number of iterations. Also printed: how
+confident the target and the references are on samples they did not train on (median
+logit-scaled confidence φ; references weaker than the target read lower).
 
 Run:  .venv/bin/python benchmarks/bench_references.py [--method dense] [--ks 4 16]
 """
@@ -21,7 +23,7 @@ from compressor import compress
 from compressor.config import CompressConfig
 from compressor.references import ensure_references
 from safeexport.attacks import Signals
-from safeexport.attacks.reference import reference_attacks
+from safeexport.attacks.reference import margins, reference_attacks
 from safeexport.data.splits import balanced
 from safeexport.runio import inputs_of, load_data, reference_outputs
 from safeexport.runtimes import open_runtime
@@ -58,6 +60,22 @@ def main() -> None:
             print(f"K = {k:3}: references built in {built:7.1f} s = {built / one:5.2f} x one "
                   f"run ({built / k / one:4.2f} per reference); outputs + LiRA + RMIA "
                   f"{scored:5.1f} s")
+            print(f"         median φ out of training: target {strength(run, ds, splits):.2f}, "
+                  f"references {strength_of_references(refs, ds.y):.2f}")
+
+
+def strength(run, ds, splits) -> float:
+    """The target's median logit-scaled confidence on its known non-members."""
+    with open_runtime(run.model, "torch") as rt:
+        logits = rt(inputs_of(ds, splits.known_nonmembers)).astype(np.float64)
+    return float(np.median(margins(logits, ds.y[splits.known_nonmembers])))
+
+
+def strength_of_references(refs, y: np.ndarray) -> float:
+    """The references' median logit-scaled confidence on the samples each did not train on."""
+    out = [margins(refs.logits[k][~refs.trained[k]], y[refs.index][~refs.trained[k]])
+           for k in range(len(refs))]
+    return float(np.median(np.concatenate(out)))
 
 
 if __name__ == "__main__":
