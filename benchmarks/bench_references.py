@@ -23,9 +23,9 @@ from compressor import compress
 from compressor.config import CompressConfig
 from compressor.references import ensure_references
 from safeexport.attacks import Signals
-from safeexport.attacks.reference import margins, reference_attacks
+from safeexport.attacks.reference import margins, reference_attacks, reference_outputs
 from safeexport.data.splits import balanced
-from safeexport.runio import inputs_of, load_data, reference_outputs
+from safeexport.runio import inputs_of, load_data
 from safeexport.runtimes import open_runtime
 
 
@@ -47,7 +47,7 @@ def main() -> None:
         for k in args.ks:
             shutil.rmtree(run.path / "references", ignore_errors=True)  # build K from scratch
             t = time.perf_counter()
-            ensure_references(run, cfg, splits, ds.y, k, False)
+            ensure_references(run, cfg, splits, ds.y, k, compress, False)
             built = time.perf_counter() - t
             um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
             parts = [splits.known_members, splits.known_nonmembers, um, un]

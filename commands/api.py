@@ -206,9 +206,11 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
         build = None
         if train is not None:
             from compressor.references import ensure_audit_references
+            from compressor.run import compress as run_compress
 
             def build(folder, ds, splits):
-                return ensure_audit_references(folder, ds, splits, train, cfg.references)
+                return ensure_audit_references(folder, ds, splits, train, cfg.references,
+                                               run_compress)
         res = audit(model_file, members, nonmembers, test, cfg, out, overwrite,
                     build_references=build)
         metrics = {"figures": {k: res.report["figures"].get(k) for k in FIGURES}}
@@ -227,8 +229,9 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
         data = Path(data_dir) if data_dir is not None else None
         if cfg.references:
             from compressor.references import ensure_run_references
+            from compressor.run import compress as run_compress
 
-            ensure_run_references(run_of(files[0], run), cfg.references, data)
+            ensure_run_references(run_of(files[0], run), cfg.references, run_compress, data)
         ref_files = None
         if cfg.references_export:
             from exporters.run import export_references

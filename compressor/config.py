@@ -6,6 +6,12 @@ from typing import Any, ClassVar
 
 from safeexport.config import StageConfig, opt
 
+# the baselines (compressor/baselines registers one function under each name, and refuses to
+# load if the two lists differ); the config validates against this list, not the registry, so
+# it does not import the baselines (which import the config)
+BASELINES = ("dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd", "kd-dp", "kd-advreg",
+             "kd-dmp", "mia-pr")
+METHOD_NAMES = ("safecompress", *BASELINES)
 SELECTIONS = ("tm", "random")
 REFERENCE_METHODS = ("same", "dense")
 EXECUTOR_NAMES = ("local", "ray")
@@ -104,8 +110,9 @@ class CompressConfig(StageConfig):
                               "a GPU (a scheduling label: each run must fit its share of the "
                               "memory)")
     threads: int | None = opt(None, "torch CPU threads of this run (default: torch's choice, "
-                              "one per core); figures can differ in the last digits between "
-                              "thread counts (floating-point sums)")
+                              "one per core); the run records the count it ran on, and resume "
+                              "and replay reuse it, since figures can differ in the last "
+                              "digits between thread counts (floating-point sums)")
     select: str = opt("tm", "how a round's winner is chosen: tm (highest TM-score, the method) "
                       "or random (an ablation: does TM-score selection matter on this data?)")
     allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
@@ -130,7 +137,6 @@ class CompressConfig(StageConfig):
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
         # The registries import torch; importing them here keeps `safeexport --help` instant.
-        from compressor.baselines import METHODS
         from compressor.regularizers import REGULARIZERS
         from compressor.strategies import GROW, PRUNE
         from compressor.train import OPTIMIZERS, SCHEDULES
@@ -140,9 +146,8 @@ class CompressConfig(StageConfig):
         from safeexport.models import MODELS, known_model
 
         p = []
-        if self.method != "safecompress" and self.method not in METHODS:
-            p.append(f"unknown method {self.method!r}; known: safecompress, "
-                     f"{', '.join(METHODS.names())}")
+        if self.method not in METHOD_NAMES:
+            p.append(f"unknown method {self.method!r}; known: {', '.join(METHOD_NAMES)}")
         if not (isinstance(self.sparsity, int | float) and 0 < self.sparsity <= 1):
             p.append(f"--sparsity is the fraction of weights kept and must be in (0, 1], got "
                      f"{self.sparsity}")

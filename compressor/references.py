@@ -15,6 +15,7 @@ config, the data fingerprint or its half); an unfinished one resumes.
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def reference_config(cfg: CompressConfig, i: int, n_target: int, n_ref: int) -> 
                    epochs=matched_epochs(cfg.epochs, n_target, n_ref, cfg.batch_size),
                    retrain_epochs=matched_epochs(cfg.retrain_epochs, n_target, n_ref,
                                                  cfg.batch_size),
-                   references=0, dense_reference=False)
+                   references=0, dense_reference=False,
+                   threads=None)  # the executor gives each reference its threads
 
 
 def settings_key(cfg: CompressConfig, splits: Splits) -> str:
@@ -102,20 +104,22 @@ def _recorded_key(ref: RunDir) -> str | None:
         return None
 
 
-def _build(cfg: dict, path: str, splits: Splits, resume: bool, overwrite: bool,
-           progress: bool | None) -> str:
-    # imported here: run.py builds references through this module
-    from compressor.run import compress
+Build = Callable[..., RunDir]  # compressor.run.compress, handed down by its callers
 
-    compress(CompressConfig.from_dict(cfg), path, resume=resume, overwrite=overwrite,
-             progress=progress, splits=splits)
+
+def _build(build: Build, cfg: dict, path: str, splits: Splits, resume: bool, overwrite: bool,
+           progress: bool | None) -> str:
+    build(CompressConfig.from_dict(cfg), path, resume=resume, overwrite=overwrite,
+          progress=progress, splits=splits)
     return path
 
 
 def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.ndarray,
-                      k: int, progress: bool | None = None) -> list[RunDir]:
-    """Make sure references 0..k-1 of ``run`` exist with the settings ``cfg`` implies: reuse
-    finished ones, resume unfinished ones, rebuild changed ones, through ``cfg.executor``
+                      k: int, build: Build, progress: bool | None = None) -> list[RunDir]:
+    """Make sure references 0..k-1 of ``run`` exist with the settings ``cfg`` implies, each
+    built by ``build`` (``compressor.run.compress``, which builds references through this
+    module, so it is passed down rather than imported): reuse finished ones, resume
+    unfinished ones, rebuild changed ones, through ``cfg.executor``
     (local, or Ray with ``cfg``'s address and per-run resources). Writes
     ``references/index.json`` (each reference's settings key and status) and returns the
     finished references; raises ConfigError naming every one that failed (after the others
@@ -132,7 +136,7 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
             continue
         status[i] = "resumed" if same else ("rebuilt" if ref.is_run() else "built")
         tasks.append((i, Task(ref.path.name, _build,
-                              (rcfg.to_dict(), str(ref.path), rsplits, same, not same,
+                              (build, rcfg.to_dict(), str(ref.path), rsplits, same, not same,
                                progress))))
     failed = {}
     if tasks:
@@ -154,7 +158,8 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
     return [reference_dir(run, i) for i in range(k)]
 
 
-def ensure_run_references(path: Path | str, k: int, data_dir: Path | None = None,
+def ensure_run_references(path: Path | str, k: int, build: Build,
+                          data_dir: Path | None = None,
                           progress: bool | None = None) -> list[RunDir]:
     """``ensure_references`` for the finished run at ``path`` (its own config and split), for
     ``safeexport evaluate --references K``; holds the run's shared lock meanwhile."""
@@ -164,11 +169,11 @@ def ensure_run_references(path: Path | str, k: int, data_dir: Path | None = None
         cfg = replace(cfg, data_dir=str(data_dir))
     with run.lock(shared=True):
         ds, splits = load_data(run, data_dir)
-        return ensure_references(run, cfg, splits, ds.y, k, progress)
+        return ensure_references(run, cfg, splits, ds.y, k, build, progress)
 
 
 def ensure_audit_references(folder: Path, ds: ArrayDataset, splits: Splits,
-                            train: CompressConfig, k: int,
+                            train: CompressConfig, k: int, build: Build,
                             progress: bool | None = None) -> RunDir:
     """``ensure_references`` for an audit of a file safeexport did not make (``safeexport
     evaluate FILE --members --references K``): ``folder`` becomes a work folder holding the
@@ -192,5 +197,5 @@ def ensure_audit_references(folder: Path, ds: ArrayDataset, splits: Splits,
                   max_samples=None, data_seed=None, references=0, dense_reference=False)
     write_json(folder / "train_config.json", cfg.to_dict())
     work = RunDir(folder)
-    ensure_references(work, cfg, base, ds.y, k, progress)
+    ensure_references(work, cfg, base, ds.y, k, build, progress)
     return work

@@ -4,6 +4,7 @@ final evaluation (and a dense reference) → run directory."""
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from compressor.train import (
 )
 from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
 from safeexport.attacks.final import final_membership, model_figures
-from safeexport.attacks.reference import References
+from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data import ArrayDataset
 from safeexport.data.splits import Splits, balanced
 from safeexport.errors import ConfigError
@@ -40,7 +41,6 @@ from safeexport.rundir import (
     save_tensors,
     write_json,
 )
-from safeexport.runio import reference_outputs
 from safeexport.seeding import derive_seed, generator
 
 
@@ -129,8 +129,14 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     t_start = time.time()
     run = RunDir(out)
     check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
+    # the same seed gives the same run only on the same number of threads (floating-point
+    # sums): a new run records the count it runs on, and a resumed run runs on the recorded one
+    threads = CompressConfig.from_recorded(run.read_config()["config"]).threads if resume \
+        else cfg.threads
     # a second process writing this folder is refused
-    with run.lock(create=not resume), torch_threads(cfg.threads):
+    with run.lock(create=not resume), torch_threads(threads):
+        if not resume:
+            cfg = replace(cfg, threads=torch.get_num_threads())
         cfg, setup = prepare(cfg, run, resume, overwrite, progress, splits)
         if setup is None:
             return run
@@ -308,7 +314,8 @@ def _references(setup: Setup) -> tuple[References | None, str | None, float]:
         return None, None, 0.0
     t0, error = time.time(), None
     try:
-        ensure_references(setup.run, cfg, splits, setup.ds.y, cfg.references, setup.progress)
+        ensure_references(setup.run, cfg, splits, setup.ds.y, cfg.references, compress,
+                          setup.progress)
     except ConfigError as e:
         error = str(e)
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)

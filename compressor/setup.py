@@ -8,13 +8,13 @@ import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import safeexport
 from compressor.config import CompressConfig
 from compressor.masking import Masking
 from compressor.regularizers import REGULARIZERS
@@ -56,7 +56,7 @@ from safeexport.seeding import derive_seed, generator, seeded
 def _versions() -> dict:
     import transformers
 
-    return {"safeexport": safeexport.__version__, "torch": torch.__version__,
+    return {"safeexport": version("safeexport"), "torch": torch.__version__,
             "numpy": np.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 

@@ -24,6 +24,7 @@ import numpy as np
 from device_eval.config import EvalConfig
 from device_eval.run import EvalReport, exposure_path, file_logits, measure, open_file_runtime
 from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
+from safeexport.attacks.reference import reference_outputs
 from safeexport.data.base import ArrayDataset, stratified_order
 from safeexport.data.images import arrays_dataset, read_npz
 from safeexport.data.splits import Splits, balanced
@@ -36,7 +37,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
-from safeexport.runio import inputs_of, reference_outputs
+from safeexport.runio import inputs_of
 
 MIN_HALF = 10  # samples in each half of members and non-members (the attacker's and the test's)
 ATTACK_EPOCHS = 300  # the compressor's final_attack_epochs default; early stopping ends it sooner

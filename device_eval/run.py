@@ -24,7 +24,7 @@ from safeexport.attacks.evaluate import (
     write_exposure_csv,
 )
 from safeexport.attacks.final import final_membership, model_figures
-from safeexport.attacks.reference import References
+from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
 from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_rises
@@ -38,7 +38,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
-from safeexport.runio import inputs_of, load_data, open_run, reference_outputs
+from safeexport.runio import inputs_of, load_data, open_run
 from safeexport.runtimes import Runtime, open_runtime
 
 TAG = "compressed"  # the compressor's tag for its final evaluation of model.safetensors

@@ -5,7 +5,9 @@ The public API, one function per command (see ``commands.api`` for the parameter
     from safeexport import compress, export, evaluate, replay, report, study
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("safeexport")
 
 API = ("compress", "replay", "export", "evaluate", "study", "report")
 __all__ = [*API, "__version__"]

@@ -177,36 +177,3 @@ def references_of(run: RunDir, k: int | None = None) -> list[RunDir]:
     done = [n for n in names if isinstance(models[n], dict)
             and models[n].get("status") != "failed" and (root / n / "report.json").exists()]
     return [open_run(root / n) for n in done[:k]]
-
-
-def reference_outputs(run: RunDir, index: np.ndarray, k: int | None = None,
-                      data_dir: Path | None = None, files: list[Path] | None = None):
-    """``References`` (attacks/reference.py) of ``run``: each reference's logits on the
-    samples ``index`` and which of them it trained on; None with fewer than 2. The logits
-    are the references' PyTorch models', or with ``files`` (one export per reference, in
-    its exports/) those files' in their host runtime. Each reference reads the data through
-    its own run (a text reference has its own tokenizer) and must have been split on the
-    run's data."""
-    from safeexport.attacks.reference import References
-    from safeexport.runtimes import open_runtime
-
-    refs = references_of(run, k)
-    if len(refs) < 2:
-        return None
-    if files is not None and [Path(f).parent.parent.resolve() for f in files] != [
-            r.path.resolve() for r in refs]:
-        raise ConfigError("the reference files are not one export per reference model")
-    fingerprint = Splits.load(run.splits).fingerprint
-    logits, trained, methods = [], [], set()
-    for i, ref in enumerate(refs):
-        ds, splits = load_data(ref, data_dir)
-        if splits.fingerprint != fingerprint:
-            raise DataError(f"{ref.path} was trained on other data than {run.path}")
-        with open_runtime(ref.model if files is None else Path(files[i]),
-                          "torch" if files is None else "auto") as rt:
-            logits.append(rt(inputs_of(ds, index)).astype(np.float64))
-        trained.append(np.isin(index, splits.members))
-        methods.add(ref.read_config()["config"]["method"])
-    models = "pytorch" if files is None else f"exported ({Path(files[0]).name}, {rt.name})"
-    return References(np.asarray(index), np.stack(logits), np.stack(trained),
-                      "/".join(sorted(methods)), models)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compressor import compress
-from compressor.config import EXECUTION_KEYS, CompressConfig
+from compressor.config import EXECUTION_KEYS, METHOD_NAMES, CompressConfig
 from compressor.run import method_label
 from safeexport.errors import ConfigError
 from safeexport.executors import Task, run_tasks
@@ -209,14 +209,12 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     """Every method of ``methods`` at the config's sparsity, on the same split and seeds: the
     paper's table (Task Acc, MIA Acc, TM-score, AUC, TPR at 1% FPR, wall time), the best
     compressed method's figure in bold."""
-    from compressor.baselines import METHODS
-
     out = Path(out)
     _check_out(out)
-    unknown = [m for m in methods if m != "safecompress" and m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
         raise ConfigError(f"--compare: unknown method(s) {', '.join(unknown) or '(none given)'}"
-                          f"; known: safecompress, {', '.join(METHODS.names())}")
+                          f"; known: {', '.join(METHOD_NAMES)}")
     seed_list = seeds_of(cfg, seeds)
     rows = {m: Row(method_label(m)) for m in methods}
     flagged: dict[str, list[str]] = {}

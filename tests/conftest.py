@@ -1,11 +1,18 @@
 """Shared fixtures: a tiny, fast compress config, a finished tiny run with its exports, and the
 location of the real datasets."""
 
+import contextlib
 import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
 from compressor import compress
 from compressor.config import CompressConfig
@@ -14,6 +21,55 @@ from exporters.config import ExportConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_EXPORT = dict(parity_samples=64, calibration=32, min_agreement=0.0)
+# Only a guard against a hung child, never a speed check: the suite has taken 51 minutes on a
+# loaded machine, and a tighter limit failed correct code there.
+HANG_GUARD_S = 3600
+
+
+@dataclass
+class CliResult:
+    """What a command printed and its exit status (the fields of subprocess's result)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, cwd: Path | None = None, env: dict | None = None) -> CliResult:
+    """``safeexport ARGS`` in this process (click's CliRunner): what the command line does,
+    without a cold interpreter and torch import per call. An exception the command does not
+    turn into its one-line error is raised here, traceback and all. The torch thread count a
+    command sets (--threads) is restored after it."""
+    from commands.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.chdir(cwd or Path.cwd()):
+            r = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    finally:
+        torch.set_num_threads(threads)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return CliResult(r.exit_code, r.stdout, r.stderr)
+
+
+def cli_process(*args, cwd: Path | None = None, env: dict | None = None,
+                module: str = "safeexport") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` as a real process, for what needs one: a kill and resume,
+    the entry points themselves, a crash in native code."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd or REPO,
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def one_error_line(r, pattern: str) -> str:
+    """Assert ``r`` (a ``cli`` or ``cli_process`` result) is a refusal: exit status 2 and
+    exactly one "error: " line on stderr, matching ``pattern``, and no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
 
 
 def tiny_config(**overrides) -> CompressConfig:
@@ -42,6 +98,25 @@ def write_tabular_npz(path: Path, n: int = 400) -> None:
     x = (rng.random((n, 30)) < 0.2 + 0.15 * (np.arange(30) % 4 == y[:, None])).astype(
         np.float32)
     np.savez(path, x=x, y=y)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="the full suite (what CI runs): also the tests marked slow, the "
+                          "real-data tier and the emulated phone")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A bare ``pytest`` is the fast tier: the tests marked slow, the real-data tier and the
+    device tier run with --full (each slow test has a small sibling in the fast tier). Named
+    files or tests run whole."""
+    if config.getoption("--full") or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    slow = [i for i in items if i.get_closest_marker("slow") or i.get_closest_marker("realdata")
+            or "tests/device/" in i.nodeid]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if i not in slow]
 
 
 def real_data_dir() -> Path | None:

@@ -4,13 +4,11 @@ line, the same refusals, and each function's result type."""
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from commands.cli import main
 from safeexport import compress, evaluate, export, replay, study
 from safeexport.errors import ConfigError
 from safeexport.rundir import sha256_file
-from tests.conftest import FAST_EXPORT, tiny_config
+from tests.conftest import FAST_EXPORT, cli, tiny_config
 
 TINY = {k: v for k, v in tiny_config(dense_reference=False).to_dict().items()
         if k in ("dataset", "model", "sparsity", "epochs", "update_frequency", "batch_size",
@@ -24,8 +22,8 @@ def test_compress_export_evaluate_through_the_api_match_the_command_line(tmp_pat
     for k, v in TINY.items():
         if k != "dense_reference":
             args += [f"--{k.replace('_', '-')}", str(v)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.stderr
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
     # one path: the same options give the same model, bit for bit
     assert sha256_file(run.model) == sha256_file(tmp_path / "cli" / "model.safetensors")
 

@@ -7,12 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from commands.cli import main
 from safeexport import evaluate
 from safeexport.errors import ConfigError, DataError
 from safeexport.runio import load_data, open_run
+from tests.conftest import cli
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +67,8 @@ def test_an_audit_of_one_population_split_in_two_reads_no_leak(foreign, tmp_path
     test = _npz(tmp_path / "t.npz", ds.x[splits.test], ds.y[splits.test])
     args = ["evaluate", str(folder / "model.onnx"), "--members", str(both), "--test", str(test),
             "--attack-epochs", "5", "--json", str(tmp_path / "one.json")]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.stderr
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
     assert "reference attacks not run" in result.stdout
     one = json.loads((tmp_path / "one.json").read_text())
     f = one["figures"]
@@ -82,6 +81,43 @@ def test_an_audit_of_one_population_split_in_two_reads_no_leak(foreign, tmp_path
                                    ds.y[idx[flag == 0]]),
                    test=test, attack_epochs=5, json_out=tmp_path / "two.json")
     assert two.report["figures"] == one["figures"]
+
+
+def test_an_audit_with_references_trains_them_on_the_known_halves_only(foreign, run,
+                                                                         tmp_path):
+    """--model --references 2 on the tiny file, members and non-members in one npz with a
+    'member' array: two references are built like the run (its recorded training keys), LiRA
+    and RMIA join the figures, and the exposure names members by their row in that file."""
+    folder, ds, splits = foreign
+    idx = np.concatenate([splits.members, splits.known_nonmembers, splits.unknown_nonmembers])
+    flag = np.isin(idx, splits.members).astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(idx))  # members scattered in the file
+    both = _npz(tmp_path / "all.npz", ds.x[idx[order]], ds.y[idx[order]], member=flag[order])
+    recorded = open_run(run).read_config()["config"]
+    (tmp_path / "train.yaml").write_text("\n".join(
+        f"{k}: {json.dumps(recorded[k])}" for k in ("method", "epochs", "batch_size",
+                                                    "sparsity", "update_frequency",
+                                                    "finetune_iters", "final_attack_epochs")))
+    res = evaluate(folder / "model.onnx", members=both, model="cnn", references=2,
+                   train_config=tmp_path / "train.yaml", attack="loss",
+                   json_out=tmp_path / "a.json")
+    r = res.report
+    assert r["reference_attacks"]["settings"]["references"] == 2
+    assert {"lira", "rmia"} <= set(r["figures"]["reference_attacks"])
+    assert r["references"]["train_config"]["method"] == recorded["method"]
+    work = tmp_path / "a-references"
+    index = json.loads((work / "references" / "index.json").read_text())
+    assert [m["status"] for m in index["models"].values()] == ["built", "built"]
+    # each reference trained on known samples only (the measured halves are out of both)
+    audit_split = np.load(work / "splits.npz")
+    measured = np.r_[audit_split["unknown_members"], audit_split["unknown_nonmembers"]]
+    for i in range(2):
+        ref = np.load(work / "references" / f"ref-{i}" / "splits.npz")
+        trained = np.r_[ref["known_members"], ref["unknown_members"]]
+        assert len(trained) and not np.isin(trained, measured).any()
+    rows = np.loadtxt(tmp_path / "a-exposure.csv", delimiter=",", skiprows=1, usecols=1)
+    assert r["exposure"]["attack"] == "lira" and len(rows) == r["samples"]["eval_members"]
+    assert (flag[order][rows.astype(int)] == 1).all()  # every listed row is a member's
 
 
 def test_audit_refusals(foreign, tmp_path):

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from commands.cli import main
 from compressor import compress
 from safeexport.errors import ConfigError, TrainingError
 from safeexport.rundir import RunDir, sha256_file, write_json
-from tests.conftest import tiny_config
+from tests.conftest import cli, one_error_line, tiny_config
 
 TINY = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2", "--epochs", "1",
         "--update-frequency", "3", "--batch-size", "32", "--finetune-iters", "1",
@@ -32,24 +30,9 @@ TINY = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2", "
 TINY_DATA = [a for a in TINY[2:]]  # the same without --dataset synthetic
 
 
-def invoke(*args) -> tuple[int, str]:
-    """Run the CLI in-process; (exit status, stderr)."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception  # a traceback is a failure of this suite, shown as such
-    return r.exit_code, r.stderr
-
-
 def refused(pattern: str, *args) -> str:
     """Assert the command is refused with exactly one "error:" line matching ``pattern``."""
-    import re
-
-    code, err = invoke(*args)
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
+    return one_error_line(cli(*args), pattern)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -142,8 +125,8 @@ def test_overwrite_through_a_symlinked_out_replaces_the_run(done, tmp_path):
     shutil.copytree(done, real)
     link = tmp_path / "link"
     link.symlink_to(real)
-    code, err = invoke("compress", *TINY, "--seed", "3", "--out", link, "--overwrite")
-    assert code == 0, err
+    r = cli("compress", *TINY, "--seed", "3", "--out", link, "--overwrite")
+    assert r.returncode == 0, r.stderr
     assert link.is_symlink()
     assert json.loads((real / "config.json").read_text())["config"]["seed"] == 3
     assert not (real / "exports").exists()  # the old run's exports went with it
@@ -191,8 +174,8 @@ def test_evaluate_json_is_not_overwritten_without_the_flag(copy, tmp_path):
     refused(r"mine\.json.*already exist.*--overwrite", "evaluate", exp, "--json", target,
             "--attack-epochs", "1")
     assert target.read_text() == "keep me" and (tmp_path / "mine.png").read_text() == "keep me too"
-    code, err = invoke("evaluate", exp, "--json", target, "--attack-epochs", "1", "--overwrite")
-    assert code in (0, 1, 3), err
+    r = cli("evaluate", exp, "--json", target, "--attack-epochs", "1", "--overwrite")
+    assert r.returncode in (0, 1, 3), r.stderr
     report = json.loads(target.read_text())
     assert report["model_file"] == str(exp.resolve())
     assert "file is the file's name" in report["manifest_checked"]
@@ -229,7 +212,7 @@ def test_two_compress_processes_on_one_out(tmp_path):
     import sys
     import time
 
-    from tests.test_compress import HANG_GUARD_S, REPO
+    from tests.conftest import HANG_GUARD_S, REPO
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -734,8 +717,8 @@ def test_read_only_targets(copy, tmp_path):
 def test_out_under_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("x")
     refused("cannot write|is a file", "compress", *TINY, "--out", tmp_path / "file" / "run")
-    code, err = invoke("compress", *TINY, "--out", tmp_path / "file")
-    assert code == 2 and "is a file" in err, err
+    r = cli("compress", *TINY, "--out", tmp_path / "file")
+    assert r.returncode == 2 and "is a file" in r.stderr, r.stderr
     assert (tmp_path / "file").read_text() == "x"
 
 
@@ -762,9 +745,8 @@ def test_export_after_a_killed_export_leaves_no_leftover_and_shares_its_mode(cop
     live = exports / f".again.onnx.{os.getppid()}.x2.onnx"
     dead.write_bytes(b"half a model")
     live.write_bytes(b"being written")
-    code, err = invoke("export", "--run", copy, "--format", "onnx", "--bits", "32", "--out",
-                       target)
-    assert code == 0, err
+    r = cli("export", "--run", copy, "--format", "onnx", "--bits", "32", "--out", target)
+    assert r.returncode == 0, r.stderr
     assert not dead.exists() and live.exists()
     mode = target.stat().st_mode & 0o777
     assert mode == target.with_suffix(".json").stat().st_mode & 0o777

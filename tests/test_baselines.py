@@ -18,8 +18,8 @@ from exporters.config import ExportConfig
 from safeexport.errors import ConfigError
 from safeexport.rundir import RunDir
 from safeexport.runio import load_model, open_run
-from tests.conftest import FAST_EXPORT, tiny_config
-from tests.test_compress import _one_line_error, _rebuild, cli
+from tests.conftest import FAST_EXPORT, cli, one_error_line, tiny_config
+from tests.test_compress import _rebuild
 
 BASELINES = ["dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd", "kd-dp", "kd-advreg",
              "kd-dmp", "mia-pr"]
@@ -97,7 +97,7 @@ def test_pruning_then_fine_tuning_changes_only_kept_weights(runs):
 
 def test_unknown_method_is_one_clear_line(tmp_path):
     r = cli("compress", "--method", "magic", "--out", tmp_path / "run")
-    _one_line_error(r, "unknown method 'magic'; known: safecompress, dense, prune, pr-dp, ")
+    one_error_line(r, "unknown method 'magic'; known: safecompress, dense, prune, pr-dp, ")
     assert not (tmp_path / "run").exists()
 
 

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +18,20 @@ from compressor.masking import erk_counts, maskable
 from safeexport.errors import ConfigError
 from safeexport.metrics import fold
 from safeexport.models import build_from_spec, build_model
-from tests.conftest import REPO, tiny_config, write_agnews_csv, write_tabular_npz
+from tests.conftest import (
+    HANG_GUARD_S,
+    REPO,
+    cli,
+    cli_process,
+    one_error_line,
+    tiny_config,
+    write_agnews_csv,
+    write_tabular_npz,
+)
 
 TINY_FLAGS = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2",
               "--batch-size", "32", "--finetune-iters", "2", "--attack-epochs", "2",
               "--attack-finetune-epochs", "1", "--final-attack-epochs", "2", "--device", "cpu"]
-
-
-# Only a guard against a hung child, never a speed check: the suite has taken 51 minutes on a
-# loaded machine, and a tighter limit failed correct code there.
-HANG_GUARD_S = 3600
-
-
-def cli(*args, timeout=HANG_GUARD_S, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "safeexport", *map(str, args)], cwd=kw.pop(
-        "cwd", REPO), env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _rebuild(run: Path) -> torch.nn.Module:
@@ -119,7 +118,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
     # augmented, so the augmentation's random crops and flips are resumed exactly too
     flags = [*TINY_FLAGS, "--epochs", "8", "--update-frequency", "4", "--augment", "crop-flip"]
     ref = tmp_path / "ref"
-    assert cli("compress", *flags, "--out", ref).returncode == 0
+    assert cli_process("compress", *flags, "--out", ref).returncode == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "safeexport", "compress", *flags, "--out",
@@ -134,7 +133,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
     assert not (killed / "report.json").exists(), "the run finished before it could be killed"
     rounds_before = len((killed / "history.jsonl").read_text().splitlines())
     assert 1 <= rounds_before < 11
-    r = cli("compress", "--out", killed, "--resume")
+    r = cli_process("compress", "--out", killed, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = _tensors(ref / "model.safetensors"), _tensors(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -154,16 +153,6 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
-def _one_line_error(r: subprocess.CompletedProcess, pattern: str) -> None:
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    import re
-
-    assert re.search(pattern, lines[0]), lines[0]
-
-
 @pytest.mark.parametrize("args,pattern", [
     (["--sparsity", "0"], r"must be in \(0, 1\]"),
     (["--sparsity", "1.5"], r"must be in \(0, 1\]"),
@@ -179,7 +168,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, args, pattern):
     (tmp_path / "empty").mkdir()
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     r = cli("compress", *args, "--out", tmp_path / "run")
-    _one_line_error(r, pattern)
+    one_error_line(r, pattern)
     assert not (tmp_path / "run").exists()
 
 
@@ -187,10 +176,10 @@ def test_existing_run_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
     compress(tiny_config(epochs=1, update_frequency=5, dense_reference=False), out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    _one_line_error(cli("compress", *TINY_FLAGS, "--out", out),
+    one_error_line(cli("compress", *TINY_FLAGS, "--out", out),
                     "already holds a run.*--resume.*--overwrite")
     # --overwrite with an input that fails validation destroys nothing either
-    _one_line_error(cli("compress", *TINY_FLAGS, "--max-samples", "50", "--overwrite",
+    one_error_line(cli("compress", *TINY_FLAGS, "--max-samples", "50", "--overwrite",
                         "--out", out), "too few")
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     r = cli("compress", *TINY_FLAGS, "--epochs", "1", "--update-frequency", "5", "--seed", "5",
@@ -200,7 +189,7 @@ def test_existing_run_is_refused_and_kept(tmp_path):
     other = tmp_path / "notarun"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    _one_line_error(cli("compress", *TINY_FLAGS, "--overwrite", "--out", other),
+    one_error_line(cli("compress", *TINY_FLAGS, "--overwrite", "--out", other),
                     "not a run directory")
     assert (other / "keep.txt").read_text() == "mine"
 
@@ -215,11 +204,11 @@ def test_corrupt_checkpoint_and_resume_flag_misuse(tmp_path):
         compress(tiny_config(), out, on_round=stop)
     ckpt = out / "checkpoint" / "state.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:200])
-    _one_line_error(cli("compress", "--out", out, "--resume"), "checkpoint.*damaged|corrupt")
+    one_error_line(cli("compress", "--out", out, "--resume"), "checkpoint.*damaged|corrupt")
     assert ckpt.exists()
     r = cli("compress", "--out", out, "--resume", "--epochs", "3")
     assert r.returncode == 2 and "drop --epochs" in r.stderr
-    _one_line_error(cli("compress", "--out", tmp_path / "none", "--resume"), "no run to resume")
+    one_error_line(cli("compress", "--out", tmp_path / "none", "--resume"), "no run to resume")
 
 
 def test_resume_refuses_different_data(tmp_path):
@@ -234,7 +223,7 @@ def test_resume_refuses_different_data(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         compress(tiny_config(dataset=f"npz:{data}", max_samples=None), out, on_round=stop)
     np.savez(data, x=rng.integers(0, 255, (300, 8, 8), dtype=np.uint8), y=np.arange(300) % 3)
-    _one_line_error(cli("compress", "--out", out, "--resume"), "differs from the data")
+    one_error_line(cli("compress", "--out", out, "--resume"), "differs from the data")
 
 
 def test_config_json_round_trip_and_all_problems_at_once():
@@ -277,17 +266,12 @@ def test_tabular_with_the_mlp_and_regularizer(tmp_path):
 
 
 def test_run_replays_a_recorded_config_and_a_yaml_of_the_same_keys(tmp_path):
-    from click.testing import CliRunner
-
-    from commands.cli import main
     from safeexport.rundir import sha256_file
 
     first = compress(tiny_config(epochs=2, update_frequency=5, dense_reference=False),
                      tmp_path / "first").path
-    runner = CliRunner()
-    r = runner.invoke(main, ["run", str(first / "config.json"), "--out",
-                             str(tmp_path / "again"), "--no-progress"])
-    assert r.exit_code == 0, r.output
+    r = cli("run", first / "config.json", "--out", tmp_path / "again", "--no-progress")
+    assert r.returncode == 0, r.stderr
     assert sha256_file(tmp_path / "again" / "model.safetensors") == \
         sha256_file(first / "model.safetensors")
     # the same keys by hand, in YAML: only what differs from the defaults
@@ -297,14 +281,12 @@ def test_run_replays_a_recorded_config_and_a_yaml_of_the_same_keys(tmp_path):
     import yaml
 
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(own))
-    r = runner.invoke(main, ["run", str(tmp_path / "mine.yaml"), "--out",
-                             str(tmp_path / "yaml"), "--no-progress"])
-    assert r.exit_code == 0, r.output
+    r = cli("run", tmp_path / "mine.yaml", "--out", tmp_path / "yaml", "--no-progress")
+    assert r.returncode == 0, r.stderr
     assert sha256_file(tmp_path / "yaml" / "model.safetensors") == \
         sha256_file(first / "model.safetensors")
     # replaying into the run it came from is refused like compress would refuse it
-    r = runner.invoke(main, ["run", str(first / "config.json"), "--out", str(first)])
-    assert r.exit_code == 2 and "already holds a run" in r.stderr, r.output
+    one_error_line(cli("run", first / "config.json", "--out", first), "already holds a run")
 
 
 @pytest.mark.parametrize("text,pattern", [
@@ -318,7 +300,7 @@ def test_run_replays_a_recorded_config_and_a_yaml_of_the_same_keys(tmp_path):
 def test_run_refuses_a_bad_config_file_in_one_line(tmp_path, text, pattern):
     (tmp_path / "mine.yaml").write_text(text)
     r = cli("run", tmp_path / "mine.yaml", "--out", tmp_path / "run")
-    _one_line_error(r, pattern)
+    one_error_line(r, pattern)
     assert not (tmp_path / "run").exists()
 
 
@@ -364,8 +346,10 @@ def test_augmented_training_is_recorded_and_changes_only_training(tmp_path):
     plain = compress(tiny_config(augment="none", dense_reference=False), tmp_path / "plain")
     aug = compress(tiny_config(augment="crop-flip", dense_reference=False), tmp_path / "aug")
     assert json.loads(aug.config.read_text())["augment"] == "crop-flip"
+    # 400 samples: 200 members, 6 batches of 32 an epoch, 4 epochs
     assert json.loads(aug.report.read_text())["training"] == {
-        "augment": "crop-flip", "attacks_and_evaluation_read": "un-augmented inputs"}
+        "augment": "crop-flip", "attacks_and_evaluation_read": "un-augmented inputs",
+        "members": 200, "iterations": 24}
     assert json.loads(plain.report.read_text())["training"]["augment"] == "none"
     # the same split and seeds: only the augmented batches differ
     assert plain.splits.read_bytes() == aug.splits.read_bytes()
@@ -407,3 +391,34 @@ def test_a_run_from_before_augment_resumes_without_it(tmp_path, monkeypatch):
         run = compress(tiny_config(dense_reference=False), tmp_path / name, resume=True)
         augment = json.loads(run.report.read_text())["training"]["augment"]
         assert augment == ("none" if old else "crop-flip"), name
+
+
+def test_a_run_records_its_thread_count_and_resume_and_replay_reuse_it(tmp_path):
+    """Same seed, same run holds at one thread count: a run records the count it ran on
+    (torch's own when --threads is not given), a resumed run and a replay run on it whatever
+    the process is set to."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs a machine where torch runs on more than one thread")
+    cfg = tiny_config(epochs=3, update_frequency=4, dense_reference=False)
+    default = compress(replace(cfg, epochs=1, update_frequency=3), tmp_path / "default")
+    assert default.read_config()["config"]["threads"] == torch.get_num_threads()
+
+    class Stop(Exception):
+        pass
+
+    def stop(r):
+        raise Stop
+
+    with pytest.raises(Stop):
+        compress(replace(cfg, threads=1), tmp_path / "one", on_round=stop)
+    seen = []
+    compress(CompressConfig(), tmp_path / "one", resume=True,
+             on_round=lambda r: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {1}
+    whole = compress(replace(cfg, threads=1), tmp_path / "whole")
+    r = cli("run", whole.config, "--out", tmp_path / "again", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    for a, b in ((whole.model, tmp_path / "one" / "model.safetensors"),
+                 (whole.model, tmp_path / "again" / "model.safetensors")):
+        ta, tb = _tensors(a), _tensors(b)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -3,10 +3,7 @@ codes, bad inputs, and the three stages through the CLI. The adb runtime is test
 emulated arm64 phone in tests/device/."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +17,7 @@ from safeexport.metrics import fold
 from safeexport.rundir import RunDir, sha256_file, write_json
 from safeexport.runio import inputs_of, load_data
 from safeexport.runtimes import open_runtime
-from tests.conftest import tiny_config
-from tests.test_compress import HANG_GUARD_S, cli
-from tests.test_export import _one_line
+from tests.conftest import cli, cli_process, one_error_line, tiny_config
 
 
 def _exp(run: Path, name: str) -> Path:
@@ -88,10 +83,8 @@ def test_verdict_and_exit_codes(run, tmp_path):
                 "--max-mia-rise", "0", "--inconclusive-ok")
         assert r.returncode == 0 and "INCONCLUSIVE" in r.stdout and "warning" in r.stderr
     # the same command through the module entry point
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    m = subprocess.run([sys.executable, "-m", "device_eval", str(two_bit), "--json",
-                        str(tmp_path / "d.json"), "--max-task-drop", "1", "--max-mia-rise",
-                        "1"], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    m = cli_process(two_bit, "--json", tmp_path / "d.json", "--max-task-drop", "1",
+                    "--max-mia-rise", "1", module="device_eval")
     assert m.returncode == 0 and "PASS" in m.stdout, m.stderr
 
 
@@ -153,25 +146,25 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(run, tmp_path):
     manifest = json.loads(onnx.with_suffix(".json").read_text())
     write_json(bad.with_suffix(".json"), {**manifest, "sha256": sha256_file(bad),
                                           "file": bad.name})
-    _one_line(cli("evaluate", bad, "--json", evals / "x.json"), "onnxruntime cannot load")
+    one_error_line(cli("evaluate", bad, "--json", evals / "x.json"), "onnxruntime cannot load")
     # a file that differs from its manifest
     changed = tmp_path / "changed.onnx"
     changed.write_bytes(onnx.read_bytes() + b"\0")
     shutil.copy(onnx.with_suffix(".json"), changed.with_suffix(".json"))
-    _one_line(cli("evaluate", changed, "--json", evals / "x.json"),
+    one_error_line(cli("evaluate", changed, "--json", evals / "x.json"),
               "does not match its manifest")
     # no manifest, and a missing file
     lone = tmp_path / "lone.onnx"
     shutil.copy(onnx, lone)
-    _one_line(cli("evaluate", lone), "has no manifest")
-    _one_line(cli("evaluate", tmp_path / "none.onnx"), "does not exist")
+    one_error_line(cli("evaluate", lone), "has no manifest")
+    one_error_line(cli("evaluate", tmp_path / "none.onnx"), "does not exist")
     # an input shape that does not match the run's data
     shaped = tmp_path / "shaped.onnx"
     shutil.copy(onnx, shaped)
     write_json(shaped.with_suffix(".json"), {**manifest, "file": shaped.name,
                                              "input": {"shape": [None, 3, 8, 8],
                                                        "dtype": "float32"}})
-    _one_line(cli("evaluate", shaped, "--json", evals / "x.json"),
+    one_error_line(cli("evaluate", shaped, "--json", evals / "x.json"),
               "takes float32 inputs of shape \\[3, 8, 8\\]")
     assert not evals.exists()
 
@@ -206,6 +199,7 @@ def test_data_and_class_mismatches(run, tmp_path):
         evaluate(onnx, EvalConfig(), digits)
 
 
+@pytest.mark.slow  # siblings: test_api's three stages and test_compress's digits default
 def test_cli_compress_export_evaluate_on_the_digits_default(tmp_path):
     """The three stages through the command line on the embedded default dataset."""
     out = tmp_path / "run"

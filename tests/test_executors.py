@@ -53,7 +53,7 @@ def test_references_through_ray_equal_the_local_ones(ray_instance, tmp_path):
         torch.set_num_threads(1)  # a Ray task with one CPU trains on one thread
         try:
             run_cfg = replace(cfg, executor=executor)
-            refs = ensure_references(run, run_cfg, Splits.load(run.splits), y, 2)
+            refs = ensure_references(run, run_cfg, Splits.load(run.splits), y, 2, compress)
         finally:
             torch.set_num_threads(threads)
         models[executor] = [sha256_file(r.model) for r in refs]
@@ -62,7 +62,7 @@ def test_references_through_ray_equal_the_local_ones(ray_instance, tmp_path):
     assert models["ray"] == models["local"]
     # the executor is not a setting: the local references are reused as they are under Ray
     run_cfg = replace(cfg, executor="ray")
-    ensure_references(run, run_cfg, Splits.load(run.splits), y, 2)
+    ensure_references(run, run_cfg, Splits.load(run.splits), y, 2, compress)
     index = json.loads((run.path / "references" / "index.json").read_text())
     assert [m["status"] for m in index["models"].values()] == ["reused", "reused"]
 

@@ -336,7 +336,7 @@ def test_attack_seeds_give_mean_and_std_of_the_trained_attacker(tmp_path):
     assert spread["auc"]["std"] == pytest.approx(np.std(values, ddof=1))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_lossless_exports_pass_the_verdict(seed, tmp_path):
     """float32 and float16 files differ from PyTorch by rounding only: whatever the attacks
     read, the paired comparison must not call that a privacy loss."""

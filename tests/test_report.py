@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from commands.cli import main
 from device_eval import evaluate
 from device_eval.config import EvalConfig
 from safeexport.errors import ConfigError
 from safeexport.html_report import EXPOSED_SHOWN, beats_chance, write_report
 from safeexport.metrics import flagged_fpr
 from safeexport.runio import open_run
+from tests.conftest import cli
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -41,8 +40,8 @@ def reported(run, tmp_path_factory) -> tuple[Path, Path]:
     shutil.copytree(run, copy)
     evaluate(copy / "exports" / "model-onnx-w8-weight-only.onnx", EvalConfig(attack_epochs=2),
              copy)
-    result = CliRunner().invoke(main, ["report", str(copy)])
-    assert result.exit_code == 0, result.stderr
+    result = cli("report", copy)
+    assert result.returncode == 0, result.stderr
     return copy, copy / "report.html"
 
 

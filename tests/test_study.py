@@ -10,8 +10,7 @@ import pytest
 
 from study import compare, study
 from study.run import STUDY_COLUMNS, row_figures
-from tests.conftest import tiny_config
-from tests.test_compress import _one_line_error, cli
+from tests.conftest import cli, one_error_line, tiny_config
 
 TINY = dict(retrain_epochs=2)
 FLAGS = ["--dataset", "synthetic", "--model", "cnn", "--sparsity", "0.2", "--epochs", "4",
@@ -111,15 +110,15 @@ def test_compare_over_seeds_reports_mean_and_std_and_bolds_the_best(tmp_path):
 
 def test_study_errors_are_one_clear_line(tmp_path):
     r = cli("study", *FLAGS, "--compare", "dense,magic", "--out", tmp_path / "a")
-    _one_line_error(r, "unknown method\\(s\\) magic; known: safecompress, dense")
+    one_error_line(r, "unknown method\\(s\\) magic; known: safecompress, dense")
     r = cli("study", *FLAGS, "--bits", "8,16", "--out", tmp_path / "b")
-    _one_line_error(r, "--bits must list widths tflite can store below float")
+    one_error_line(r, "--bits must list widths tflite can store below float")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(
         {"config": asdict(tiny_config()), "dataset_fingerprint": "0" * 64,
          "versions": {"safeexport": "0.1.0"}}))
     r = cli("study", *FLAGS, "--out", tmp_path / "run")
-    _one_line_error(r, "is a run directory")
+    one_error_line(r, "is a run directory")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from compressor.config import BASELINES
 from compressor.setup import Setup, train_dense
 from compressor.train import TrainState
 from safeexport.registry import Registry
@@ -91,3 +92,8 @@ def mia_pruning(setup: Setup) -> Outcome:
     teacher, dense_time = train_dense(setup)
     state, extra = admm_prune(setup, teacher.model)
     return Outcome(state, (teacher, dense_time), extra)
+
+
+if tuple(METHODS.names()) != BASELINES:  # one list of names: the config's
+    raise RuntimeError(f"the registered baselines {METHODS.names()} differ from "
+                       f"compressor.config.BASELINES {list(BASELINES)}")

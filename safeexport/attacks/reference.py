@@ -9,14 +9,19 @@ file in ``evaluate``. Written here because neither ML Privacy Meter nor LeakPro 
 can call on arrays of outputs (both drive their own training and data loaders).
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.special import log_softmax
 
 from safeexport.attacks.base import AttackResult, Signals, is_member_of
 from safeexport.attacks.threshold import best_threshold
+from safeexport.data.splits import Splits
+from safeexport.errors import ConfigError, DataError
 from safeexport.metrics import RESAMPLES, mia_metrics, roc_auc
+from safeexport.rundir import RunDir
 
 PER_EXAMPLE_VARIANCE_AT = 64  # LiRA: from this many references, a variance per sample
 A_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)  # RMIA's offline factor a, tuned on this grid
@@ -171,3 +176,46 @@ def reference_attacks(target: list[Signals], parts: list[np.ndarray], refs: Refe
             "rmia_population": int(len(parts[1])),
             "lira_variance": variance}
     return out, info
+
+
+def reference_outputs(run: RunDir, index: np.ndarray, k: int | None = None,
+                      data_dir: Path | None = None, files: list[Path] | None = None):
+    """``References`` (attacks/reference.py) of ``run``: each reference's logits on the
+    samples ``index`` and which of them it trained on; None with fewer than 2. The logits
+    are the references' PyTorch models', or with ``files`` (one export per reference, in
+    its exports/) those files' in their host runtime. Each reference reads the data through
+    its own run (a text reference has its own tokenizer) and must have been split on the
+    run's data."""
+    from safeexport.runio import inputs_of, load_data, references_of
+    from safeexport.runtimes import open_runtime
+
+    refs = references_of(run, k)
+    if len(refs) < 2:
+        return None
+    if files is not None and [Path(f).parent.parent.resolve() for f in files] != [
+            r.path.resolve() for r in refs]:
+        raise ConfigError("the reference files are not one export per reference model")
+    fingerprint = Splits.load(run.splits).fingerprint
+    logits, trained, methods, loaded = [], [], set(), {}
+    for i, ref in enumerate(refs):
+        # the references of a run read the same data: it is loaded once (text is encoded with
+        # each reference's own tokenizer, so it is read per reference)
+        cfg = ref.read_config()["config"]
+        key = json.dumps([cfg.get(k) for k in ("dataset", "data_dir", "max_samples", "seed",
+                                               "data_seed")])
+        if key in loaded:
+            ds, splits = loaded[key], Splits.load(ref.splits)
+        else:
+            ds, splits = load_data(ref, data_dir)
+            if ds.kind != "text":
+                loaded[key] = ds
+        if splits.fingerprint != fingerprint:
+            raise DataError(f"{ref.path} was trained on other data than {run.path}")
+        with open_runtime(ref.model if files is None else Path(files[i]),
+                          "torch" if files is None else "auto") as rt:
+            logits.append(rt(inputs_of(ds, index)).astype(np.float64))
+        trained.append(np.isin(index, splits.members))
+        methods.add(cfg["method"])
+    models = "pytorch" if files is None else f"exported ({Path(files[0]).name}, {rt.name})"
+    return References(np.asarray(index), np.stack(logits), np.stack(trained),
+                      "/".join(sorted(methods)), models)
