@@ -60,8 +60,8 @@ class StageConfig:
         extra = set(d) - set(fields)
         if extra:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(extra))}")
-        wrong = [f"{k} must be {_type_name(fields[k].type)}, got {v!r}"
-                 for k, v in d.items() if not _fits(v, fields[k].type)]
+        wrong = [f"{k} must be {type_name(fields[k].type)}, got {v!r}"
+                 for k, v in d.items() if not fits(v, fields[k].type)]
         if wrong:
             raise ConfigError("; ".join(wrong))
         return cls(**d)
@@ -111,15 +111,15 @@ class StageConfig:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def _fits(value: Any, tp: Any) -> bool:
+def fits(value: Any, tp: Any) -> bool:
     """Whether ``value`` (from JSON or YAML) is of the field type ``tp`` (an int is a float)."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
-        return any(_fits(value, a) for a in typing.get_args(tp))
+        return any(fits(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if origin is list:
-        return isinstance(value, list) and all(_fits(v, typing.get_args(tp)[0]) for v in value)
+        return isinstance(value, list) and all(fits(v, typing.get_args(tp)[0]) for v in value)
     if isinstance(value, bool):
         return tp is bool
     if tp is float:
@@ -127,11 +127,11 @@ def _fits(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             type(None): "null"}
+             type(None): "null", dict: "an object", list: "a list"}
     if typing.get_origin(tp) in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
+        return f"a list of {type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
     return names.get(tp, getattr(tp, "__name__", str(tp)))

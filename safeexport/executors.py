@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from safeexport.errors import SafeExportError
+from safeexport.errors import ConfigError, SafeExportError
 from safeexport.registry import Registry
 
 
@@ -42,8 +42,13 @@ def _error_line(e: BaseException) -> str:
     return str(e) if isinstance(e, SafeExportError) else f"{type(e).__name__}: {e}"
 
 
-def run_local(tasks: Sequence[Task], progress: bool | None = None) -> list[Outcome]:
-    """One task after another in this process (a task may itself use every core)."""
+def run_local(tasks: Sequence[Task], progress: bool | None = None, **options: Any
+              ) -> list[Outcome]:
+    """One task after another in this process (a task may itself use every core). It takes
+    no options: one given (a Ray address, per-task resources) is refused, not dropped."""
+    if options:
+        raise ConfigError(f"the local executor takes no {', '.join(sorted(options))}; use "
+                          "--executor ray for those")
     out = []
     with tqdm(total=len(tasks), desc="tasks", unit="task",
               disable=None if progress is None else not progress) as bar:
@@ -125,6 +130,4 @@ def run_tasks(tasks: Sequence[Task], executor: str = "local", progress: bool | N
               **options: Any) -> list[Outcome]:
     """Run ``tasks`` with the named executor (``options``: the Ray executor's address and
     per-task resources); one ``Outcome`` per task, in the tasks' order."""
-    if executor == "local":
-        return run_local(tasks, progress)
     return EXECUTORS.get(executor)(tasks, progress, **options)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safeexport.config import fits, type_name
 from safeexport.data import ArrayDataset, load_dataset, to_tensor
 from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, DataError
@@ -25,17 +26,18 @@ def latest_run(root: Path = RUNS_ROOT) -> RunDir:
 
 
 # What the later stages read from config.json's "config" and the types they need.
-CONFIG_KEYS = {"dataset": str, "data_dir": (str, type(None)), "max_samples": (int, type(None)),
-               "seed": int, "data_seed": (int, type(None)), "attack": str,
-               "final_attack_epochs": int, "lam": (int, float), "max_length": int}
+CONFIG_KEYS = {"dataset": str, "data_dir": str | None, "max_samples": int | None, "seed": int,
+               "data_seed": int | None, "attack": str, "final_attack_epochs": int,
+               "lam": float, "max_length": int}
 
 
 def _need(obj: dict, key: str, kind, where: Path) -> object:
+    """``obj[key]`` when it is of type ``kind``, checked as a config file's values are
+    (``safeexport.config``'s one checker: an int is a float, a bool is not an int)."""
     value = obj.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ConfigError(f"{where}: {key!r} is missing or not a {want}; the file is damaged, "
-                          "re-run `safeexport compress` to make the run again")
+    if not fits(value, kind):  # a key a run predates reads None, which a "| None" accepts
+        raise ConfigError(f"{where}: {key!r} is missing or not {type_name(kind)}; the file is "
+                          "damaged, re-run `safeexport compress` to make the run again")
     return value
 
 

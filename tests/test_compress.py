@@ -70,7 +70,9 @@ def test_cli_end_to_end_on_the_digits_default(tmp_path):
     report = json.loads((out / "report.json").read_text())
     for key in ("compressed", "dense"):
         m = report[key]
-        assert 0 <= m["task_acc"] <= 1 and 0 <= m["mia_acc"] <= 1
+        assert m["task_acc"] > 0.3  # 10 classes: a misaligned label reads about 0.1
+        lo, hi = m["ci"]["mia_acc"]
+        assert lo <= m["mia_acc"] <= hi and lo < hi
         assert m["n_members"] == m["n_nonmembers"] > 0
         # the TM-score reads the strongest attack measured, never a collapsed one
         assert m["tm_attack"] == m["strongest"]["attack"]

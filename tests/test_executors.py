@@ -43,6 +43,12 @@ def test_outcomes_in_order_and_a_failure_does_not_stop_the_others(executor, requ
     assert out[3].error == "three is refused" and not out[3].ok
 
 
+def test_the_local_executor_refuses_options_instead_of_dropping_them():
+    with pytest.raises(ConfigError, match="local executor takes no address, cpus_per_task"):
+        run_tasks([Task("t0", _square, (0,))], "local", False, address="auto",
+                  cpus_per_task=1.0)
+
+
 def test_references_through_ray_equal_the_local_ones(ray_instance, tmp_path):
     cfg = tiny_config(method="dense", dense_reference=False, attack="loss", epochs=2)
     y = load_dataset("synthetic", None, False, 400, 0).y

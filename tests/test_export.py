@@ -125,7 +125,9 @@ def _check_export(res, run: Path, cfg: ExportConfig) -> None:
             if w.numel in run_nnz:
                 assert w.nnz <= max(run_nnz[w.numel])
         assert m["sizes"]["floor_bytes"] < m["sizes"]["torch_fp32_bytes"]
-    assert 0 <= m["parity"]["agreement"] <= 1 and m["parity"]["samples"] > 0
+    assert m["parity"]["samples"] > 0
+    if cfg.bits == 8:  # 8 bits keep the float model's decisions
+        assert m["parity"]["agreement"] >= 0.9, m["parity"]
 
 
 @pytest.mark.parametrize("model,fmt", [
