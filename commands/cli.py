@@ -542,16 +542,14 @@ def _print_audit(res) -> None:
     lo, hi = f["task_acc_ci"]
     click.echo(f"task accuracy {f['task_acc']:.4f} [{lo:.4f}, {hi:.4f}] on {r['task_acc_on']}")
     click.echo(f"{'attack':18}{'MIA acc (95% CI)':>26}{'AUC':>7}{'TPR@1%':>8}")
-    rows = [(f["attack"], f), *f["threshold_attacks"].items()]
+    refs = r["reference_attacks"]
+    rows = [(f["attack"], f), *f["threshold_attacks"].items(),
+            *(((name, refs[name]) for name in ("lira", "rmia")) if isinstance(refs, dict)
+              else ())]
     for name, m in rows:
         click.echo(f"{name:18}{fmt_interval(m, 'mia_acc'):>26}{m['auc']:7.3f}"
                    f"{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}")
-    refs = r["reference_attacks"]
     if isinstance(refs, dict):
-        for name in ("lira", "rmia"):
-            m = refs[name]
-            click.echo(f"{name:18}{fmt_interval(m, 'mia_acc'):>26}{m['auc']:7.3f}"
-                       f"{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}")
         st = refs["settings"]
         click.echo(f"  (LiRA, RMIA: {st['references']} {st['method']} reference models in "
                    f"{r['references']['folder']})")
@@ -565,8 +563,10 @@ def _print_audit(res) -> None:
                    + ", ".join(f"{e['index']}: {e['flagged_fpr']:.3f}" for e in top))
     for w in r["warnings"]:
         click.echo(f"warning: {w}")
+    from device_eval.run import exposure_path
+
     click.echo(f"report {res.json_path}, ROC {res.plot_path.name}, exposure "
-               f"{res.json_path.stem}-exposure.csv")
+               f"{exposure_path(res.json_path).name}")
 
 
 @main.command("report")
