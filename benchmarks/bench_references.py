@@ -60,15 +60,15 @@ def main() -> None:
             print(f"K = {k:3}: references built in {built:7.1f} s = {built / one:5.2f} x one "
                   f"run ({built / k / one:4.2f} per reference); outputs + LiRA + RMIA "
                   f"{scored:5.1f} s")
-            print(f"         median φ out of training: target {strength(run, ds, splits):.2f}, "
+            print(f"         median φ out of training: target {strength(sig[1]):.2f}, "
                   f"references {strength_of_references(refs, ds.y):.2f}")
 
 
-def strength(run, ds, splits) -> float:
-    """The target's median logit-scaled confidence on its known non-members."""
-    with open_runtime(run.model, "torch") as rt:
-        logits = rt(inputs_of(ds, splits.known_nonmembers)).astype(np.float64)
-    return float(np.median(margins(logits, ds.y[splits.known_nonmembers])))
+def strength(known_nonmembers: Signals) -> float:
+    """The target's median logit-scaled confidence on its known non-members (the signals the
+    attacks were scored on)."""
+    logits = known_nonmembers.logits.numpy().astype(np.float64)
+    return float(np.median(margins(logits, known_nonmembers.labels.numpy())))
 
 
 def strength_of_references(refs, y: np.ndarray) -> float:
