@@ -10,6 +10,9 @@
 Run:  .venv/bin/python benchmarks/bench_attack.py [--run runs/fmnist-cnn-0.05] [--seeds 3]
 """
 
+import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
+
+# isort: split
 import argparse
 import time
 

@@ -13,6 +13,9 @@
 Run:  .venv/bin/python benchmarks/bench_compress.py [--steps N] [--ratio [--dataset D]]
 """
 
+import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
+
+# isort: split
 import argparse
 import time
 

@@ -8,6 +8,9 @@ timed apart from the tasks.
 Run:  .venv/bin/python benchmarks/bench_executors.py [--tasks 8] [--cpus 2]
 """
 
+import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
+
+# isort: split
 import argparse
 import tempfile
 import time

@@ -10,6 +10,9 @@ is exported into a scratch folder and measured:
 Run:  .venv/bin/python benchmarks/bench_export.py [--run RUN_DIR] [--repeats N]
 """
 
+import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
+
+# isort: split
 import argparse
 import tempfile
 import time

@@ -7,6 +7,10 @@ The public API, one function per command (see ``commands.api`` for the parameter
 
 from importlib.metadata import version
 
+from safeexport.openmp import set_wait_policy
+
+set_wait_policy()  # before anything loads torch: see safeexport/openmp.py
+
 __version__ = version("safeexport")
 
 API = ("compress", "replay", "export", "evaluate", "study", "report")

@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from safeexport.errors import ConfigError, SafeExportError
+from safeexport.openmp import policy_env
 from safeexport.registry import Registry
 
 
@@ -96,7 +97,10 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task)(_call_with_threads)
+        # A worker starts with this process's OpenMP wait policy: it must be in the worker's
+        # environment before the task imports torch (safeexport/openmp.py).
+        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
+                            runtime_env={"env_vars": policy_env()})(_call_with_threads)
         threads = max(1, int(cpus_per_task))
         pending = {remote.remote(t.fn, t.args, t.kwargs, threads): i
                    for i, t in enumerate(tasks)}

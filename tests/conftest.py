@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny, fast compress config, a finished tiny run with its exports, and the
 location of the real datasets."""
 
+import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
+
+# isort: split
 import contextlib
 import os
 import re

@@ -4,6 +4,7 @@ reported while the others finish; reference models built through Ray equal the l
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,12 @@ def _square(x: int) -> int:
     if x == 3:
         raise ConfigError("three is refused")
     return x * x
+
+
+def _starting_environment(keys: tuple[str, ...]) -> dict[str, str]:
+    """The variables this process STARTED with (what libgomp reads when torch loads it)."""
+    pairs = (e.split("=", 1) for e in Path("/proc/self/environ").read_text().split("\0") if e)
+    return {k: v for k, v in pairs if k in keys}
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +108,13 @@ def test_a_comparison_through_ray_equals_the_local_one_and_a_failed_run_is_repor
     for m in ("dense", "prune"):
         assert sha256_file(tmp_path / "ray" / "seed-0" / m / "model.safetensors") == \
             sha256_file(tmp_path / "local" / "seed-0" / m / "model.safetensors")
+
+
+def test_a_ray_worker_starts_with_the_drivers_openmp_spin(ray_instance, monkeypatch):
+    # The Ray instance started with this process's environment (the project's spin count); a
+    # setting made after that reaches the worker only through the task's runtime environment.
+    monkeypatch.setenv("GOMP_SPINCOUNT", "4321")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    keys = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    [out] = run_tasks([Task("env", _starting_environment, (keys,))], "ray", False)
+    assert out.value == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "4321"}, out
