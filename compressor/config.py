@@ -63,7 +63,9 @@ class CompressConfig(StageConfig):
     prune: list[str] = opt(["magnitude", "threshold"], "prune strategies of the candidates")
     grow: list[str] = opt(["gradient", "random"], "grow strategies of the candidates")
     prune_rate: float = opt(0.5, "initial prune rate, cosine-decayed towards 0 over training")
-    finetune_iters: int = opt(20, "iterations each candidate is fine-tuned before testing")
+    finetune_iters: int = opt(20, "iterations each candidate is fine-tuned before testing "
+                              "(the winner's count inside the --epochs budget: it is training "
+                              "of the model that continues)")
     retrain_epochs: int = opt(10, "prune baselines: epochs of fine-tuning after pruning")
     dp_epsilon: float = opt(8.0, "pr-dp, kd-dp: the ε DP-SGD's noise is calibrated to (RDP "
                             "accountant), for the private phase")

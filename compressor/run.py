@@ -192,14 +192,20 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
                f"{cfg.epochs} epochs = {total} iterations, {n_rounds} mask updates x "
                f"{n_cands} candidates, on {device}")
 
-    bar = tqdm(total=total + n_rounds * n_cands * cfg.finetune_iters,
-               initial=it + rnd * n_cands * cfg.finetune_iters, unit="it",
+    # The winner's fine-tuning is training of the model that continues: its iterations count
+    # inside the budget, so the final model makes the dense model's number of steps (the
+    # other candidates' steps are the method's overhead). Updates stay every
+    # ``update_frequency`` iterations.
+    extra = n_cands - 1
+    bar = tqdm(total=total + n_rounds * extra * cfg.finetune_iters,
+               initial=it + rnd * extra * cfg.finetune_iters, unit="it",
                desc="compress", disable=setup.hide_bars())
     step = lambda: bar.update(1)  # noqa: E731
     while it < total:
         bar.set_postfix_str(f"round {rnd}/{n_rounds} training")
         start = it
-        losses = train_steps(state, ds, sampler, min(cfg.update_frequency, total - it), loss,
+        losses = train_steps(state, ds, sampler,
+                             max(0, min((rnd + 1) * cfg.update_frequency, total) - it), loss,
                              lambda i, s=start: learning_rate(cfg.lr_schedule, lr, s + i, total),
                              device, step)
         it += len(losses)
@@ -212,8 +218,10 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
             cfg, ds, splits, state, rnd, rate, step_lr, loss, device,
             lambda name, r=rnd: bar.set_postfix_str(f"round {r}/{n_rounds} candidate {name}"),
             step)
-        row.update(iteration=it, epoch=round(it / ipe, 3), train_loss=float(np.mean(losses)),
+        row.update(iteration=it, epoch=round(it / ipe, 3),
+                   train_loss=float(np.mean(losses)) if losses else None,
                    density=state.masking.density(), lr=step_lr)
+        it = min(total, it + cfg.finetune_iters)  # (the bar counted them as a candidate's)
         history.append(row)
         run.write_history(history)
         _save_checkpoint(run, state, sampler, rnd, it, elapsed0 + time.time() - t_start)

@@ -115,21 +115,27 @@ def test_selection_picks_the_highest_tm_score(monkeypatch):
     from compressor.masking import Masking, init_masks
     masking = Masking(model, init_masks([model[1].weight], 0.5, torch.Generator()))
     state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), masking)
-    tms = {("magnitude", "gradient"): 1.1, ("magnitude", "random"): 1.7,
-           ("threshold", "gradient"): 0.9, ("threshold", "random"): 1.69}
+    # validation samples right of 400 (the attack right on exactly half: MIA accuracy 0.5)
+    right = {("magnitude", "gradient"): 220, ("magnitude", "random"): 360,
+             ("threshold", "gradient"): 180, ("threshold", "random"): 240}
     made = {}
 
     def fake_candidate(cfg, ds, splits, base, grads, attacker, pair, *args):
         made[pair] = base.clone()
-        return Candidate(pair[0], pair[1], made[pair], {"tm_score": tms[pair]})
+        task = np.r_[np.ones(right[pair], bool), np.zeros(400 - right[pair], bool)]
+        attack = np.r_[np.ones(100, bool), np.zeros(100, bool)].repeat(2)
+        return Candidate(pair[0], pair[1], made[pair], sc.Measured(
+            {"task_acc": task.mean(), "mia_acc": 0.5, "auc": 0.5,
+             "tm_score": task.mean() / 0.5}, task, attack))
 
     monkeypatch.setattr(sc, "make_candidate", fake_candidate)
     winner, row = mask_update(cfg, ds, splits, state, 1, 0.3, 0.01,
                               lambda lo, y: torch.nn.functional.cross_entropy(lo, y),
                               torch.device("cpu"), lambda name: None, None)
     assert row["winner_pair"] == "magnitude+random" and row["winner"] == 1
+    assert row["rule"] == "tm" and row["tied"] == [1]
     assert winner is made[("magnitude", "random")]
-    assert [c["tm_score"] for c in row["candidates"]] == list(tms.values())
+    assert [c["tm_score"] for c in row["candidates"]] == [r / 200 for r in right.values()]
 
 
 def test_attack_registry_lists_known_names():

@@ -61,7 +61,9 @@ def test_cli_end_to_end_on_the_digits_default(tmp_path):
         assert pairs == {("magnitude", "gradient"), ("magnitude", "random"),
                          ("threshold", "gradient"), ("threshold", "random")}
         tms = [c["tm_score"] for c in row["candidates"]]
-        assert row["winner"] == int(np.argmax(tms))
+        assert row["leader"] == int(np.argmax(tms)) and row["winner"] in row["tied"]
+        assert row["rule"] in {"tm", "task_acc", "mia_acc", "auc", "draw"}
+        assert (row["winner"] == row["leader"]) if row["rule"] == "tm" else len(row["tied"]) > 1
         for c in row["candidates"]:
             assert c["tm_score"] == pytest.approx(c["task_acc"] / fold(c["mia_acc"]))
             assert {"auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"} <= set(c)

@@ -74,6 +74,7 @@ class Attack(Protocol):
     """A membership-inference attack fitted on known members and non-members."""
 
     last_fit: dict  # what the last ``fit`` did (epochs run, early stop, threshold), for history
+    trains: bool  # fitted by training (with training noise; tested on samples it did not see)
 
     def fit(self, members: Signals, nonmembers: Signals, epochs: int,
             generator: torch.Generator) -> None:

@@ -81,6 +81,7 @@ class NasrAttack:
     """Trains and applies ``NasrAttackModel`` on cached signals (targets are never re-run)."""
 
     batch_size = 128
+    trains = True
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes

@@ -77,6 +77,8 @@ class ThresholdAttack:
     """A threshold attack as an ``Attack``: ``fit`` picks the threshold on the known parts
     (``epochs`` is ignored), ``score`` is sigmoid(score − threshold), so 0.5 is the threshold."""
 
+    trains = False
+
     def __init__(self, name: str, num_classes: int = 0, device: object = None) -> None:
         self.name = name
         self.function = THRESHOLD_ATTACKS[name]
