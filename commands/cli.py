@@ -239,7 +239,9 @@ def run_cmd(config_file: Path, out: Path | None, overwrite: bool,
 @training_options
 @click.option("--compare", "methods", callback=_split_list,
               help="Comma-separated methods to compare at --sparsity instead of the "
-                   "pruning/quantization study, e.g. dense,prune,pr-advreg,pr-dp,kd,safecompress.")
+                   "pruning/quantization study, e.g. dense,prune,pr-advreg,pr-dp,kd,safecompress; "
+                   "a method may change settings of its own row with /KEY=VALUE, e.g. "
+                   "safecompress/select=random or safecompress/regularizer=re2.")
 @click.option("--bits", default="8,4,3,2", show_default=True, callback=_split_list,
               help="Bit widths of the quantized rows of the study.")
 @click.option("--format", "fmt", default="tflite", show_default=True,

@@ -8,6 +8,7 @@ trained once per seed (``dense/``) and the other runs start from it. A run alrea
 with the same settings is reused, so a stopped study resumes by running the same command again.
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -204,19 +205,80 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
                   cols, [], title, note, plot_study)
 
 
+# what every row of a comparison shares: a variant may not change them
+SHARED_KEYS = ("method", "dataset", "data_dir", "download", "max_samples", "data_seed", "seed",
+               "sparsity", *EXECUTION_KEYS)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: a method, and the settings it runs with other than the
+    comparison's (``safecompress/select=random``: SafeCompress with random selection)."""
+
+    spec: str
+    method: str
+    settings: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.settings)
+        return method_label(self.method) + (f" ({extra})" if extra else "")
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", self.spec.replace("/", "."))
+
+    def config(self, base: CompressConfig) -> CompressConfig:
+        return CompressConfig.from_dict({**base.to_dict(), "method": self.method,
+                                         **dict(self.settings)})
+
+
+def parse_variant(spec: str) -> Variant:
+    """``METHOD`` or ``METHOD/KEY=VALUE[/KEY=VALUE...]`` (KEY a compress setting, VALUE read as
+    a YAML scalar: 5, 0.1, true, re2), checked against the config's types at once."""
+    import yaml
+
+    method, *pairs = spec.strip().split("/")
+    if method not in METHOD_NAMES:
+        raise ConfigError(f"--compare: unknown method {method!r} in {spec!r}; known: "
+                          f"{', '.join(METHOD_NAMES)}")
+    settings = []
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ConfigError(f"--compare: {pair!r} in {spec!r} is not KEY=VALUE (e.g. "
+                              "safecompress/select=random)")
+        if key in SHARED_KEYS:
+            raise ConfigError(f"--compare: {key} is shared by every row of a comparison and "
+                              f"cannot change in {spec!r}; set it for the whole comparison")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        settings.append((key, value))
+    variant = Variant(spec.strip(), method, tuple(settings))
+    variant.config(CompressConfig(method=method))  # unknown keys and wrong types refused here
+    return variant
+
+
 def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int = 1,
             progress: bool | None = None) -> StudyResult:
     """Every method of ``methods`` at the config's sparsity, on the same split and seeds: the
     paper's table (Task Acc, MIA Acc, TM-score, AUC, TPR at 1% FPR, wall time), the best
-    compressed method's figure in bold."""
+    compressed method's figure in bold. A method may carry its own settings
+    (``parse_variant``: ``safecompress/select=random``), so ablations share the table."""
     out = Path(out)
     _check_out(out)
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown or not methods:
-        raise ConfigError(f"--compare: unknown method(s) {', '.join(unknown) or '(none given)'}"
-                          f"; known: {', '.join(METHOD_NAMES)}")
+    if not methods:
+        raise ConfigError(f"--compare: no method given; known: {', '.join(METHOD_NAMES)}")
+    variants = {v.spec: v for v in map(parse_variant, methods)}
+    folders = [v.folder for v in variants.values()]
+    if len(set(folders)) < len(folders):
+        raise ConfigError("--compare: two methods would share one run folder; name each once")
+    methods = list(variants)
     seed_list = seeds_of(cfg, seeds)
-    rows = {m: Row(method_label(m)) for m in methods}
+    rows = {m: Row(variants[m].label) for m in methods}
     flagged: dict[str, list[str]] = {}
     columns = COMPARE_COLUMNS + (REFERENCE_COLUMNS if cfg.references else [])
     # through the executor seam: every seed's dense model first (the baselines start from
@@ -230,7 +292,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     pairs = [(seed, m) for seed in seed_list for m in methods]
     outcomes = run_tasks(
         [Task(f"seed {seed} {m}", run_method,
-              (replace(_base(cfg, seed), method=m), sdir[seed] / m, inner,
+              (variants[m].config(_base(cfg, seed)), sdir[seed] / variants[m].folder, inner,
                None if m == "dense" else sdir[seed] / "dense")) for seed, m in pairs],
         cfg.executor, progress, **cfg.executor_options())
     for (seed, m), o in zip(pairs, outcomes, strict=True):
@@ -251,7 +313,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
                    f"TM {c['tm_score']:.3f} ({c['wall_time_s']:.0f} s)")
     for m in flagged:
         rows[m].label += " (!)"
-    ranked = [method_label(m) for m in methods if m != "dense" and m not in flagged]
+    ranked = [rows[m].label for m in methods if m != "dense" and m not in flagged]
     title = f"Methods compared: {_describe(cfg, seed_list)}"
     note = ("Bold: the best compressed method per column (dense, the uncompressed reference, "
             "is not ranked; MIA Acc and AUC rank folded, max(v, 1 - v)); a bold figure whose "

@@ -8,8 +8,9 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
+from safeexport.errors import ConfigError
 from study import compare, study
-from study.run import STUDY_COLUMNS, row_figures
+from study.run import STUDY_COLUMNS, parse_variant, row_figures
 from tests.conftest import cli, one_error_line, tiny_config
 
 TINY = dict(retrain_epochs=2)
@@ -110,7 +111,7 @@ def test_compare_over_seeds_reports_mean_and_std_and_bolds_the_best(tmp_path):
 
 def test_study_errors_are_one_clear_line(tmp_path):
     r = cli("study", *FLAGS, "--compare", "dense,magic", "--out", tmp_path / "a")
-    one_error_line(r, "unknown method\\(s\\) magic; known: safecompress, dense")
+    one_error_line(r, "unknown method 'magic' in 'magic'; known: safecompress, dense")
     r = cli("study", *FLAGS, "--bits", "8,16", "--out", tmp_path / "b")
     one_error_line(r, "--bits must list widths tflite can store below float")
     (tmp_path / "run").mkdir()
@@ -123,8 +124,43 @@ def test_study_errors_are_one_clear_line(tmp_path):
 
 
 def test_compare_rejects_an_empty_method_list(tmp_path):
-    with pytest.raises(Exception, match="unknown method"):
+    with pytest.raises(ConfigError, match="no method given"):
         compare(tiny_config(), tmp_path / "c", [])
+
+
+def test_a_variant_row_runs_with_its_own_settings(tmp_path):
+    out = tmp_path / "c"
+    res = compare(tiny_config(**TINY, dense_reference=False), out,
+                  ["safecompress", "safecompress/select=random/finetune-iters=3"])
+    runs = {m: out / "seed-0" / m for m in ("safecompress",
+                                           "safecompress.select-random.finetune-iters-3")}
+    cfgs = {m: json.loads((p / "config.json").read_text())["config"] for m, p in runs.items()}
+    assert (cfgs["safecompress"]["select"], cfgs["safecompress"]["finetune_iters"]) == ("tm", 2)
+    variant = cfgs["safecompress.select-random.finetune-iters-3"]
+    assert (variant["select"], variant["finetune_iters"], variant["method"]) == ("random", 3,
+                                                                                 "safecompress")
+    history = [json.loads(x) for x in (runs["safecompress.select-random.finetune-iters-3"]
+                                       / "history.jsonl").read_text().splitlines()]
+    assert history and all(r["rule"] == "random" for r in history)
+    assert "| SafeCompress (select=random, finetune_iters=3) |" in res.markdown
+    assert "| SafeCompress |" in res.markdown
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("safecompress/seed=3", "seed is shared by every row"),
+    ("safecompress/sparsity=0.5", "sparsity is shared by every row"),
+    ("safecompress/select", "is not KEY=VALUE"),
+    ("safecompress/finetune_iters=many", "finetune_iters must be an integer"),
+    ("safecompress/bogus=1", "unknown config keys: bogus"),
+    ("safecompress/select=best", "unknown selection 'best'"),
+    ("magic/select=random", "unknown method 'magic'"),
+])
+def test_a_variant_is_checked_before_anything_runs(spec, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        parse_variant(spec)
+    r = cli("study", *FLAGS, "--compare", f"dense,{spec}", "--out", tmp_path / "c")
+    one_error_line(r, message)
+    assert not (tmp_path / "c").exists()
 
 
 def test_study_plots_give_mia_its_own_axis_and_never_overlap_labels(tmp_path, monkeypatch):
