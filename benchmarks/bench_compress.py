@@ -10,7 +10,8 @@
    cumulative time of the training steps, the candidates' fine-tuning, the attacker's fits and
    the target's inference), to show what a faster SafeCompress must cut.
 
-Run:  .venv/bin/python benchmarks/bench_compress.py [--steps N] [--ratio [--dataset D]]
+Run:  .venv/bin/python benchmarks/bench_compress.py [--steps N]
+      .venv/bin/python benchmarks/bench_compress.py --ratio [--dataset D] [--set KEY=VALUE ...]
 """
 
 import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
@@ -93,11 +94,23 @@ PHASES = [("SafeCompress loop", "compressor/run.py", "_safecompress"),
           ("final evaluations (both models)", "compressor/run.py", "final_evaluation")]
 
 
-def safecompress_vs_dense(dataset: str) -> None:
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: the value read as JSON (numbers, true, lists), else text."""
+    import json
+
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def safecompress_vs_dense(dataset: str, settings: dict) -> None:
     import cProfile
     import json
     import pstats
     import tempfile
+    from collections import Counter
     from pathlib import Path
 
     from compressor import compress
@@ -106,13 +119,20 @@ def safecompress_vs_dense(dataset: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         profile = cProfile.Profile()
         t = time.perf_counter()
-        run = profile.runcall(compress, CompressConfig(dataset=dataset, device="cpu"),
-                              Path(tmp) / "run", progress=False)
+        cfg = CompressConfig(dataset=dataset, device="cpu", **settings)
+        run = profile.runcall(compress, cfg, Path(tmp) / "run", progress=False)
         wall = time.perf_counter() - t
         report = json.loads(run.report.read_text())
+        history = run.read_history()
     sc, dense = report["compressed"]["wall_time_s"], report["dense"]["wall_time_s"]
-    print(f"{dataset}: SafeCompress {sc:.1f} s, dense {dense:.1f} s on the same budget: "
-          f"ratio {sc / dense:.2f}x (whole command {wall:.1f} s, under cProfile)")
+    shown = " ".join(f"{k}={v}" for k, v in settings.items())
+    print(f"{dataset} {shown}: SafeCompress {sc:.1f} s, dense {dense:.1f} s on the same "
+          f"budget: ratio {sc / dense:.2f}x (whole command {wall:.1f} s, under cProfile)")
+    c, d = report["compressed"], report["dense"]
+    print(f"  task accuracy {c['task_acc']:.4f} (dense {d['task_acc']:.4f}); strongest attack "
+          f"{c['strongest']['attack']} {c['strongest']['mia_acc']:.4f} (dense "
+          f"{d['strongest']['mia_acc']:.4f}); winners by rule "
+          f"{Counter(r['rule'] for r in history)}")
     stats = pstats.Stats(profile).stats
     for label, suffix, name in PHASES:
         cum = sum(v[3] for (file, _, fn), v in stats.items()
@@ -126,10 +146,13 @@ def main() -> None:
     ap.add_argument("--ratio", action="store_true",
                     help="only the SafeCompress/dense wall ratio of one run, with its breakdown")
     ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+                    help="--ratio: a CompressConfig setting other than the default (repeat), "
+                         "e.g. --set attack=loss --set finetune_iters=5")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.ratio:
-        safecompress_vs_dense(args.dataset)
+        safecompress_vs_dense(args.dataset, dict(args.set))
         return
     masked_vs_dense("cnn", (1, 28, 28), args.steps * 3, 128)
     masked_vs_dense("vgg16", (3, 32, 32), args.steps, 32)
