@@ -115,8 +115,10 @@ class CompressConfig(StageConfig):
                               "one per core); the run records the count it ran on, and resume "
                               "and replay reuse it, since figures can differ in the last "
                               "digits between thread counts (floating-point sums)")
-    select: str = opt("tm", "how a round's winner is chosen: tm (highest TM-score, the method) "
-                      "or random (an ablation: does TM-score selection matter on this data?)")
+    select: str = opt("tm", "how a round's winner is chosen: tm (the highest TM-score when "
+                      "its lead exceeds the paired standard error, else the tie rule: task "
+                      "accuracy, then the lower attack accuracy; the method) or random (an "
+                      "ablation: does TM-score selection matter on this data?)")
     allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
                                  "mask update (it is then plain sparse training)")
     dense_reference: bool = opt(True, "also train and evaluate a dense model on the same budget")
