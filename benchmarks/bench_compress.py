@@ -26,6 +26,7 @@ import torch
 from compressor.masking import Masking, init_masks, maskable
 from compressor.train import BatchSampler, TrainState, make_optimizer, predict_logits, train_steps
 from safeexport.attacks import NasrAttack, Signals
+from safeexport.config import parse_setting
 from safeexport.data.base import ArrayDataset
 from safeexport.models import build_model, image_kwargs
 
@@ -94,17 +95,6 @@ PHASES = [("SafeCompress loop", "compressor/run.py", "_safecompress"),
           ("final evaluations (both models)", "compressor/run.py", "final_evaluation")]
 
 
-def _setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` of ``--set``: the value read as JSON (numbers, true, lists), else text."""
-    import json
-
-    key, _, value = text.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def safecompress_vs_dense(dataset: str, settings: dict) -> None:
     import cProfile
     import json
@@ -146,7 +136,7 @@ def main() -> None:
     ap.add_argument("--ratio", action="store_true",
                     help="only the SafeCompress/dense wall ratio of one run, with its breakdown")
     ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+    ap.add_argument("--set", action="append", default=[], type=parse_setting, metavar="KEY=VALUE",
                     help="--ratio: a CompressConfig setting other than the default (repeat), "
                          "e.g. --set attack=loss --set finetune_iters=5")
     args = ap.parse_args()

@@ -25,6 +25,7 @@ results.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import product
 
 import numpy as np
@@ -103,13 +104,19 @@ class SafetyTest:
             return balanced(*self.splits.attack_select())
         return balanced(self.splits.known_members, self.splits.known_nonmembers)
 
-    def outputs(self, model: torch.nn.Module) -> Outputs:
-        """``model``'s logits on the validation split and the fitting and test parts, in one
-        pass (the attack never re-runs the target)."""
+    @cached_property
+    def _read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(every sample the test reads, dataset index -> its row): the same for every model."""
         index = np.unique(np.concatenate([self.splits.validation, *self.fit_parts(),
                                           *self.test_parts()]))
         position = np.full(len(self.ds), -1)
         position[index] = np.arange(len(index))
+        return index, position
+
+    def outputs(self, model: torch.nn.Module) -> Outputs:
+        """``model``'s logits on the validation split and the fitting and test parts, in one
+        pass (the attack never re-runs the target)."""
+        index, position = self._read
         return Outputs(predict_logits(model, self.ds, index, self.device), position, self.ds.y)
 
     def fitting_signals(self, out: Outputs) -> tuple[Signals, Signals]:

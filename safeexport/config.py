@@ -135,3 +135,20 @@ def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         return f"a list of {type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
     return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` given on a command line: the key with dashes as underscores, the value read
+    as a YAML scalar or flow list (5, 0.1, true, re2, [a, b]; text when it does not parse).
+    Whether the key exists and the value fits its field is the config's check (``from_dict``).
+    Raises ConfigError when there is no ``=`` or no key."""
+    import yaml
+
+    key, eq, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not eq or not key:
+        raise ConfigError(f"{text!r} is not KEY=VALUE (e.g. select=random)")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from compressor import compress
 from compressor.config import EXECUTION_KEYS, METHOD_NAMES, CompressConfig
 from compressor.run import method_label
+from safeexport.config import parse_setting
 from safeexport.errors import ConfigError
 from safeexport.executors import Task, run_tasks
 from safeexport.models import resolved_model
@@ -233,32 +234,25 @@ class Variant:
                                          **dict(self.settings)})
 
 
-def parse_variant(spec: str) -> Variant:
-    """``METHOD`` or ``METHOD/KEY=VALUE[/KEY=VALUE...]`` (KEY a compress setting, VALUE read as
-    a YAML scalar: 5, 0.1, true, re2), checked against the config's types at once."""
-    import yaml
-
+def parse_variant(spec: str, base: CompressConfig) -> Variant:
+    """``METHOD`` or ``METHOD/KEY=VALUE[/KEY=VALUE...]`` (``parse_setting``), checked against
+    the config's keys and types on top of ``base`` (the comparison's config) at once."""
     method, *pairs = spec.strip().split("/")
     if method not in METHOD_NAMES:
         raise ConfigError(f"--compare: unknown method {method!r} in {spec!r}; known: "
                           f"{', '.join(METHOD_NAMES)}")
     settings = []
     for pair in pairs:
-        key, eq, text = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not key:
-            raise ConfigError(f"--compare: {pair!r} in {spec!r} is not KEY=VALUE (e.g. "
-                              "safecompress/select=random)")
+        try:
+            key, value = parse_setting(pair)
+        except ConfigError as e:
+            raise ConfigError(f"--compare: {e} in {spec!r}") from e
         if key in SHARED_KEYS:
             raise ConfigError(f"--compare: {key} is shared by every row of a comparison and "
                               f"cannot change in {spec!r}; set it for the whole comparison")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
         settings.append((key, value))
     variant = Variant(spec.strip(), method, tuple(settings))
-    variant.config(CompressConfig(method=method))  # unknown keys and wrong types refused here
+    variant.config(base)  # unknown keys and wrong types refused before anything runs
     return variant
 
 
@@ -272,7 +266,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     _check_out(out)
     if not methods:
         raise ConfigError(f"--compare: no method given; known: {', '.join(METHOD_NAMES)}")
-    variants = {v.spec: v for v in map(parse_variant, methods)}
+    variants = {v.spec: v for v in (parse_variant(m, cfg) for m in methods)}
     folders = [v.folder for v in variants.values()]
     if len(set(folders)) < len(folders):
         raise ConfigError("--compare: two methods would share one run folder; name each once")

@@ -157,7 +157,7 @@ def test_a_variant_row_runs_with_its_own_settings(tmp_path):
 ])
 def test_a_variant_is_checked_before_anything_runs(spec, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        parse_variant(spec)
+        parse_variant(spec, tiny_config())
     r = cli("study", *FLAGS, "--compare", f"dense,{spec}", "--out", tmp_path / "c")
     one_error_line(r, message)
     assert not (tmp_path / "c").exists()
