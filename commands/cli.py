@@ -72,6 +72,10 @@ def _field_option(name: str):
                         default=field.default, show_default=True, help=COMPRESS_HELP[name])
 
 
+# the attacks' registry names (safeexport.attacks.ATTACKS; listed here so that --help does
+# not import torch)
+ATTACK_NAMES = ["nasr", "loss", "confidence", "entropy", "modified_entropy"]
+
 # The options that decide how a model is trained, shared by `compress` and `study`.
 TRAINING_OPTIONS = [
     click.option("--model", default="auto", show_default=True, help=COMPRESS_HELP["model"]),
@@ -116,9 +120,11 @@ TRAINING_OPTIONS = [
     _field_option("prune_rate"),
     _field_option("finetune_iters"),
     _field_option("retrain_epochs"),
-    click.option("--attack", default="nasr", show_default=True,
-                 type=click.Choice(["nasr", "loss", "confidence", "entropy", "modified_entropy"]),
+    click.option("--attack", default="nasr", show_default=True, type=click.Choice(ATTACK_NAMES),
                  help=COMPRESS_HELP["attack"]),
+    click.option("--score", default="loss", show_default=True,
+                 type=click.Choice([*ATTACK_NAMES, "lira"]),
+                 help=COMPRESS_HELP["score"]),
     _field_option("attack_epochs"),
     _field_option("attack_finetune_epochs"),
     _field_option("final_attack_epochs"),

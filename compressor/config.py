@@ -17,6 +17,11 @@ REFERENCE_METHODS = ("same", "dense")
 EXECUTOR_NAMES = ("local", "ray")
 # how runs are executed, not what they produce: not part of any run's settings
 EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_run", "gpus_per_run", "threads")
+# What decides the dense model: a dense run may stand in for another run's only if these agree
+# (and the resolved augmentation, and the data subset).
+DENSE_KEYS = ("model", "init_weights", "dataset", "max_samples", "epochs", "batch_size",
+              "optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "seed", "pretrained",
+              "max_length", "vocab_size")
 
 
 @dataclass
@@ -63,7 +68,7 @@ class CompressConfig(StageConfig):
     prune: list[str] = opt(["magnitude", "threshold"], "prune strategies of the candidates")
     grow: list[str] = opt(["gradient", "random"], "grow strategies of the candidates")
     prune_rate: float = opt(0.5, "initial prune rate, cosine-decayed towards 0 over training")
-    finetune_iters: int = opt(20, "iterations each candidate is fine-tuned before testing "
+    finetune_iters: int = opt(5, "iterations each candidate is fine-tuned before testing "
                               "(the winner's count inside the --epochs budget: it is training "
                               "of the model that continues)")
     retrain_epochs: int = opt(10, "prune baselines: epochs of fine-tuning after pruning")
@@ -82,13 +87,22 @@ class CompressConfig(StageConfig):
     dmp_keep: float = opt(0.5, "pr-dmp, kd-dmp: fraction of the reference set kept (the "
                           "samples the teacher is surest of, lowest entropy)")
     admm_rho: float = opt(1e-3, "mia-pr: ADMM penalty ρ pulling the weights to the sparse set")
-    attack: str = opt("nasr", "attack of the in-loop safety test and of the final "
-                      "evaluation: nasr (Nasr et al.'s trained attacker), or a training-free, "
-                      "deterministic threshold attack: loss, confidence, entropy, "
+    attack: str = opt("nasr", "attack of the final evaluation (and of `evaluate` on this "
+                      "run's exports): nasr (Nasr et al.'s trained attacker), or a "
+                      "training-free threshold attack: loss, confidence, entropy, "
                       "modified_entropy (the threshold attacks are measured beside it always)")
-    attack_epochs: int = opt(100, "most epochs the attacker trains on each round's model "
-                             "(early stopping on a held-out fifth of its data ends it sooner)")
-    attack_finetune_epochs: int = opt(10, "most warm-start epochs of the attacker per candidate")
+    score: str = opt("loss", "SafeCompress's in-loop safety score, read on every candidate: a "
+                     "threshold attack (loss, confidence, entropy, modified_entropy), fitted "
+                     "and read on all the known members and non-members, deterministic and "
+                     "training-free; lira, LiRA's per-sample z against the run's --references "
+                     "(an even number, trained before the loop and reused by every round; a "
+                     "reference's own loop reads loss); or nasr, the paper's trained attacker, "
+                     "retrained on every round's model (several times slower)")
+    attack_epochs: int = opt(100, "--score nasr: most epochs the attacker trains on each "
+                             "round's model (early stopping on a held-out fifth of its data "
+                             "ends it sooner)")
+    attack_finetune_epochs: int = opt(10, "--score nasr: most warm-start epochs of the attacker "
+                                      "per candidate")
     final_attack_epochs: int = opt(300, "most epochs of the attacker in the final evaluation")
     attack_seeds: int = opt(1, "train the final attacker from this many seeds and report mean "
                             "± std of its figures (the first seed's figures are the run's)")
@@ -132,6 +146,14 @@ class CompressConfig(StageConfig):
     # runs from before --augment trained on the stored inputs, and before --lr-schedule on
     # the cosine schedule
     RECORDED_DEFAULTS: ClassVar[dict[str, Any]] = {"augment": "none", "lr_schedule": "cosine"}
+
+    @classmethod
+    def from_recorded(cls, d: dict) -> "CompressConfig":
+        """As ``StageConfig.from_recorded``; a run from before --score read its in-loop
+        safety test with its --attack."""
+        if isinstance(d, dict) and "score" not in d:
+            d = {**d, "score": d.get("attack", "nasr")}
+        return super().from_recorded(d)
 
     def executor_options(self) -> dict:
         """``run_tasks``' options for this config's executor."""
@@ -226,6 +248,14 @@ class CompressConfig(StageConfig):
             p.append(f"unknown selection {self.select!r}; known: {', '.join(SELECTIONS)}")
         if self.attack not in ATTACKS:
             p.append(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS.names())}")
+        if self.score not in (*ATTACKS.names(), "lira"):
+            p.append(f"unknown score {self.score!r}; known: {', '.join(ATTACKS.names())}, lira")
+        if (self.method == "safecompress" and self.score == "lira"
+                and (not isinstance(self.references, int) or self.references < 2
+                     or self.references % 2)):
+            p.append(f"--score lira reads LiRA's z against the run's reference models, which "
+                     f"are trained before the loop: pass --references K with an even K >= 2 "
+                     f"(every known sample is then out of half of them), got {self.references}")
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             p.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

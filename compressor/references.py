@@ -15,19 +15,20 @@ config, the data fingerprint or its half); an unfinished one resumes.
 import hashlib
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from compressor.config import EXECUTION_KEYS, CompressConfig
+from compressor.config import DENSE_KEYS, EXECUTION_KEYS, CompressConfig
 from compressor.train import iters_per_epoch
 from safeexport.data.base import ArrayDataset, stratified_order
 from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, SafeExportError
 from safeexport.executors import Task, run_tasks
-from safeexport.rundir import RunDir, atomic_write, write_json
+from safeexport.rundir import LOCK, RunDir, atomic_write, write_json
 from safeexport.runio import REFERENCE_INDEX, REFERENCES, load_data, open_run
 from safeexport.seeding import derive_seed
 
@@ -71,14 +72,27 @@ def reference_config(cfg: CompressConfig, i: int, n_target: int, n_ref: int) -> 
     """The target's settings (or a dense model's, with ``reference_method`` dense) under a seed
     of its own, with its training and retraining epochs scaled so that the reference, on its
     ``n_ref`` members, makes as many iterations as the target on its ``n_target``; the data
-    subset keeps the target's seed so the indices mean the same samples."""
+    subset keeps the target's seed so the indices mean the same samples. A dense reference
+    keeps only what decides a dense model (``DENSE_KEYS``, the augmentation, where the data
+    is read and how runs execute), the rest at its defaults: every method of the same data,
+    split and recipe then needs the same dense references (``ensure_references`` copies
+    them from a ``source`` run)."""
+    method = "dense" if cfg.reference_method == "dense" else cfg.method
+    if method == "dense":
+        keep = (*DENSE_KEYS, "augment", "data_seed", "data_dir", "download", "device",
+                *EXECUTION_KEYS,
+                # its own final evaluation (which does not change its model)
+                "attack", "final_attack_epochs", "attack_seeds", "lam")
+        cfg = CompressConfig(**{k: getattr(cfg, k) for k in keep})
     return replace(cfg, seed=derive_seed(cfg.seed, "reference", i) % 2**31,
                    data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
-                   method="dense" if cfg.reference_method == "dense" else cfg.method,
+                   method=method,
                    epochs=matched_epochs(cfg.epochs, n_target, n_ref, cfg.batch_size),
                    retrain_epochs=matched_epochs(cfg.retrain_epochs, n_target, n_ref,
                                                  cfg.batch_size),
                    references=0, dense_reference=False,
+                   # a reference has no references of its own to read LiRA's z against
+                   score="loss" if cfg.score == "lira" else cfg.score,
                    threads=None)  # the executor gives each reference its threads
 
 
@@ -115,7 +129,8 @@ def _build(build: Build, cfg: dict, path: str, splits: Splits, resume: bool, ove
 
 
 def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.ndarray,
-                      k: int, build: Build, progress: bool | None = None) -> list[RunDir]:
+                      k: int, build: Build, progress: bool | None = None,
+                      source: RunDir | None = None) -> list[RunDir]:
     """Make sure references 0..k-1 of ``run`` exist with the settings ``cfg`` implies, each
     built by ``build`` (``compressor.run.compress``, which builds references through this
     module, so it is passed down rather than imported): reuse finished ones, resume
@@ -123,7 +138,9 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
     (local, or Ray with ``cfg``'s address and per-run resources). Writes
     ``references/index.json`` (each reference's settings key and status) and returns the
     finished references; raises ConfigError naming every one that failed (after the others
-    finished)."""
+    finished). ``source``: another run of the same data and split (a study's dense run) whose
+    finished references are copied where they have the very settings key one of these needs,
+    instead of trained again."""
     tasks, status, keys, epochs = [], {}, {}, {}
     for i in range(k):
         ref = reference_dir(run, i)
@@ -133,6 +150,13 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
         same = _recorded_key(ref) == keys[i]
         if same and ref.report.exists():
             status[i] = "reused"
+            continue
+        theirs = reference_dir(source, i) if source is not None else None
+        if theirs is not None and theirs.report.exists() and _recorded_key(theirs) == keys[i]:
+            with theirs.lock(shared=True):
+                shutil.rmtree(ref.path, ignore_errors=True)
+                shutil.copytree(theirs.path, ref.path, ignore=shutil.ignore_patterns(LOCK))
+            status[i] = f"copied from {theirs.path}"
             continue
         status[i] = "resumed" if same else ("rebuilt" if ref.is_run() else "built")
         tasks.append((i, Task(ref.path.name, _build,

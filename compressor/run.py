@@ -126,7 +126,6 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     the baselines start from instead of training the same dense model again. ``splits``
     replaces the membership split the seed would make (a reference model's half).
     """
-    t_start = time.time()
     run = RunDir(out)
     check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
     # the same seed gives the same run only on the same number of threads (floating-point
@@ -140,18 +139,24 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
         cfg, setup = prepare(cfg, run, resume, overwrite, progress, splits)
         if setup is None:
             return run
+        # every method's clock starts here, after the data and the split, as the dense
+        # model's counts its training only: the report compares training with training
+        t_start = time.time()
         if dense_from is not None:
             setup.dense_from = check_dense_from(RunDir(dense_from), setup)
         if cfg.method == "safecompress":
             state, history, elapsed = _safecompress(setup, resume, on_round, t_start)
-            _finish(setup, state, history, elapsed)
+            # the winners' fine-tuning counts inside the budget (a last round's may run past it)
+            last = history[-1]["iteration"] + cfg.finetune_iters if history else 0
+            _finish(setup, state, history, elapsed, steps=max(setup.total, last))
             return run
         from compressor.baselines import METHODS
 
         result = METHODS.get(cfg.method)(setup)
         if result.spec is not None:
             write_json(setup.run.model_json, result.spec)
-        _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra)
+        _finish(setup, result.state, [], time.time() - t_start, result.dense, result.extra,
+                result.steps)
         return run
 
 
@@ -174,6 +179,11 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
     sampler = BatchSampler(splits.members, cfg.batch_size, generator(cfg.seed, "sampler"))
     torch.manual_seed(derive_seed(cfg.seed, "train"))
 
+    references = None
+    if cfg.score == "lira":  # built (or reused) once, before the loop, read by every round
+        references, error, _ = _references(setup)
+        if error:
+            raise ConfigError(error)
     ipe = sampler.iters_per_epoch()
     total = setup.total
     n_rounds = mask_updates(cfg, total)
@@ -217,7 +227,7 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
         state, row = mask_update(
             cfg, ds, splits, state, rnd, rate, step_lr, loss, device,
             lambda name, r=rnd: bar.set_postfix_str(f"round {r}/{n_rounds} candidate {name}"),
-            step)
+            step, references)
         row.update(iteration=it, epoch=round(it / ipe, 3),
                    train_loss=float(np.mean(losses)) if losses else None,
                    density=state.masking.density(), lr=step_lr)
@@ -236,9 +246,11 @@ def _safecompress(setup: Setup, resume: bool, on_round: Callable[[int], None] | 
 
 
 def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time: float,
-            dense: tuple[TrainState, float] | None = None, extra: dict | None = None) -> None:
+            dense: tuple[TrainState, float] | None = None, extra: dict | None = None,
+            steps: int = 0) -> None:
     """Save the model, evaluate it (and the dense reference: ``dense`` when the method trained
-    one already, with its wall time), write report and plots."""
+    one already, with its wall time), write report and plots. ``steps``: the optimizer steps
+    that made the model (``Outcome.steps``)."""
     cfg, run = setup.cfg, setup.run
     if state.masking is None:  # a dense method: all-ones masks keep the report uniform
         state.masking = Masking(state.model, [torch.ones_like(p, dtype=torch.bool)
@@ -260,7 +272,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
                       nonzero_weights=sum(state.masking.counts()),
                       masked_weights=sum(m.numel() for m in state.masking.masks),
                       model_density=nonzero / params, nonzero_parameters=nonzero,
-                      parameters=params,
+                      parameters=params, optimizer_steps=steps,
                       wall_time_s=round(compress_time + reused_s, 1))
     label = method_label(cfg.method)
     exposure = res.exposure(setup.ds.y)
@@ -274,6 +286,10 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
               "rounds": len(history),
               "winners": {p: sum(h["winner_pair"] == p for h in history)
                           for p in sorted({h["winner_pair"] for h in history})},
+              # what decided each round (select_winner's rule): how often the score told
+              # the candidates apart
+              "selection_rules": {r: sum(h["rule"] == r for h in history)
+                                  for r in sorted({h["rule"] for h in history})},
               "final_eval_time_s": round(eval_time, 1),
               "training": {"augment": setup.augment, "members": len(setup.splits.members),
                            "iterations": setup.total,
@@ -296,7 +312,7 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
         dense_state, dense_time = dense or train_dense(setup)
         dense_metrics, dres = final_evaluation(dense_state.model, setup.ds, setup.splits, cfg,
                                                setup.device, "dense")
-        dense_metrics["wall_time_s"] = round(dense_time, 1)
+        dense_metrics.update(wall_time_s=round(dense_time, 1), optimizer_steps=setup.total)
         save_tensors(run.dense_model, dense_state.model.state_dict())
         report["dense"] = dense_metrics
         curves.update(roc_curves(dres, "dense", thresholds=False))
@@ -323,7 +339,7 @@ def _references(setup: Setup) -> tuple[References | None, str | None, float]:
     t0, error = time.time(), None
     try:
         ensure_references(setup.run, cfg, splits, setup.ds.y, cfg.references, compress,
-                          setup.progress)
+                          setup.progress, setup.dense_from)
     except ConfigError as e:
         error = str(e)
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)

@@ -2,13 +2,13 @@
 
 From the trained model M_S: one candidate per (prune, grow) pair, each fine-tuned briefly, then
 measured for task accuracy (validation split) and safety (the membership accuracy of the in-loop
-attack, with a bootstrap interval). Every candidate is measured on the SAME samples (paired), all
+attack, ``--score``). Every candidate is measured on the SAME samples (paired), all
 drawn from the known parts and the validation split:
 - a trained attacker (``nasr``), trained on M_S and warm-start fine-tuned on each candidate,
   trains on one half of the known members and non-members and is measured on the other half;
-- a threshold attack (``loss``, ``modified_entropy``, ...) has no training noise: its
-  threshold is fitted, and its accuracy read, on ALL the known members and non-members
-  (balanced), twice the samples of a half.
+- a threshold attack (``loss``, ``modified_entropy``, ...) or LiRA's z has no training noise:
+  its threshold is fitted, and its accuracy read, on all the known non-members and as many
+  known members (balanced), twice the samples of a half.
 
 Selection (``select_winner``): the candidate with the highest TM-score wins only when its lead
 over every other candidate exceeds the paired bootstrap standard error of the difference (the
@@ -41,13 +41,14 @@ from compressor.train import (
     train_steps,
 )
 from safeexport.attacks import ATTACKS, Attack, Signals, is_member_of
+from safeexport.attacks.reference import LiraScore, References
 from safeexport.data import ArrayDataset
 from safeexport.data.splits import Splits, balanced
 from safeexport.metrics import fold, mia_metrics, tm_score
 from safeexport.seeding import derive_seed, generator, seeded
 
-# Resamples behind each candidate's interval: fewer than a final figure's, since 4 candidates
-# are measured every round; the interval is recorded, never used to choose.
+# Resamples behind the winner's interval (recorded for the learning curve, never used to
+# choose): fewer than a final figure's, since one is drawn every round.
 SELECT_RESAMPLES = 200
 # Paired resamples behind the standard error of a TM-score difference (cheap: they resample
 # per-sample outcomes already computed, never the models).
@@ -63,6 +64,8 @@ class Measured:
     metrics: dict
     task_right: np.ndarray
     attack_right: np.ndarray
+    scores: np.ndarray  # the attack's scores on the safety test's samples (members first)
+    is_member: np.ndarray
 
 
 @dataclass
@@ -77,7 +80,7 @@ class Outputs:
         rows = self.position[idx]
         if (rows < 0).any():  # the test reads only what ``SafetyTest.outputs`` computed
             raise AssertionError("a sample outside the round's test was read")
-        return Signals.from_logits(self.logits[torch.as_tensor(rows)], self.y[idx])
+        return Signals.from_logits(self.logits[torch.as_tensor(rows)], self.y[idx], idx)
 
 
 @dataclass
@@ -92,14 +95,17 @@ class SafetyTest:
 
     def fit_parts(self) -> tuple[np.ndarray, np.ndarray]:
         """(members, non-members) the attack is fitted on: a half of each known part for a
-        trained attacker, all of them for a threshold attack."""
+        trained attacker; for a threshold attack the test's own samples (its threshold is
+        chosen on balanced accuracy, so more members would not move it, only cost a
+        forward pass each, on every model of every round)."""
         if self.trained_attack:
             return self.splits.attack_train()
-        return self.splits.known_members, self.splits.known_nonmembers
+        return self.test_parts()
 
     def test_parts(self) -> tuple[np.ndarray, np.ndarray]:
         """(members, non-members) of the safety test, balanced: the other half of each known
-        part for a trained attacker, all of them for a threshold attack."""
+        part for a trained attacker, all the known non-members and as many known members for
+        a threshold attack."""
         if self.trained_attack:
             return balanced(*self.splits.attack_select())
         return balanced(self.splits.known_members, self.splits.known_nonmembers)
@@ -124,19 +130,26 @@ class SafetyTest:
         m, n = self.fit_parts()
         return out.signals(m), out.signals(n)
 
-    def evaluate(self, out: Outputs, attacker: Attack, lam: float, seed: int) -> Measured:
-        """Task test (validation accuracy) and safety test (``test_parts``), with 95%
-        bootstrap intervals of the attack's figures."""
+    def evaluate(self, out: Outputs, attacker: Attack, lam: float) -> Measured:
+        """Task test (validation accuracy) and safety test (``test_parts``); no interval (a
+        round's winner gets one: ``with_interval``)."""
         val = self.splits.validation
         task_right = out.signals(val).logits.argmax(1).numpy() == self.ds.y[val]
         task = float(task_right.mean())
         m, n = self.test_parts()
         scores = np.concatenate([attacker.score(out.signals(m)), attacker.score(out.signals(n))])
         is_member = is_member_of(m, n)
-        mia = mia_metrics(scores, is_member, resamples=SELECT_RESAMPLES, seed=seed)
+        mia = mia_metrics(scores, is_member, resamples=0)
         return Measured({"task_acc": task, **mia,
                          "tm_score": tm_score(task, mia["mia_acc"], lam)},
-                        task_right, (scores > 0.5) == is_member)
+                        task_right, (scores > 0.5) == is_member, scores, is_member)
+
+
+def with_interval(measured: Measured, seed: int) -> dict:
+    """``measured``'s figures with 95% bootstrap intervals of the attack's figures."""
+    ci = mia_metrics(measured.scores, measured.is_member, resamples=SELECT_RESAMPLES,
+                     seed=seed)["ci"]
+    return {**measured.metrics, "ci": ci}
 
 
 @dataclass
@@ -179,7 +192,7 @@ def make_candidate(cfg: CompressConfig, ds: ArrayDataset, splits: Splits, base: 
     att = attacker.clone()
     out = safety.outputs(state.model)
     att.fit(*safety.fitting_signals(out), cfg.attack_finetune_epochs, gen)
-    measured = safety.evaluate(out, att, cfg.lam, cfg.seed)
+    measured = safety.evaluate(out, att, cfg.lam)
     measured.metrics.update(changed=changed, attacker_fit=att.last_fit)
     return Candidate(prune, grow, state, measured)
 
@@ -221,21 +234,33 @@ def select_winner(measured: list[Measured], lam: float, seed: int) -> dict:
     return {**out, "winner": int(rng.choice(tied)), "rule": "draw"}
 
 
+def in_loop_attack(cfg: CompressConfig, ds: ArrayDataset, rnd: int, device: torch.device,
+                   references: References | None) -> Attack:
+    """A fresh attack of ``--score`` for round ``rnd``: LiRA's z against the run's
+    ``references``, or a registered attack."""
+    if cfg.score == "lira":
+        if references is None:
+            raise AssertionError("--score lira reached the loop without references")
+        return LiraScore(references, ds.y)
+    with seeded(derive_seed(cfg.seed, "attacker", rnd), device):
+        return ATTACKS.get(cfg.score)(ds.num_classes, device)
+
+
 def mask_update(cfg: CompressConfig, ds: ArrayDataset, splits: Splits, state: TrainState,
                 rnd: int, rate: float, lr: float, loss_fn, device: torch.device,
-                on_candidate: Callable[[str], None], on_step: Callable[[], None] | None
-                ) -> tuple[TrainState, dict]:
-    """One round: candidates from M_S, tests, TM-score selection. Returns (winner, history row)."""
+                on_candidate: Callable[[str], None], on_step: Callable[[], None] | None,
+                references: References | None = None) -> tuple[TrainState, dict]:
+    """One round: candidates from M_S, tests, TM-score selection. Returns (winner, history row).
+    ``references``: the run's reference models' outputs (``--score lira``)."""
     gen = generator(cfg.seed, "round", rnd)
-    with seeded(derive_seed(cfg.seed, "attacker", rnd), device):
-        attacker = ATTACKS.get(cfg.attack)(ds.num_classes, device)
+    attacker = in_loop_attack(cfg, ds, rnd, device, references)
     # an attack registered without ``trains`` is treated as trained: measured on held-out samples
     safety = SafetyTest(ds, splits, device, getattr(attacker, "trains", True))
     batch = splits.members[torch.randperm(len(splits.members), generator=gen)[:cfg.batch_size]]
     grads = dense_grads(state, ds, batch, loss_fn, device)
     out = safety.outputs(state.model)
     attacker.fit(*safety.fitting_signals(out), cfg.attack_epochs, gen)
-    base_metrics = safety.evaluate(out, attacker, cfg.lam, cfg.seed).metrics
+    base_metrics = safety.evaluate(out, attacker, cfg.lam).metrics
     base_metrics["attacker_fit"] = attacker.last_fit
     candidates = []
     for pair in product(cfg.prune, cfg.grow):
@@ -249,11 +274,15 @@ def mask_update(cfg: CompressConfig, ds: ArrayDataset, splits: Splits, state: Tr
         selection.update(winner=int(torch.randint(len(candidates), (1,), generator=pick)),
                          rule="random")
     win = selection["winner"]
+    figures = [with_interval(c.measured, cfg.seed) if i == win else c.metrics
+               for i, c in enumerate(candidates)]
     row = {
         "round": rnd,
         "prune_rate": rate,
         "base": base_metrics,
-        "candidates": [{"prune": c.prune, "grow": c.grow, **c.metrics} for c in candidates],
+        "candidates": [{"prune": c.prune, "grow": c.grow, **f}
+                       for c, f in zip(candidates, figures, strict=True)],
+        "score": cfg.score,
         "select": cfg.select,
         **selection,
         "safety_samples": [len(p) for p in safety.test_parts()],

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from compressor.config import CompressConfig
+from compressor.config import DENSE_KEYS, CompressConfig
 from compressor.masking import Masking
 from compressor.regularizers import REGULARIZERS
 from compressor.train import (
@@ -332,12 +332,6 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
         write_json(run.model_json, {"name": model_name, "kwargs": model_kwargs})
     return cfg, Setup(cfg, run, ds, splits, device, model_name, model_kwargs, opt_name, lr,
                       progress, augment=augment)
-
-
-# What decides the dense model: a dense run may stand in for another run's only if these agree.
-DENSE_KEYS = ("model", "init_weights", "dataset", "max_samples", "epochs", "batch_size",
-              "optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "seed", "pretrained",
-              "max_length", "vocab_size")
 
 
 def check_dense_from(dense: RunDir, setup: Setup) -> RunDir:

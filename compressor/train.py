@@ -214,7 +214,7 @@ def predict_logits(model: nn.Module, ds: ArrayDataset, idx: np.ndarray, device: 
     TF32 convolutions are turned off here for the same reason)."""
     model.eval()
     out = []
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for s in range(0, len(idx), batch_size):
             x, _ = batch_tensors(ds, idx[s:s + batch_size], device)
             out.append(model(x).float().cpu())

@@ -81,6 +81,19 @@ def test_prune_starts_from_the_dense_reference(runs):
                 RunDir(runs["safecompress"]).splits.read_bytes())
 
 
+def test_each_report_counts_the_optimizer_steps_that_made_its_model(runs):
+    total = _report(runs["dense"])["training"]["iterations"]
+    steps = {m: _report(runs[m])["compressed"]["optimizer_steps"] for m in runs}
+    assert steps["dense"] == steps["safecompress"] == total > 0
+    assert _report(runs["safecompress"])["dense"]["optimizer_steps"] == total
+    for m in ("prune", "pr-advreg", "pr-dmp"):  # the dense model's steps, then the retraining
+        assert steps[m] == total + _report(runs[m])["two_step"]["iters"] > total, m
+    assert steps["pr-dp"] == total + _report(runs["pr-dp"])["dp"]["steps"]
+    assert steps["kd"] == _report(runs["kd"])["two_step"]["iters"]  # from scratch
+    admm = _report(runs["mia-pr"])["admm"]
+    assert steps["mia-pr"] == total + admm["admm_iters"] + admm["retrain_iters"]
+
+
 def test_pruning_then_fine_tuning_changes_only_kept_weights(runs):
     """The pruned model's non-zeros sit where the dense model's largest weights were (per
     layer), and fine-tuning moved them."""

@@ -309,8 +309,8 @@ def test_a_budget_without_mask_updates_is_refused_with_the_smallest_budget(tmp_p
     assert any("no mask update" in w for w in report["compressed"]["warnings"])
 
 
-def test_loss_attack_selects_deterministically_and_random_selection_is_an_ablation(tmp_path):
-    histories = [compress(tiny_config(attack="loss", dense_reference=False),
+def test_the_loss_score_selects_deterministically_and_random_selection_is_an_ablation(tmp_path):
+    histories = [compress(tiny_config(score="loss", dense_reference=False),
                           tmp_path / f"loss{i}").read_history() for i in range(2)]
     assert len(histories[0]) == 3
     for a, b in zip(*histories, strict=True):

@@ -24,6 +24,7 @@ from exporters.config import ExportConfig
 from safeexport.attacks import Signals
 from safeexport.attacks.reference import (
     A_GRID,
+    LiraScore,
     References,
     lira_scores,
     reference_attacks,
@@ -205,6 +206,54 @@ def test_a_safecompress_reference_makes_the_targets_mask_updates(tmp_path):
         ref = r.read_report()
         assert ref["rounds"] == target["rounds"] >= 2
         assert ref["training"]["iterations"] >= target["training"]["iterations"]
+
+
+def test_lira_as_an_in_loop_score_reads_the_same_z_as_the_audit():
+    labels, target, ref_logits, trained, parts, refs, _ = _fixture(4)
+    score = LiraScore(refs, labels)
+    known = np.arange(40)  # the known parts: trained on by some references, out of the others
+    sig = Signals.from_logits(target[known], labels[known], known)
+    z, _ = lira_scores(_phi(target, labels), np.stack([_phi(r, labels) for r in ref_logits]),
+                       trained)
+    np.testing.assert_allclose(score.z(sig), z[known], rtol=1e-12)
+    # fitted on the known members and non-members like a threshold attack: above 0.5 = member
+    members, nonmembers = np.arange(0, 30), np.arange(30, 40)
+    score.fit(*(Signals.from_logits(target[p], labels[p], p) for p in (members, nonmembers)),
+              0, None)
+    assert ((score.score(sig) > 0.5) == (z[known] > score.threshold)).all()
+    # a clone keeps its own threshold
+    other = score.clone()
+    other.threshold = score.threshold + 1
+    assert score.threshold != other.threshold
+    with pytest.raises(ValueError, match="indices"):
+        score.z(Signals.from_logits(target[known], labels[known]))
+    every = References(refs.index, ref_logits[:1], np.ones((1, len(labels)), bool), "same")
+    with pytest.raises(ValueError, match="even number"):
+        LiraScore(every, labels)
+
+
+def test_safecompress_reads_lira_against_references_trained_before_the_loop(tmp_path):
+    cfg = tiny_config(dense_reference=False, score="lira", references=2, epochs=3)
+    run = compress(cfg, tmp_path / "run", progress=False)
+    history = run.read_history()
+    assert history and {r["score"] for r in history} == {"lira"}
+    assert all(r["base"]["attacker_fit"]["variance"] == "fixed" for r in history)
+    refs = references_of(run)
+    assert len(refs) == 2
+    for r in refs:  # a reference's own loop has no references: it reads loss
+        assert CompressConfig.from_recorded(r.read_config()["config"]).score == "loss"
+        # built before the target's loop: older than the target's first history row
+        assert r.report.stat().st_mtime <= run.report.stat().st_mtime
+    index = json.loads((run.path / "references" / "index.json").read_text())
+    assert {m["status"] for m in index["models"].values()} == {"reused"}  # by the final audit
+    assert "lira" in run.read_report()["compressed"]["reference_attacks"]
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_lira_as_score_needs_an_even_number_of_references(k):
+    with pytest.raises(SafeExportError, match="--score lira .* even K"):
+        tiny_config(score="lira", references=k)
+    tiny_config(score="lira", references=k, method="dense")  # a baseline reads no score
 
 
 # ---------------------------------------------------------------- real data: digits

@@ -8,6 +8,7 @@ import pytest
 
 import compressor.safecompress as sc
 from compressor import compress
+from compressor.config import CompressConfig
 from compressor.safecompress import Measured, select_winner
 from safeexport.data.splits import Splits
 from safeexport.metrics import fold, tm_score
@@ -18,8 +19,10 @@ RULES = {"tm", "task_acc", "mia_acc", "auc", "draw"}
 
 def _measured(task_right: np.ndarray, attack_right: np.ndarray, auc: float = 0.6) -> Measured:
     task, mia = float(task_right.mean()), float(attack_right.mean())
+    is_member = np.arange(len(attack_right)) < len(attack_right) // 2
+    scores = np.where(attack_right == is_member, 0.9, 0.1)  # decisions that match the outcomes
     return Measured({"task_acc": task, "mia_acc": mia, "auc": auc,
-                   "tm_score": tm_score(task, mia)}, task_right, attack_right)
+                   "tm_score": tm_score(task, mia)}, task_right, attack_right, scores, is_member)
 
 
 def _outcomes(n: int, right: int, shift: int = 0) -> np.ndarray:
@@ -73,8 +76,8 @@ def test_identical_candidates_are_drawn_by_the_seed_not_taken_first():
     assert len(winners) > 1  # the first candidate does not win every tie
 
 
-@pytest.mark.parametrize("attack", ["loss", "nasr"])
-def test_every_candidate_is_tested_on_the_same_known_samples(attack, tmp_path, monkeypatch):
+@pytest.mark.parametrize("score", ["loss", "nasr"])
+def test_every_candidate_is_tested_on_the_same_known_samples(score, tmp_path, monkeypatch):
     reads: list[np.ndarray] = []
     real = sc.predict_logits
 
@@ -83,7 +86,7 @@ def test_every_candidate_is_tested_on_the_same_known_samples(attack, tmp_path, m
         return real(model, ds, idx, device, *args, **kwargs)
 
     monkeypatch.setattr(sc, "predict_logits", spy)
-    run = compress(tiny_config(attack=attack, dense_reference=False), tmp_path / "r")
+    run = compress(tiny_config(score=score, dense_reference=False), tmp_path / "r")
     splits = Splits.load(run.splits)
     history = run.read_history()
     # one read per model: the round's M_S and each of its 4 candidates, all of the same samples
@@ -93,13 +96,39 @@ def test_every_candidate_is_tested_on_the_same_known_samples(attack, tmp_path, m
     known = set(np.r_[splits.known_members, splits.known_nonmembers].tolist())
     assert read <= known | set(splits.validation.tolist())  # no unknown or test sample
     assert set(splits.validation.tolist()) <= read
-    if attack == "loss":  # a threshold attack reads all the known samples
-        assert known <= read
+    if score == "loss":  # a threshold attack reads every known non-member, as many members
+        assert set(splits.known_nonmembers.tolist()) <= read
+        assert len(read & set(splits.known_members.tolist())) == len(splits.known_nonmembers)
     for r in history:
         assert r["rule"] in RULES and r["winner"] in r["tied"]
+        assert r["score"] == score
+        # the winner's figures carry an interval (for the learning curve), the others none
+        assert [("ci" in c) for c in r["candidates"]] == [i == r["winner"] for i in range(4)]
         m, n = r["safety_samples"]
         assert m == n
-        if attack == "loss":
+        if score == "loss":
             assert n == len(splits.known_nonmembers)
         else:  # a trained attacker is tested on the half it did not train on
             assert n < len(splits.known_nonmembers)
+
+
+def test_the_in_loop_score_and_the_final_attack_are_set_apart(tmp_path):
+    # the default reads a threshold attack in the loop and still trains the final attacker
+    run = compress(tiny_config(dense_reference=False), tmp_path / "r")
+    assert CompressConfig().score == "loss" and CompressConfig().attack == "nasr"
+    assert {r["score"] for r in run.read_history()} == {"loss"}
+    assert run.read_report()["compressed"]["attack"] == "nasr"
+    assert all(set(r["base"]["attacker_fit"]) == {"threshold"} for r in run.read_history())
+
+
+def test_a_run_recorded_before_the_score_was_split_off_read_its_attack_in_the_loop():
+    recorded = {k: v for k, v in CompressConfig(attack="loss").to_dict().items() if k != "score"}
+    assert CompressConfig.from_recorded(recorded).score == "loss"
+    assert CompressConfig.from_recorded({**recorded, "score": "nasr"}).score == "nasr"
+
+
+def test_the_command_line_offers_every_registered_attack_as_score_and_attack():
+    from commands.cli import ATTACK_NAMES
+    from safeexport.attacks import ATTACKS
+
+    assert sorted(ATTACK_NAMES) == sorted(ATTACKS.names())

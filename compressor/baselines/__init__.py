@@ -24,12 +24,15 @@ from safeexport.registry import Registry
 class Outcome:
     """A method's trained model, the dense model it started from (with its wall time), what
     the report should say about the method, and the model.json of the trained model when it
-    is not the run's architecture (a narrow student, DP-SGD's normalisation)."""
+    is not the run's architecture (a narrow student, DP-SGD's normalisation), and ``steps``:
+    the optimizer steps that made the trained model from its initialisation (a pruned model
+    inherits the dense model's; a distilled student starts from scratch)."""
 
     state: TrainState
     dense: tuple[TrainState, float] | None = None
     extra: dict = field(default_factory=dict)
     spec: dict | None = None
+    steps: int = 0
 
 
 METHODS: Registry[Callable[[Setup], Outcome]] = Registry("method")
@@ -38,7 +41,7 @@ METHODS: Registry[Callable[[Setup], Outcome]] = Registry("method")
 @METHODS.decorator("dense")
 def dense(setup: Setup) -> Outcome:
     """The uncompressed model on the whole budget: the reference row of every table."""
-    return Outcome(train_dense(setup)[0])
+    return Outcome(train_dense(setup)[0], steps=setup.total)
 
 
 def two_step(compression: str, defence: str) -> Callable[[Setup], Outcome]:
@@ -65,7 +68,9 @@ def two_step(compression: str, defence: str) -> Callable[[Setup], Outcome]:
                              "seconds_after_dense": round(time.time() - t0, 1)}
         if compression == "kd":
             extra["student"] = student_report(setup, student)
-        return Outcome(state, (teacher, dense_time), extra, spec)
+        steps = (setup.total if compression == "pr" else 0) + extra.get("dp", {}).get(
+            "steps", student.iters)
+        return Outcome(state, (teacher, dense_time), extra, spec, steps)
 
     method.__doc__ = f"{compression} compression, then the {defence} defence."
     return method
@@ -91,7 +96,9 @@ def mia_pruning(setup: Setup) -> Outcome:
 
     teacher, dense_time = train_dense(setup)
     state, extra = admm_prune(setup, teacher.model)
-    return Outcome(state, (teacher, dense_time), extra)
+    a = extra["admm"]
+    return Outcome(state, (teacher, dense_time), extra,
+                   steps=setup.total + a["admm_iters"] + a["retrain_iters"])
 
 
 if tuple(METHODS.names()) != BASELINES:  # one list of names: the config's

@@ -12,16 +12,18 @@ import torch
 class Signals:
     """A target model's black-box outputs on some samples: its logits, kept in float64 (a
     float32 softmax saturates to exactly 1.0 for confident outputs, which erases the very
-    differences a membership attack reads), and the true labels."""
+    differences a membership attack reads), and the true labels; ``index``, the samples'
+    dataset indices, where an attack needs per-sample statistics (LiRA's in-loop score)."""
 
     logits: torch.Tensor
     labels: torch.Tensor
+    index: np.ndarray | None = None
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor | np.ndarray,
-                    labels: torch.Tensor | np.ndarray) -> "Signals":
+    def from_logits(cls, logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                    index: np.ndarray | None = None) -> "Signals":
         return cls(torch.as_tensor(logits).to(torch.float64),
-                   torch.as_tensor(labels, dtype=torch.int64))
+                   torch.as_tensor(labels, dtype=torch.int64), index)
 
     @property
     def probs(self) -> torch.Tensor:

@@ -9,11 +9,13 @@ file in ``evaluate``. Written here because neither ML Privacy Meter nor LeakPro 
 can call on arrays of outputs (both drive their own training and data loaders).
 """
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.special import log_softmax
 
 from safeexport.attacks.base import AttackResult, Signals, is_member_of
@@ -53,20 +55,26 @@ def _out_mean(values: np.ndarray, out: np.ndarray) -> np.ndarray:
         return np.where(n > 0, (values * out).sum(axis=0) / n, np.nan)
 
 
-def lira_scores(target_phi: np.ndarray, ref_phi: np.ndarray, trained: np.ndarray) -> tuple[
-        np.ndarray, str]:
-    """LiRA offline: z = (φ_target(x) − μ_out(x)) / σ, μ_out the mean of the references that
-    did not train on x; σ one global std of every out-score below 64 references, per sample
-    from 64 on. Returns z and which variance was used. SPEC §8's score is Φ(z), the same
-    order; z is kept because Φ rounds to exactly 1 in float64 beyond z ≈ 8.3, where a
-    well-fitted target puts many members, and ties there erase the low-FPR figures."""
+def lira_statistics(ref_phi: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                        str]:
+    """LiRA offline's out-distribution of each sample: μ_out(x), the mean φ of the references
+    that did not train on x (NaN where none is out), and σ, one global std of every out-score
+    below 64 references, per sample from 64 on; and which variance was used."""
     out = ~trained
     mu = _out_mean(ref_phi, out)
     if ref_phi.shape[0] >= PER_EXAMPLE_VARIANCE_AT:
         var = _out_mean((ref_phi - mu) ** 2, out) * out.sum(0) / np.maximum(out.sum(0) - 1, 1)
-        sigma, kind = np.sqrt(var), "per-example"
-    else:
-        sigma, kind = np.std(ref_phi[out]), "fixed"
+        return mu, np.sqrt(var), "per-example"
+    return mu, np.full(mu.shape, np.std(ref_phi[out])), "fixed"
+
+
+def lira_scores(target_phi: np.ndarray, ref_phi: np.ndarray, trained: np.ndarray) -> tuple[
+        np.ndarray, str]:
+    """LiRA offline: z = (φ_target(x) − μ_out(x)) / σ (``lira_statistics``). Returns z and
+    which variance was used. SPEC §8's score is Φ(z), the same order; z is kept because Φ
+    rounds to exactly 1 in float64 beyond z ≈ 8.3, where a well-fitted target puts many
+    members, and ties there erase the low-FPR figures."""
+    mu, sigma, kind = lira_statistics(ref_phi, trained)
     return (target_phi - mu) / np.maximum(sigma, 1e-30), kind
 
 
@@ -112,6 +120,47 @@ def fit_threshold(members: np.ndarray, nonmembers: np.ndarray) -> float:
     has none)."""
     m, n = members[~np.isnan(members)], nonmembers[~np.isnan(nonmembers)]
     return best_threshold(m, n) if len(m) and len(n) else 0.5
+
+
+class LiraScore:
+    """LiRA's per-sample z against references trained once, as an in-loop ``Attack`` of
+    SafeCompress (``--score lira``): the out-distribution of each known sample is computed
+    once from the references' outputs (``refs``, on the known members and non-members), so
+    each candidate costs one z per sample; ``fit`` picks the threshold on z (``epochs`` is
+    ignored), ``score`` is sigmoid(z − threshold). Reads signals that carry their samples'
+    dataset indices. Deterministic: no training noise."""
+
+    trains = False
+
+    def __init__(self, refs: "References", labels: np.ndarray) -> None:
+        if not (~refs.trained).any(axis=0).all():
+            raise ValueError("a known sample that every reference trained on has no LiRA "
+                             "score; use an even number of references")
+        self._row = {int(i): k for k, i in enumerate(refs.index)}
+        self.mu, self.sigma, self.variance = lira_statistics(
+            margins(refs.logits, labels[refs.index]), refs.trained)
+        self.threshold = 0.0
+        self.last_fit: dict = {}
+
+    def z(self, signals: Signals) -> np.ndarray:
+        if signals.index is None:
+            raise ValueError("LiRA's in-loop score needs the samples' indices")
+        rows = np.array([self._row[int(i)] for i in signals.index], dtype=np.int64)
+        return (signals.margin - self.mu[rows]) / np.maximum(self.sigma[rows], 1e-30)
+
+    def fit(self, members: Signals, nonmembers: Signals, epochs: int,
+            generator: object) -> None:
+        self.threshold = best_threshold(self.z(members), self.z(nonmembers))
+        self.last_fit = {"threshold": self.threshold, "variance": self.variance}
+
+    def score(self, signals: Signals) -> np.ndarray:
+        return np.exp(-np.logaddexp(0.0, self.threshold - self.z(signals)))  # sigmoid
+
+    def clone(self) -> "LiraScore":
+        return copy.copy(self)  # the statistics are shared and read-only; the threshold is not
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"threshold": torch.tensor([self.threshold], dtype=torch.float64)}
 
 
 @dataclass
