@@ -33,6 +33,7 @@ STUDY_COLUMNS = [Column("train_acc", "Train Acc"), Column("task_acc", "Test Acc"
                  *PRIVACY_COLUMNS]
 COMPARE_COLUMNS = [Column("task_acc", "Task Acc", better=1), PRIVACY_COLUMNS[0],
                    Column("tm_score", "TM-score", ".3f", 1), *PRIVACY_COLUMNS[1:],
+                   Column("optimizer_steps", "Steps", ".0f"),
                    Column("wall_time_s", "Wall time (s)", ".0f")]
 REFERENCE_COLUMNS = [Column("lira_auc", "LiRA AUC", ".3f", -1, fold=True),
                      Column("lira_tpr_at_1pct_fpr", "LiRA TPR@1%FPR", ".3f", -1),
@@ -298,6 +299,8 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
         figures, intervals = row_figures(c, columns)
         if "dp" in rep:
             figures["epsilon"] = rep["dp"]["epsilon"]
+        if rep.get("rounds"):
+            figures["tm_decided"] = rep["selection_rules"].get("tm", 0) / rep["rounds"]
         rows[m].add(figures, intervals)
         rows[m].text = {**_sizes(c), "Strongest": c["strongest"]["attack"]}
         for w in c["warnings"]:
@@ -317,16 +320,20 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             "LiRA/RMIA when references ran) with the highest MIA accuracy. One seed: [95% "
             "bootstrap interval]. TM-score = "
             f"Task Acc^λ / fold(MIA Acc of the strongest attack) (λ = {cfg.lam:g}). "
-            "Wall time: the whole method, including the dense model a two-step baseline starts "
-            "from. ε: DP-SGD's (ε, δ) for its private phase. (!): a warning below; such a "
-            "row is not ranked.")
+            "Steps: the optimizer steps that made the row's model from its initialisation (a "
+            "pruned model's include the dense model's). Wall time: the whole method's "
+            "training, including the dense model a two-step baseline starts from. ε: DP-SGD's "
+            "(ε, δ) for its private phase. Rounds decided by TM: the share of SafeCompress's "
+            "mask updates whose winner led by more than the paired standard error (the others "
+            "went to the tie rule). (!): a warning below; such a row is not ranked.")
     if cfg.references:
         note += (f" LiRA and RMIA (offline): {cfg.references} reference models per run, "
                  f"trained with {'each row' if cfg.reference_method == 'same' else 'a dense'}"
                  "'s method on halves of the known members and non-members; AUC and TPR at "
                  "1% FPR on the same balanced unknown samples.")
     note += "".join(f"\n\n(!) {rows[m].label}: {w}" for m, ws in flagged.items() for w in ws)
-    cols = [*columns, Column("epsilon", "DP ε", ".2f")]
+    cols = [*columns, Column("epsilon", "DP ε", ".2f"),
+            Column("tm_decided", "Rounds decided by TM", ".2f")]
     done = [r for r in rows.values() if r.figures]
     result = _write(out, "compare", done, [*SIZE_COLUMNS, "Strongest"], cols, ranked, title, note,
                     plot_tradeoff) if done else None

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from safeexport.errors import ConfigError
+from safeexport.rundir import sha256_file
 from study import compare, study
 from study.run import STUDY_COLUMNS, parse_variant, row_figures
 from tests.conftest import cli, one_error_line, tiny_config
@@ -104,6 +105,16 @@ def test_compare_over_seeds_reports_mean_and_std_and_bolds_the_best(tmp_path):
              ["compressed"]["task_acc"] for s in (0, 1)]
     assert float(by_row["prune"]["task_acc_mean"]) == pytest.approx(sum(prune) / 2)
     assert by_row["prune"]["task_acc_n"] == "2"
+    # SafeCompress's share of rounds its score decided, from its history; none for a baseline
+    shares = []
+    for s in (0, 1):
+        history = (out / f"seed-{s}" / "safecompress" / "history.jsonl").read_text()
+        rules = [json.loads(r)["rule"] for r in history.splitlines()]
+        shares.append(rules.count("tm") / len(rules))
+    assert float(by_row["SafeCompress"]["tm_decided_mean"]) == pytest.approx(sum(shares) / 2)
+    assert by_row["prune"]["tm_decided_n"] == "0"
+    steps = {m: float(by_row[m]["optimizer_steps_mean"]) for m in ("dense", "prune", "kd")}
+    assert steps["prune"] > steps["dense"] == float(by_row["SafeCompress"]["optimizer_steps_mean"])
     # the prune baseline started from the seed's dense run and is charged its time
     rep = json.loads((out / "seed-1" / "prune" / "report.json").read_text())
     assert rep["dense_reused_from"] == str((out / "seed-1" / "dense").resolve())
@@ -144,6 +155,25 @@ def test_a_variant_row_runs_with_its_own_settings(tmp_path):
     assert history and all(r["rule"] == "random" for r in history)
     assert "| SafeCompress (select=random, finetune_iters=3) |" in res.markdown
     assert "| SafeCompress |" in res.markdown
+
+
+def test_dense_references_are_built_once_per_seed_and_shared_by_every_row(tmp_path):
+    out = tmp_path / "c"
+    cfg = tiny_config(**TINY, dense_reference=False, references=2, reference_method="dense")
+    compare(cfg, out, ["prune", "safecompress/score=lira/regularizer=re2"])
+    seed = out / "seed-0"
+    dense = seed / "dense" / "references"
+    for row in ("prune", "safecompress.score-lira.regularizer-re2"):
+        index = json.loads((seed / row / "references" / "index.json").read_text())
+        for i in range(2):
+            # copied from the dense run (its settings key is theirs); the lira row copied them
+            # before its loop, and its final audit found them in place
+            status = index["models"][f"ref-{i}"]["status"]
+            assert status == (f"copied from {dense / f'ref-{i}'}" if row == "prune" else "reused")
+            assert sha256_file(seed / row / "references" / f"ref-{i}" / "model.safetensors") \
+                == sha256_file(dense / f"ref-{i}" / "model.safetensors")
+    history = (seed / "safecompress.score-lira.regularizer-re2" / "history.jsonl").read_text()
+    assert all(json.loads(r)["score"] == "lira" for r in history.splitlines())
 
 
 @pytest.mark.parametrize("spec, message", [
