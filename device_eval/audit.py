@@ -16,13 +16,21 @@ KNOWN members and non-members, never on the measured ones, into ``<report>-refer
 the members file.
 """
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from device_eval.config import EvalConfig
-from device_eval.run import EvalReport, exposure_path, file_logits, measure, open_file_runtime
+from device_eval.run import (
+    EvalReport,
+    check_report_targets,
+    exposure_path,
+    file_logits,
+    measure,
+    open_file_runtime,
+)
 from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
 from safeexport.attacks.reference import reference_outputs
 from safeexport.data.base import ArrayDataset, stratified_order
@@ -32,7 +40,6 @@ from safeexport.errors import ConfigError, DataError
 from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import (
     RunDir,
-    check_targets,
     regular_file,
     sha256_file,
     write_json,
@@ -64,6 +71,23 @@ def _sets(members: Path, nonmembers: Path | None):
     return mem, non, np.flatnonzero(flag)
 
 
+def _check_disjoint(mem: ArrayDataset, non: ArrayDataset, test: ArrayDataset | None) -> None:
+    """Refuse inputs that are in two of the sets (by the sha256 of their bytes): a sample is a
+    member or not, and the task test must not read a member."""
+    def digests(ds: ArrayDataset) -> list[bytes]:
+        return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() for x in ds.x]
+
+    seen = set(digests(mem))
+    for other, what in ((non, "non-members"), (test, "test samples")):
+        if other is None:
+            continue
+        both = sum(d in seen for d in digests(other))
+        if both:
+            raise DataError(f"{both} of the {len(other)} {what} are also among the members "
+                            "(the same input in both sets): a sample is a member or not; "
+                            "remove them from one of the files")
+
+
 def _halves(y: np.ndarray, offset: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``offset + i`` cut into two class-stratified halves (the attacker trains on the
     first and is measured on the second)."""
@@ -88,6 +112,8 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
     trained on halves of the split's known parts (the command line trains them with the
     compressor; a stage does not import another)."""
     cfg = cfg or EvalConfig()
+    if json_out is not None:  # a bad --json is refused before the file runs
+        check_report_targets(Path(json_out), overwrite, "the audit")
     model_file = regular_file(Path(model_file))
     if model_file.suffix.lower() not in (".onnx", ".tflite"):
         raise ConfigError(f"{model_file.name}: an audit takes an .onnx or .tflite file; a run's "
@@ -103,6 +129,7 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
     if len(shapes) > 1:
         raise DataError(f"members, non-members and test data must be the same kind of input "
                         f"of one shape, found {sorted(shapes)}")
+    _check_disjoint(mem, non, parts[2] if len(parts) > 2 else None)
     x = np.concatenate([d.x for d in parts])
     y = np.concatenate([d.y for d in parts])
     ds = arrays_dataset("audit", x, y, "audit data")
@@ -130,8 +157,7 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
     stem = f"{model_file.stem}-audit-{runtime['name']}"
     json_path = Path(json_out) if json_out else model_file.parent / f"{stem}.json"
     plot_path = json_path.with_suffix(".png")
-    check_targets([json_path, plot_path, exposure_path(json_path)], overwrite, "--json",
-                  "the audit")
+    check_report_targets(json_path, overwrite, "the audit")
 
     eval_m, eval_n = balanced(um, un)
     refs, ref_folder = None, json_path.with_name(f"{json_path.stem}-references")

@@ -188,16 +188,22 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
             "detectable_rise": detectable_rise(n_m, n_n)}
 
 
+def check_report_targets(json_path: Path, overwrite: bool, what: str = "the report") -> None:
+    """A report path must not replace a file (or the plot or the ranked records beside it)
+    unless --overwrite says so, nor share its name with them."""
+    targets = [json_path, json_path.with_suffix(".png"), exposure_path(json_path)]
+    if len(set(targets)) < len(targets):
+        raise ConfigError(f"--json {json_path.name}: the ROC plot goes beside the report as "
+                          ".png and the ranked records as -exposure.csv, so the report "
+                          "needs a name of its own; use a .json name")
+    check_targets(targets, overwrite, "--json", what)
+
+
 def _check_json_out(json_out: Path | None, overwrite: bool) -> None:
-    """A report path the user named must not replace a file (or the plot beside it) unless
-    --overwrite says so; the default path in RUN/evals/ is the run's own."""
+    """A report path the user named (``check_report_targets``); the default path in
+    RUN/evals/ is the run's own."""
     if json_out is not None:
-        targets = [json_out, json_out.with_suffix(".png"), exposure_path(json_out)]
-        if len(set(targets)) < len(targets):
-            raise ConfigError(f"--json {json_out.name}: the ROC plot goes beside the report as "
-                              ".png and the ranked records as -exposure.csv, so the report "
-                              "needs a name of its own; use a .json name")
-        check_targets(targets, overwrite, "--json", "the report")
+        check_report_targets(json_out, overwrite)
 
 
 def exposure_path(json_path: Path) -> Path:

@@ -7,10 +7,12 @@ imported only once trusted: named by the user in this process (``--model``, ``--
 compress and study) or allowed for a recorded run or config with ``--trust-code``. Installed
 plugins (entry points) are installed code and need no trust."""
 
+import contextlib
 import importlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 from safeexport.errors import ConfigError
 
@@ -20,6 +22,18 @@ _trusted: set[str] = set()
 def trust(ref: str) -> None:
     """Allow ``import_object(ref)`` in this process: the user named it, or said to trust it."""
     _trusted.add(ref)
+
+
+@contextlib.contextmanager
+def user_code(name: str, error: type[Exception] = ConfigError) -> Iterator[None]:
+    """Run a user's code (``name`` says whose, in the message): a ``sys.exit`` inside it
+    becomes one ``error`` instead of ending the tool with nothing written and exit status 0.
+    Ctrl-C (KeyboardInterrupt) passes through: the command line exits 130 on it."""
+    try:
+        yield
+    except SystemExit as e:
+        raise error(f"{name} called sys.exit({e.code!r}); a user's code must return or raise, "
+                    "not end the process") from None
 
 
 REF_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -44,7 +58,10 @@ def import_object(ref: str, what: str):
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        with user_code(f"importing module {module_name} (the {what} {ref})"):
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - a user's module can fail in any way on import
         raise ConfigError(f"cannot import the {what} {ref}: {type(e).__name__}: {e} (is its "
                           "folder the working directory or on PYTHONPATH?)") from e

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -142,6 +143,10 @@ def check_targets(paths: list[Path], overwrite: bool, option: str, what: str) ->
     """Refuse to write over ``paths`` (the files one output consists of) when one is not a
     file, or exists and ``overwrite`` is off; ``option`` names the flag that chose them and
     ``what`` the output, in the message."""
+    for p in paths:  # no output lands on a file of a run's contract, --overwrite or not
+        if p.name in RUN_FILES and RunDir(p.parent).is_run():
+            raise ConfigError(f"{p} is a file of the run in {p.parent}, not {what}'s to "
+                              f"replace; choose another {option}")
     existing = [p for p in paths if p.exists() or p.is_symlink()]
     for p in existing:
         if not p.is_file():
@@ -237,7 +242,15 @@ RUN_FILES = ("config.json", "splits.npz", "model.safetensors", "model.json",
              "attacker.safetensors", "dense.safetensors", "tokenizer.json", "history.jsonl",
              "report.json", "exposure.csv", "curve.png", "roc.png", "report.html")
 RUN_FOLDERS = ("checkpoint", "exports", "evals", "references")
+# what safeexport writes into the run's folders (references/ holds runs, checked as runs)
+FOLDER_SUFFIXES = {"checkpoint": (".safetensors",), "exports": (".onnx", ".tflite", ".json"),
+                   "evals": (".json", ".png", ".csv")}
 LOCK = ".lock"
+
+
+def _staging(path: Path) -> bool:
+    """A file ``staged`` is writing (``.<target>.<pid>.<random><suffix>``), or a run's lock."""
+    return path.name == LOCK or bool(re.fullmatch(r"\..+\.\d+\.[a-z0-9_]+(\.\w+)?", path.name))
 
 
 class RunDir:
@@ -277,12 +290,29 @@ class RunDir:
                 and isinstance(rec.get("versions"), dict) and "safeexport" in rec["versions"])
 
     def foreign(self) -> list[str]:
-        """Names in the folder that are not a run's own files (sorted)."""
+        """Paths in the folder, relative to it, that are not a run's own files (sorted): at
+        the top, any other name; in its folders, anything safeexport does not write there
+        (a user's notes in exports/, a folder in evals/), and in references/ anything but
+        reference runs (checked the same way) and their index."""
         if not self.path.is_dir():
             return []
         own = {*RUN_FILES, *RUN_FOLDERS, LOCK}
-        return sorted(p.name for p in self.path.iterdir()
-                      if p.name not in own and not p.name.startswith(tuple(f".{n}." for n in own)))
+        out = [p.name for p in self.path.iterdir() if p.name not in own and not _staging(p)]
+        for name, suffixes in FOLDER_SUFFIXES.items():
+            folder = self.path / name
+            if folder.is_dir() and not folder.is_symlink():
+                out += [f"{name}/{p.name}" for p in folder.iterdir() if not _staging(p) and (
+                    p.is_symlink() or not p.is_file() or p.suffix not in suffixes)]
+        refs = self.path / "references"
+        if refs.is_dir() and not refs.is_symlink():
+            for p in refs.iterdir():
+                if p.name == "index.json" or _staging(p):
+                    continue
+                if p.is_dir() and not p.is_symlink() and RunDir(p).is_run():
+                    out += [f"references/{p.name}/{n}" for n in RunDir(p).foreign()]
+                else:
+                    out.append(f"references/{p.name}")
+        return sorted(out)
 
     def read_json(self, path: Path) -> dict:
         """One of the run's JSON files as a dict; an unreadable one raises ConfigError."""
@@ -355,7 +385,7 @@ class RunDir:
         """Hold the run folder's lock: exclusive for a writer (compress), shared for readers
         that add files (export, evaluate). A second writer, or a writer while someone reads,
         is refused at once with one line naming the holder. ``create`` makes the folder
-        (and removes it again on failure if it is left holding nothing but the lock). A
+        (and removes it again on failure while nothing in it can be resumed). A
         reader of a folder it cannot write (a read-only share) proceeds without the lock."""
         created = create and not self.path.exists()
         if create:
@@ -386,9 +416,17 @@ class RunDir:
             try:
                 yield
             except BaseException:
-                if created and [p.name for p in self.path.iterdir()] == [LOCK]:
-                    self.lock_file.unlink()
-                    self.path.rmdir()
+                # a folder this call made goes again when nothing in it can be resumed (no
+                # checkpoint, no report) and nothing in it is anyone else's
+                if created and not (self.checkpoint.exists() or self.report.exists()
+                                    or self.foreign()):
+                    with contextlib.suppress(OSError):
+                        for p in self.path.iterdir():
+                            if p.is_dir() and not p.is_symlink():
+                                shutil.rmtree(p)
+                            else:
+                                p.unlink()
+                        self.path.rmdir()
                 raise
             finally:
                 if not shared:

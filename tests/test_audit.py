@@ -55,7 +55,7 @@ def test_an_audit_of_one_population_split_in_two_reads_no_leak(foreign, tmp_path
     (an attacker measured on its own training half would); one npz with a 'member' array is
     the same audit as two files."""
     folder, ds, splits = foreign
-    idx = np.concatenate([splits.members, splits.test, splits.unknown_nonmembers,
+    idx = np.concatenate([splits.members, splits.validation, splits.unknown_nonmembers,
                           splits.known_nonmembers])
     trained = np.arange(len(idx)) < len(splits.members)
     flag = np.zeros(len(idx), dtype=np.int64)
@@ -122,39 +122,53 @@ def test_an_audit_with_references_trains_them_on_the_known_halves_only(foreign, 
 
 def test_audit_refusals(foreign, tmp_path):
     folder, ds, splits = foreign
-    idx = splits.test
+    idx, oth = splits.test, splits.validation
     good = _npz(tmp_path / "g.npz", ds.x[idx], ds.y[idx])
+    other = _npz(tmp_path / "o.npz", ds.x[oth], ds.y[oth])
     with pytest.raises(DataError, match="same kind of input of one shape"):
         evaluate(folder / "model.onnx", members=good,
                  nonmembers=_npz(tmp_path / "s.npz", ds.x[idx][:, :, :4, :4], ds.y[idx]))
     with pytest.raises(ConfigError, match="labels need at least 12 classes"):
         evaluate(folder / "model.onnx", members=good,
-                 nonmembers=_npz(tmp_path / "k.npz", ds.x[idx], 10 + np.arange(len(idx)) % 2))
+                 nonmembers=_npz(tmp_path / "k.npz", ds.x[oth], 10 + np.arange(len(oth)) % 2))
     with pytest.raises(DataError, match="too few to train an attacker"):
-        evaluate(folder / "model.onnx", members=_npz(tmp_path / "f.npz", ds.x[idx[:5]],
-                                                      ds.y[idx[:5]]), nonmembers=good)
+        evaluate(folder / "model.onnx", members=_npz(tmp_path / "f.npz", ds.x[oth[:5]],
+                                                      ds.y[oth[:5]]), nonmembers=good)
+    # a sample is a member or not: the same file twice, a half overlap, test data among them
+    with pytest.raises(DataError, match=f"{len(idx)} of the {len(idx)} non-members are also "):
+        evaluate(folder / "model.onnx", members=good, nonmembers=good)
+    half = _npz(tmp_path / "h.npz", ds.x[np.r_[idx[:7], oth]], ds.y[np.r_[idx[:7], oth]])
+    with pytest.raises(DataError, match="7 of the .* non-members are also among the members"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=half)
+    with pytest.raises(DataError, match="test samples are also among the members"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=other, test=good)
+    # the ROC plot never replaces the report (--json named like the plot), checked at once
+    with pytest.raises(ConfigError, match="needs a name of its own"):
+        evaluate(folder / "model.onnx", members=good, nonmembers=other,
+                 json_out=tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()
     with pytest.raises(DataError, match="'member' must hold one 0 or 1"):
         evaluate(folder / "model.onnx",
                  members=_npz(tmp_path / "b.npz", ds.x[idx], ds.y[idx],
                               member=np.full(len(idx), 2)))
     with pytest.raises(ConfigError, match="drop --run"):
-        evaluate(folder / "model.onnx", members=good, nonmembers=good, run=folder)
+        evaluate(folder / "model.onnx", members=good, nonmembers=other, run=folder)
     with pytest.raises(ConfigError, match="go with --members"):
         evaluate(folder / "model.onnx", nonmembers=good)
     with pytest.raises(ConfigError, match="go with --members"):
         evaluate(folder / "model.onnx", model="cnn", references=2)
     with pytest.raises(ConfigError, match="needs --model"):
-        evaluate(folder / "model.onnx", members=good, nonmembers=good, references=2)
+        evaluate(folder / "model.onnx", members=good, nonmembers=other, references=2)
     with pytest.raises(ConfigError, match="add --references K"):
-        evaluate(folder / "model.onnx", members=good, nonmembers=good, model="cnn")
+        evaluate(folder / "model.onnx", members=good, nonmembers=other, model="cnn")
     dmp = tmp_path / "dmp.yaml"
     dmp.write_text("method: pr-dmp\n")
     with pytest.raises(ConfigError, match="pr-dmp train on non-member data"):
-        evaluate(folder / "model.onnx", members=good, nonmembers=good, model="cnn",
+        evaluate(folder / "model.onnx", members=good, nonmembers=other, model="cnn",
                  references=2, train_config=dmp, json_out=tmp_path / "dmp.json")
     assert not (tmp_path / "dmp-references").exists()
     mine = tmp_path / "mine.json"
     mine.write_text("{}")
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
-        evaluate(folder / "model.onnx", members=good, nonmembers=good, json_out=mine)
+        evaluate(folder / "model.onnx", members=good, nonmembers=other, json_out=mine)
     assert mine.read_text() == "{}"

@@ -120,6 +120,32 @@ def test_overwrite_refuses_a_run_that_holds_foreign_files(done, tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("where, named", [
+    ("exports/NOTES-mine.txt", "exports/NOTES-mine.txt"), ("evals/mine/notes.txt", "evals/mine"),
+    ("references/ref-0/notes.txt", "references/ref-0/notes.txt"),
+    ("references/mine.txt", "references/mine.txt")])
+def test_overwrite_refuses_a_run_with_foreign_files_in_its_folders(done, tmp_path, where,
+                                                                    named):
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    if where.startswith("references/ref-0"):  # a reference run: a run directory of its own
+        shutil.copytree(done, run / "references" / "ref-0")
+    (run / where).parent.mkdir(parents=True, exist_ok=True)
+    (run / where).write_text("mine")
+    before = snapshot(run)
+    refused(f"not the run's own.*{named}", "compress", *TINY, "--out", run, "--overwrite")
+    assert snapshot(run) == before
+
+
+def test_no_output_lands_on_a_file_of_a_runs_contract(copy):
+    before = snapshot(copy)
+    exp = copy / "exports" / "model-onnx-w32-weight-only.onnx"
+    for name in ("report.json", "config.json"):
+        refused(rf"{name} is a file of the run in .*choose another --json", "evaluate", exp,
+                "--json", copy / name, "--overwrite", "--attack-epochs", "1")
+    assert snapshot(copy) == before
+
+
 def test_overwrite_through_a_symlinked_out_replaces_the_run(done, tmp_path):
     real = tmp_path / "real"
     shutil.copytree(done, real)
@@ -734,6 +760,21 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch, copy):
     refused("cannot write .*No space left on device", "export", "--run", copy, "--format",
             "onnx", "--bits", "32", "--out", copy / "exports" / "new.onnx")
     assert snapshot(copy) == before  # neither the file nor its manifest, nor a temporary
+
+
+def test_a_disk_that_fills_after_the_set_up_removes_the_new_run_folder(tmp_path, monkeypatch):
+    real, calls = os.fsync, []
+
+    def fills_up(fd):  # config.json, splits.npz and model.json are written, then nothing
+        calls.append(fd)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr("safeexport.rundir.os.fsync", fills_up)
+    refused("cannot write .*No space left on device", "compress", *TINY, "--out",
+            tmp_path / "new")
+    assert len(calls) > 3 and not (tmp_path / "new").exists()
 
 
 def test_export_after_a_killed_export_leaves_no_leftover_and_shares_its_mode(copy):

@@ -26,6 +26,8 @@ from tests.conftest import FAST_EXPORT, REPO, cli, one_error_line, tiny_config
 # A module a user keeps beside their data: a model factory and a Dataset factory that work,
 # and broken ones.
 USER_MODULE = textwrap.dedent("""
+    import sys
+
     import torch
     from torch import nn
     from torch.utils.data import Dataset
@@ -83,6 +85,22 @@ USER_MODULE = textwrap.dedent("""
 
     def no_weights(input_shape, num_classes):
         return Mean(num_classes)
+
+    def exits(input_shape, num_classes):
+        sys.exit(0)
+
+    def exiting_dataset():
+        sys.exit(0)
+
+    class ExitsOnRead(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            sys.exit(0)
+
+    def exits_on_read():
+        return ExitsOnRead()
 """)
 
 
@@ -190,6 +208,27 @@ def test_a_factory_that_cannot_build_is_one_line_and_writes_nothing(user_dir, fa
                  "--max-samples", "200", "--update-frequency", "10", "--out", out)
     assert message in one_error_line(result, "")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--model", "{name}:exits", "model factory {name}:exits called sys.exit(0)"),
+    ("--model", "exiting_mod:build", "importing module exiting_mod (the model factory "
+                                     "exiting_mod:build) called sys.exit(0)"),
+    ("--dataset", "torch:{name}:exiting_dataset",
+     "Dataset factory {name}:exiting_dataset called sys.exit(0)"),
+    ("--dataset", "torch:{name}:exits_on_read",
+     "the Dataset of {name}:exits_on_read (item 0) called sys.exit(0)"),
+])
+def test_user_code_that_exits_is_one_error_naming_it(user_dir, option, value, message):
+    folder, name = user_dir
+    (folder / "exiting_mod.py").write_text("import sys\nsys.exit(0)\n")
+    out = folder / "run"
+    args = ["--dataset", "synthetic"] if option == "--model" else []
+    result = cli("compress", option, value.format(name=name), *args, "--max-samples", "200",
+                 "--update-frequency", "10", "--out", out)
+    assert message.format(name=name) in one_error_line(result, "")
+    assert not out.exists()
+    sys.modules.pop("exiting_mod", None)
 
 
 def test_a_plugin_under_the_entry_point_group_is_a_model(tmp_path, monkeypatch):

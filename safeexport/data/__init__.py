@@ -124,13 +124,14 @@ def load_torch_dataset(ref: str) -> ArrayDataset:
     ``[i]``) of ``(x, y)`` pairs, x an image (C×H×W or H×W, uint8 or float in [0, 1]) or a
     feature vector, y a class index. Read once into arrays (every stage works on the whole
     set in memory) and checked as an npz's arrays are."""
-    from safeexport.plugins import import_object
+    from safeexport.plugins import import_object, user_code
 
     where = f"torch:{ref}"
     factory = import_object(ref, "Dataset factory")
     try:
-        dataset = factory()
-        n = len(dataset)
+        with user_code(f"Dataset factory {ref}", DataError):
+            dataset = factory()
+            n = len(dataset)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
@@ -141,8 +142,11 @@ def load_torch_dataset(ref: str) -> ArrayDataset:
     xs, ys = [], []
     for i in range(n):
         try:
-            item = dataset[i]
+            with user_code(f"the Dataset of {ref} (item {i})", DataError):
+                item = dataset[i]
             x, y = item
+        except DataError:
+            raise
         except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
             raise DataError(f"{where}: item {i} is not an (x, y) pair "
                             f"({type(e).__name__}: {e})") from e

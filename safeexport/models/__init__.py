@@ -22,7 +22,7 @@ from safeexport.data import ArrayDataset
 from safeexport.errors import ConfigError
 from safeexport.models.text import TextClassifier
 from safeexport.models.vision import MLP, AlexNetCifar, ResNet18Cifar, SmallCNN, VGG16Cifar
-from safeexport.plugins import import_object, is_ref
+from safeexport.plugins import import_object, is_ref, user_code
 from safeexport.registry import Registry
 
 
@@ -70,7 +70,10 @@ def _user_build(ref: str, factory: Callable[..., nn.Module]) -> Callable[..., nn
 
     def build(input_shape: list[int], num_classes: int) -> nn.Module:
         try:
-            model = factory(input_shape=tuple(input_shape), num_classes=num_classes)
+            with user_code(f"model factory {ref}"):
+                model = factory(input_shape=tuple(input_shape), num_classes=num_classes)
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
             raise ConfigError(f"model factory {ref} failed to build a model for input_shape="
                               f"{tuple(input_shape)}, num_classes={num_classes}: "
@@ -93,7 +96,10 @@ def model_info(name: str) -> ModelInfo:
                          f"user model {name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         try:
-            factory = ep.load()
+            with user_code(f"model plugin {name} ({ep.value})"):
+                factory = ep.load()
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 - an installed plugin can fail in any way
             raise ConfigError(f"cannot load the model plugin {name} ({ep.value}): "
                               f"{type(e).__name__}: {e}") from e
