@@ -23,7 +23,15 @@ from safeexport.errors import ConfigError
 from safeexport.executors import Task, run_tasks
 from safeexport.models import resolved_model
 from safeexport.rundir import RunDir, atomic_write
-from study.tables import Column, Row, markdown, plot_study, plot_tradeoff, write_csv
+from study.tables import (
+    Column,
+    Row,
+    markdown,
+    plot_study,
+    plot_tradeoff,
+    write_csv,
+    write_seeds_csv,
+)
 
 PRIVACY_COLUMNS = [Column("mia_acc", "MIA Acc", better=-1, fold=True),
                    Column("auc", "AUC", ".3f", -1, fold=True),
@@ -109,7 +117,8 @@ def _base(cfg: CompressConfig, seed: int) -> CompressConfig:
 
 
 # What a study folder holds: one folder per seed and the tables and plots of both commands.
-STUDY_FILES = {f"{name}.{ext}" for name in ("study", "compare") for ext in ("md", "csv", "png")}
+STUDY_FILES = {*(f"{name}.{ext}" for name in ("study", "compare") for ext in ("md", "csv", "png")),
+               "compare-seeds.csv"}
 
 
 def _check_out(out: Path) -> None:
@@ -301,7 +310,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             figures["epsilon"] = rep["dp"]["epsilon"]
         if rep.get("rounds"):
             figures["tm_decided"] = rep["selection_rules"].get("tm", 0) / rep["rounds"]
-        rows[m].add(figures, intervals)
+        rows[m].add(figures, intervals, seed)
         rows[m].text = {**_sizes(c), "Strongest": c["strongest"]["attack"]}
         for w in c["warnings"]:
             flagged.setdefault(m, []).append(f"seed {seed}: {w}")
@@ -337,6 +346,9 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     done = [r for r in rows.values() if r.figures]
     result = _write(out, "compare", done, [*SIZE_COLUMNS, "Strongest"], cols, ranked, title, note,
                     plot_tradeoff) if done else None
+    if result is not None:  # every seed's figures with their intervals
+        write_seeds_csv(out / "compare-seeds.csv", done, cols)
+        result.files.append(out / "compare-seeds.csv")
     if failed:  # after writing what finished
         raise ConfigError("; ".join(f"{o.name} failed: {o.error}" for o in failed)
                           + f" (the finished runs are in {out}; the same command resumes)")

@@ -20,12 +20,15 @@ class Row:
     text: dict[str, str] = field(default_factory=dict)
     figures: dict[str, list[float]] = field(default_factory=dict)
     intervals: dict[str, list[float]] = field(default_factory=dict)
+    seeds: list[tuple[int, dict, dict]] = field(default_factory=list)  # (seed, figures, ci)
 
-    def add(self, figures: dict[str, float | None], intervals: dict | None = None) -> None:
+    def add(self, figures: dict[str, float | None], intervals: dict | None = None,
+            seed: int = 0) -> None:
         """Append one seed's figures (None = not measurable) and their intervals."""
         for k, v in figures.items():
             self.figures.setdefault(k, []).append(np.nan if v is None else float(v))
         self.intervals.update({k: v for k, v in (intervals or {}).items() if v is not None})
+        self.seeds.append((seed, figures, intervals or {}))
 
     def mean(self, key: str) -> float:
         return float(np.mean(self.figures[key]))
@@ -103,6 +106,26 @@ def write_csv(path: Path, rows: list[Row], text_cols: list[str], cols: list[Colu
                         *(v for c in cols for v in (
                             (r.mean(c.key), r.std(c.key), len(r.figures[c.key]))
                             if c.key in r.figures else ("", "", 0)))])
+        f.write(buf.getvalue().encode())
+    atomic_write(path, write)
+
+
+def write_seeds_csv(path: Path, rows: list[Row], cols: list[Column]) -> None:
+    """One line per row, seed and figure: the value and its 95% interval (empty where the
+    figure has none), for what the mean ± std of the table hides."""
+    def write(f):
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["row", "seed", "figure", "value", "ci_low", "ci_high"])
+        for r in rows:
+            for seed, figures, ci in r.seeds:
+                for c in cols:
+                    if c.key in figures:
+                        lo, hi = ci.get(c.key) or ("", "")
+                        value = figures[c.key]
+                        w.writerow([r.label, seed, c.key, "" if value is None else value, lo, hi])
         f.write(buf.getvalue().encode())
     atomic_write(path, write)
 

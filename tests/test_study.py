@@ -113,6 +113,14 @@ def test_compare_over_seeds_reports_mean_and_std_and_bolds_the_best(tmp_path):
         shares.append(rules.count("tm") / len(rules))
     assert float(by_row["SafeCompress"]["tm_decided_mean"]) == pytest.approx(sum(shares) / 2)
     assert by_row["prune"]["tm_decided_n"] == "0"
+    # every seed's figure with its own interval, beside the table's mean ± std
+    with open(out / "compare-seeds.csv") as f:
+        seeds = [r for r in csv.DictReader(f) if r["row"] == "prune" and r["figure"] == "task_acc"]
+    assert [float(r["value"]) for r in seeds] == pytest.approx(prune)
+    for s, r in zip((0, 1), seeds, strict=True):
+        ci = json.loads((out / f"seed-{s}" / "prune" / "report.json").read_text())[
+            "compressed"]["task_acc_ci"]
+        assert int(r["seed"]) == s and [float(r["ci_low"]), float(r["ci_high"])] == ci
     steps = {m: float(by_row[m]["optimizer_steps_mean"]) for m in ("dense", "prune", "kd")}
     assert steps["prune"] > steps["dense"] == float(by_row["SafeCompress"]["optimizer_steps_mean"])
     # the prune baseline started from the seed's dense run and is charged its time
