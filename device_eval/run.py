@@ -40,6 +40,7 @@ from safeexport.rundir import (
 )
 from safeexport.runio import inputs_of, load_data, open_run
 from safeexport.runtimes import Runtime, open_runtime
+from safeexport.stored import storage_problems
 
 TAG = "compressed"  # the compressor's tag for its final evaluation of model.safetensors
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"  # the verdicts (SPEC §9)
@@ -89,12 +90,18 @@ def _manifest(model_file: Path) -> dict | None:
         raise ConfigError(f"{path} describes {manifest.get('file')!r}, not {model_file.name}: "
                           "a manifest belongs to the file it was written beside; give the file "
                           "its exported name again, or set the manifest's \"file\" to its new one")
+    wrong = storage_problems(model_file, manifest["format"], manifest["bits"])
+    if wrong:
+        raise ConfigError(f"{path} says {manifest['format']}, {manifest['bits']} bits, but "
+                          f"{model_file.name} contradicts it ({'; '.join(wrong[:3])}): the "
+                          "manifest was edited; export the file again with `safeexport export`")
     return manifest
 
 
 # what ``_manifest`` verified of a manifest before an evaluation trusts it (in the report)
 MANIFEST_CHECKED = (*(f"{k} present" for k in MANIFEST_FIELDS), "sha256 equals the file's",
-                    "file is the file's name", "source.model_sha256 equals the run's model's",
+                    "file is the file's name", "format and bits agree with the file's weights",
+                    "source.model_sha256 equals the run's model's",
                     "input shape and dtype are the run's data's")
 
 

@@ -18,8 +18,8 @@ import torch
 
 from exporters.failures import conversion_error
 from exporters.quantize import quantize_channels
-from exporters.stored import StoredWeight, record
-from safeexport.errors import ExportError
+from safeexport.stored import ONNX_WEIGHT_OPS, onnx_module
+from safeexport.stored import inspect_onnx as inspect  # noqa: F401 - the format's reader
 
 OPSET = 21
 SUFFIX = ".onnx"
@@ -33,13 +33,6 @@ def _axis(node, weight: np.ndarray) -> int:
     if node.op_type == "MatMul":
         return weight.ndim - 1
     return 0  # Conv: [out, in, kh, kw]
-
-
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def _module(init_name: str) -> str:
-    return init_name.removesuffix(".weight")
 
 
 def _float_export(model: torch.nn.Module, sample: np.ndarray):
@@ -71,10 +64,10 @@ def _weight_only(proto, bits: int, keep: set[str]) -> None:
     inits = {i.name: i for i in graph.initializer}
     done = set()
     for node in list(graph.node):
-        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+        if node.op_type not in ONNX_WEIGHT_OPS or len(node.input) < 2:
             continue
         name = node.input[1]
-        if name not in inits or name in done or _module(name) in keep:
+        if name not in inits or name in done or onnx_module(name) in keep:
             continue
         w = numpy_helper.to_array(inits[name])
         if w.ndim < 2:
@@ -98,7 +91,7 @@ def _float16(proto, keep: set[str]) -> None:
 
     graph = proto.graph
     for init in list(graph.initializer):
-        if init.data_type != TensorProto.FLOAT or _module(init.name) in keep:
+        if init.data_type != TensorProto.FLOAT or onnx_module(init.name) in keep:
             continue
         w = numpy_helper.to_array(init)
         _replace(graph, init, [numpy_helper.from_array(w.astype(np.float16), f"{init.name}_fp16")],
@@ -125,8 +118,8 @@ def _static(proto, calibration: np.ndarray, keep: set[str], text: bool):
             return next(self.batches, None)
 
     input_name = proto.graph.input[0].name
-    excluded = [n.name for n in proto.graph.node
-                if n.op_type in WEIGHT_OPS and len(n.input) > 1 and _module(n.input[1]) in keep]
+    excluded = [n.name for n in proto.graph.node if n.op_type in ONNX_WEIGHT_OPS
+                and len(n.input) > 1 and onnx_module(n.input[1]) in keep]
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d) / "f.onnx", Path(d) / "q.onnx"
         onnx.save(proto, str(src))
@@ -152,41 +145,3 @@ def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
     elif bits < 16:
         _weight_only(proto, bits, keep)
     return proto.SerializeToString()
-
-
-def inspect(path: Path) -> list[StoredWeight]:
-    """Every conv/linear weight of the file as stored (following DequantizeLinear and Cast)."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise ExportError(f"{path} is not a valid ONNX file ({e})") from e
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    out, seen = [], set()
-    for node in graph.node:
-        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
-            continue
-        name = node.input[1]
-        if name in seen:
-            continue
-        seen.add(name)
-        src = producer.get(name)
-        if name in inits:
-            w = numpy_helper.to_array(inits[name])
-            if w.ndim >= 2:
-                out.append(record(name, _module(name), w, "float32"))
-        elif src is not None and src.op_type == "Cast" and src.input[0] in inits:
-            w = numpy_helper.to_array(inits[src.input[0]])
-            out.append(record(name, _module(name), w, "float16"))
-        elif src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
-            x = inits[src.input[0]]
-            q = numpy_helper.to_array(x).astype(np.int8)
-            scale = numpy_helper.to_array(inits[src.input[1]])
-            axis = next((a.i for a in src.attribute if a.name == "axis"), 1)
-            storage = "int4" if x.data_type == TensorProto.INT4 else "int8"
-            out.append(record(name, _module(name), q, storage, axis % q.ndim, scale))
-    return out

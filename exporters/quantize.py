@@ -48,17 +48,6 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     return (q.astype(np.float32) * scale.reshape(shape)).astype(np.float32)
 
 
-def levels_per_channel(q: np.ndarray, axis: int) -> int:
-    """The largest number of distinct levels any channel uses."""
-    moved = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
-    return max((len(np.unique(row)) for row in moved), default=0)
-
-
-def effective_bits(levels: int) -> int:
-    """Bits of the smallest symmetric code with at least ``levels`` levels (2^k − 1 ≥ levels)."""
-    return max(1, math.ceil(math.log2(levels + 1)))
-
-
 def pack_int4(q: np.ndarray) -> bytes:
     """Two's-complement 4-bit values, two per byte, the first in the low nibble (TFLite's and
     ONNX's layout); an odd count is padded with 0."""
@@ -66,13 +55,6 @@ def pack_int4(q: np.ndarray) -> bytes:
     if len(flat) % 2:
         flat = np.append(flat, np.uint8(0))
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def unpack_int4(data: bytes | np.ndarray, count: int) -> np.ndarray:
-    """Inverse of ``pack_int4``: ``count`` int8 values."""
-    raw = np.frombuffer(bytes(data), np.uint8)
-    nib = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
-    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
 
 
 def floor_bytes(numel: int, nnz: int, value_bits: float) -> float:

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from exporters import onnx_format, tflite_format
 from exporters.config import SUPPORTED, ExportConfig
 from exporters.quantize import floor_bytes, nonzero_value_bits
-from exporters.stored import StoredWeight
 from safeexport.console import quiet
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
@@ -35,6 +34,7 @@ from safeexport.rundir import (
 )
 from safeexport.runio import inputs_of, load_data, load_model, open_run, references_of
 from safeexport.runtimes import open_runtime, torch_runtime
+from safeexport.stored import StoredWeight, width_problems
 
 FORMATS: Registry[ModuleType] = Registry("export format")
 FORMATS.register("onnx", onnx_format)
@@ -154,21 +154,11 @@ def check_weights(stored: list[StoredWeight], layers: list[dict], cfg: ExportCon
     """Everything wrong with the weights as stored: bit widths above the request, zero scales,
     nothing quantized at all, kept layers not in float, and densities that differ from the run's
     (equal for float32; quantization may only round small weights to zero, never revive one)."""
-    problems = []
-    quantized = [w for w in stored if w.storage.startswith("int")]
-    for w in quantized:
-        if w.effective_bits > cfg.bits:
-            problems.append(f"{w.module} holds {w.levels} levels per channel, more than "
-                            f"{cfg.bits} bits allow")
-        if w.zero_scales:
-            problems.append(f"{w.module} has {w.zero_scales} channels with scale 0")
-    if cfg.bits <= 8 and not quantized:
-        problems.append("no weight is stored as an integer: the quantizer left the model in "
-                        "float")
-    if cfg.bits == 16 and not any(w.storage == "float16" for w in stored):
-        problems.append("no weight is stored as float16")
+    problems = width_problems(stored, cfg.bits)
+    problems += [f"{w.module} has {w.zero_scales} channels with scale 0" for w in stored
+                 if w.zero_scales]
     problems += [f"{w.module} was to stay float but is stored as {w.storage}"
-                 for w in quantized if w.module in keep]
+                 for w in stored if w.storage.startswith("int") and w.module in keep]
     by_size: dict[int, tuple[list[int], list[int]]] = {}
     for layer in layers:
         by_size.setdefault(layer["size"], ([], []))[0].append(layer["nnz"])

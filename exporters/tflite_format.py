@@ -18,64 +18,12 @@ import numpy as np
 import torch
 
 from exporters.failures import conversion_error
-from exporters.quantize import pack_int4, quantize_channels, unpack_int4
-from exporters.stored import StoredWeight, record
+from exporters.quantize import pack_int4, quantize_channels
 from safeexport.errors import ExportError
+from safeexport.stored import INT4, INT8, module_of, read_tflite, tflite_weights
+from safeexport.stored import inspect_tflite as inspect  # noqa: F401 - the format's reader
 
 SUFFIX = ".tflite"
-FLOAT32, FLOAT16, INT8, INT4 = 0, 1, 9, 17
-WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL",
-              "TRANSPOSE_CONV", "EMBEDDING_LOOKUP", "GATHER")
-
-
-def _read(data: bytes):
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    return flatbuffer_utils.read_model_from_bytearray(bytearray(data))
-
-
-def _opname(model, op) -> str:
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    return flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) or ""
-
-
-def module_of(tensor_name: str) -> str:
-    """The PyTorch module path in a litert-torch tensor name: the attribute names after each
-    ``Class_attr`` scope segment (``…Sequential_features/…Conv2d_0;1`` → ``features.0``). Fused
-    names list several modules separated by ';'; the weight's own (conv/linear) one is last."""
-    paths = []
-    for part in tensor_name.split(";"):
-        segs = [s.rsplit(".", 1)[-1] for s in part.split("/")[1:]]
-        attrs = [s.split("_", 1)[1] for s in segs if "_" in s]
-        if attrs:
-            paths.append(".".join(attrs))
-    return paths[-1] if paths else tensor_name
-
-
-def _weights(model):
-    """(op name, weight tensor index, stored tensor index) per conv/linear/embedding weight:
-    the stored tensor is the constant itself or the input of the DEQUANTIZE feeding it."""
-    sg = model.subgraphs[0]
-    producer = {o: op for op in sg.operators for o in op.outputs}
-    out = []
-    for op in sg.operators:
-        name = _opname(model, op)
-        if name not in WEIGHT_OPS or len(op.inputs) < 2:
-            continue
-        idx = op.inputs[0] if name == "GATHER" else op.inputs[1]  # GATHER(params, indices)
-        src = producer.get(idx)
-        stored = src.inputs[0] if src is not None and _opname(model, src) == "DEQUANTIZE" else idx
-        if _has_data(model, stored):
-            out.append((op, idx, stored))
-    return out
-
-
-def _has_data(model, tensor_idx: int) -> bool:
-    buf = model.buffers[model.subgraphs[0].tensors[tensor_idx].buffer]
-    return buf.data is not None and len(buf.data) > 0
-
-
 def _float_tflite(model: torch.nn.Module, sample: np.ndarray) -> bytes:
     import litert_torch
 
@@ -116,13 +64,13 @@ def _quantize(float_bytes: bytes, bits: int, scheme: str, keep: set[str],
               calibration: np.ndarray | None) -> bytes:
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils
 
-    fmodel = _read(float_bytes)
+    fmodel = read_tflite(float_bytes)
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "f.tflite"
         src.write_bytes(float_bytes)
         q = _quantizer(src, bits, scheme)
         tensors = fmodel.subgraphs[0].tensors
-        for op, idx, _ in _weights(fmodel):
+        for op, idx, _ in tflite_weights(fmodel):
             if module_of(tensors[idx].name.decode()) in keep:
                 scope = tfl_flatbuffer_utils.get_op_scope(op, tensors)
                 q.update_quantization_recipe(regex=f"^{re.escape(scope)}$", operation_name="*",
@@ -146,10 +94,10 @@ def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int) -> bytes:
     file's same tensor."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model, fmodel = _read(data), _read(float_bytes)
+    model, fmodel = read_tflite(data), read_tflite(float_bytes)
     ftensors = {t.name: t for t in fmodel.subgraphs[0].tensors}
     tensors = model.subgraphs[0].tensors
-    for _, _, stored in _weights(model):
+    for _, _, stored in tflite_weights(model):
         t = tensors[stored]
         if t.type not in (INT8, INT4) or t.name not in ftensors:
             continue
@@ -174,32 +122,3 @@ def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
     if bits <= 8 and scheme != "static":
         data = _rewrite_weights(data, float_bytes, bits)
     return data
-
-
-def inspect(path: Path) -> list[StoredWeight]:
-    """Every conv/linear/embedding weight of the file as stored."""
-    try:
-        model = _read(Path(path).read_bytes())
-        tensors = model.subgraphs[0].tensors
-    except Exception as e:  # flatbuffers raises assorted errors on garbage
-        raise ExportError(f"{path} is not a valid TFLite file ({e})") from e
-    out = []
-    for _, idx, stored in _weights(model):
-        t = tensors[stored]
-        raw = bytes(model.buffers[t.buffer].data)
-        shape = [int(s) for s in t.shape]
-        name = tensors[idx].name.decode()
-        if t.type == FLOAT32:
-            out.append(record(name, module_of(name), np.frombuffer(raw, np.float32)
-                              .reshape(shape), "float32"))
-        elif t.type == FLOAT16:
-            out.append(record(name, module_of(name), np.frombuffer(raw, np.float16)
-                              .reshape(shape), "float16"))
-        elif t.type in (INT8, INT4):
-            n = int(np.prod(shape))
-            q = (np.frombuffer(raw, np.int8) if t.type == INT8 else unpack_int4(raw, n))
-            out.append(record(name, module_of(name), q.reshape(shape),
-                              "int8" if t.type == INT8 else "int4",
-                              t.quantization.quantizedDimension,
-                              np.asarray(t.quantization.scale)))
-    return out

@@ -192,6 +192,25 @@ def test_a_manifest_that_names_another_file_is_refused(copy):
     assert not (copy / "evals").exists()
 
 
+def test_a_manifest_that_misstates_format_or_bits_is_refused(copy):
+    from exporters import export
+    from exporters.config import ExportConfig
+
+    export(ExportConfig(format="onnx", bits=8, parity_samples=32), copy)
+    for stem, claim, message in [
+            ("model-onnx-w32-weight-only", {"format": "tflite"}, "the file is onnx, not tflite"),
+            ("model-onnx-w32-weight-only", {"bits": 8}, "no weight is stored as an integer"),
+            ("model-onnx-w8-weight-only", {"bits": 32}, r"is stored as int8 in a 32-bit file"),
+            ("model-onnx-w8-weight-only", {"bits": 4}, r"levels per channel, more than 4 bits")]:
+        m = copy / "exports" / f"{stem}.json"
+        real = json.loads(m.read_text())
+        write_json(m, {**real, **claim})
+        refused(f"{stem}.json says .* but {stem}.onnx contradicts it .*{message}", "evaluate",
+                copy / "exports" / f"{stem}.onnx", "--attack-epochs", "1")
+        write_json(m, real)
+    assert not (copy / "evals").exists()
+
+
 def test_evaluate_json_is_not_overwritten_without_the_flag(copy, tmp_path):
     target = tmp_path / "mine.json"
     target.write_text("keep me")

@@ -1,0 +1,237 @@
+"""What an exported file really stores, read back from the file itself (never from what a
+converter, quantizer or manifest claims): one record per weight tensor of a convolution, linear
+or embedding layer, for ONNX and TFLite files. The exporters read their files back with it, and
+``evaluate`` checks a manifest's format and bit width against it; the file is parsed, never
+run.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from safeexport.errors import ExportError
+
+ONNX_WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+TFLITE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL",
+                     "TRANSPOSE_CONV", "EMBEDDING_LOOKUP", "GATHER")
+# TFLite's tensor type codes (schema.fbs)
+FLOAT32, FLOAT16, INT8, INT4 = 0, 1, 9, 17
+
+
+@dataclass
+class StoredWeight:
+    """A conv/linear weight as stored in an exported file."""
+
+    name: str
+    module: str  # the PyTorch module it came from (``features.0``), as far as names tell
+    shape: list[int]
+    storage: str  # float32, float16, int8 or int4
+    container_bits: int  # bits per stored value
+    effective_bits: int  # bits of the smallest symmetric code holding its levels (= container
+    #                     bits for floats)
+    levels: int | None  # most distinct integer levels in one channel (None for floats)
+    numel: int
+    nnz: int
+    zero_scales: int  # channels whose scale is 0 (runtimes such as XNNPACK refuse them)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def levels_per_channel(q: np.ndarray, axis: int) -> int:
+    """The largest number of distinct levels any channel uses."""
+    moved = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
+    return max((len(np.unique(row)) for row in moved), default=0)
+
+
+def effective_bits(levels: int) -> int:
+    """Bits of the smallest symmetric code with at least ``levels`` levels (2^k − 1 ≥ levels)."""
+    return max(1, math.ceil(math.log2(levels + 1)))
+
+
+def unpack_int4(data: bytes | np.ndarray, count: int) -> np.ndarray:
+    """``count`` int8 values from two's-complement 4-bit values packed two per byte, the first
+    in the low nibble (TFLite's and ONNX's layout)."""
+    raw = np.frombuffer(bytes(data), np.uint8)
+    nib = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
+
+
+def record(name: str, module: str, values: np.ndarray, storage: str, axis: int | None = None,
+           scale: np.ndarray | None = None) -> StoredWeight:
+    """A StoredWeight from decoded values (integer levels for int storage, with their channel
+    ``axis`` and scales; floats otherwise)."""
+    container = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}[storage]
+    if storage.startswith("int"):
+        levels = levels_per_channel(values, axis)
+        eff = effective_bits(levels)
+    else:
+        levels, eff = None, container
+    zero_scales = 0 if scale is None else int((np.asarray(scale) == 0).sum())
+    return StoredWeight(name, module, [int(d) for d in values.shape], storage, container, eff,
+                        levels, int(values.size), int(np.count_nonzero(values)), zero_scales)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def onnx_module(init_name: str) -> str:
+    """The PyTorch module an ONNX weight initializer came from."""
+    return init_name.removesuffix(".weight")
+
+
+def inspect_onnx(path: Path) -> list[StoredWeight]:
+    """Every conv/linear weight of the file as stored (following DequantizeLinear and Cast)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ExportError(f"{path} is not a valid ONNX file ({e})") from e
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    out, seen = [], set()
+    for node in graph.node:
+        if node.op_type not in ONNX_WEIGHT_OPS or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name in seen:
+            continue
+        seen.add(name)
+        src = producer.get(name)
+        if name in inits:
+            w = numpy_helper.to_array(inits[name])
+            if w.ndim >= 2:
+                out.append(record(name, onnx_module(name), w, "float32"))
+        elif src is not None and src.op_type == "Cast" and src.input[0] in inits:
+            w = numpy_helper.to_array(inits[src.input[0]])
+            out.append(record(name, onnx_module(name), w, "float16"))
+        elif src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
+            x = inits[src.input[0]]
+            q = numpy_helper.to_array(x).astype(np.int8)
+            scale = numpy_helper.to_array(inits[src.input[1]])
+            axis = next((a.i for a in src.attribute if a.name == "axis"), 1)
+            storage = "int4" if x.data_type == TensorProto.INT4 else "int8"
+            out.append(record(name, onnx_module(name), q, storage, axis % q.ndim, scale))
+    return out
+
+
+# ---------------------------------------------------------------- TFLite
+
+
+def read_tflite(data: bytes):
+    """The TFLite flatbuffer as LiteRT's object model (parsed, not run)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+
+
+def tflite_opname(model, op) -> str:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) or ""
+
+
+def module_of(tensor_name: str) -> str:
+    """The PyTorch module path in a litert-torch tensor name: the attribute names after each
+    ``Class_attr`` scope segment (``…Sequential_features/…Conv2d_0;1`` → ``features.0``). Fused
+    names list several modules separated by ';'; the weight's own (conv/linear) one is last."""
+    paths = []
+    for part in tensor_name.split(";"):
+        segs = [s.rsplit(".", 1)[-1] for s in part.split("/")[1:]]
+        attrs = [s.split("_", 1)[1] for s in segs if "_" in s]
+        if attrs:
+            paths.append(".".join(attrs))
+    return paths[-1] if paths else tensor_name
+
+
+def tflite_weights(model):
+    """(op, weight tensor index, stored tensor index) per conv/linear/embedding weight: the
+    stored tensor is the constant itself or the input of the DEQUANTIZE feeding it."""
+    sg = model.subgraphs[0]
+    producer = {o: op for op in sg.operators for o in op.outputs}
+    out = []
+    for op in sg.operators:
+        name = tflite_opname(model, op)
+        if name not in TFLITE_WEIGHT_OPS or len(op.inputs) < 2:
+            continue
+        idx = op.inputs[0] if name == "GATHER" else op.inputs[1]  # GATHER(params, indices)
+        src = producer.get(idx)
+        stored = (src.inputs[0] if src is not None and tflite_opname(model, src) == "DEQUANTIZE"
+                  else idx)
+        buf = model.buffers[sg.tensors[stored].buffer]
+        if buf.data is not None and len(buf.data) > 0:
+            out.append((op, idx, stored))
+    return out
+
+
+def inspect_tflite(path: Path) -> list[StoredWeight]:
+    """Every conv/linear/embedding weight of the file as stored."""
+    try:
+        model = read_tflite(Path(path).read_bytes())
+        tensors = model.subgraphs[0].tensors
+    except Exception as e:  # flatbuffers raises assorted errors on garbage
+        raise ExportError(f"{path} is not a valid TFLite file ({e})") from e
+    out = []
+    for _, idx, stored in tflite_weights(model):
+        t = tensors[stored]
+        raw = bytes(model.buffers[t.buffer].data)
+        shape = [int(s) for s in t.shape]
+        name = tensors[idx].name.decode()
+        if t.type == FLOAT32:
+            out.append(record(name, module_of(name), np.frombuffer(raw, np.float32)
+                              .reshape(shape), "float32"))
+        elif t.type == FLOAT16:
+            out.append(record(name, module_of(name), np.frombuffer(raw, np.float16)
+                              .reshape(shape), "float16"))
+        elif t.type in (INT8, INT4):
+            n = int(np.prod(shape))
+            q = (np.frombuffer(raw, np.int8) if t.type == INT8 else unpack_int4(raw, n))
+            out.append(record(name, module_of(name), q.reshape(shape),
+                              "int8" if t.type == INT8 else "int4",
+                              t.quantization.quantizedDimension,
+                              np.asarray(t.quantization.scale)))
+    return out
+
+
+# ---------------------------------------------------------------- a file against its claims
+
+
+def file_format(path: Path) -> str:
+    """onnx or tflite, from the file's bytes (a TFLite flatbuffer names itself TFL3)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return "tflite" if head[4:8] == b"TFL3" else "onnx"
+
+
+INSPECT = {"onnx": inspect_onnx, "tflite": inspect_tflite}
+
+
+def width_problems(stored: list[StoredWeight], bits: int) -> list[str]:
+    """How weights as stored contradict a ``bits``-bit file: 32 bits hold float32 only; 16
+    bits float16 and no integers; 8 bits and fewer integer weights whose levels fit ``bits``
+    (a layer kept in float beside them is allowed)."""
+    ints = [w for w in stored if w.storage.startswith("int")]
+    problems = [f"{w.module} holds {w.levels} levels per channel, more than {bits} bits allow"
+                for w in ints if w.effective_bits > bits]
+    if bits <= 8 and not ints:
+        problems.append("no weight is stored as an integer: the model is in float")
+    if bits >= 16:
+        problems += [f"{w.module} is stored as {w.storage} in a {bits}-bit file" for w in stored
+                     if w.storage.startswith("int") or (bits == 32 and w.storage == "float16")]
+    if bits == 16 and not any(w.storage == "float16" for w in stored):
+        problems.append("no weight is stored as float16")
+    return problems
+
+
+def storage_problems(path: Path, fmt: str, bits: int) -> list[str]:
+    """How the file at ``path`` contradicts a claim that it is ``fmt`` at ``bits`` bits (empty:
+    it does not): its format, then its weights (``width_problems``)."""
+    actual = file_format(path)
+    if actual != fmt:
+        return [f"the file is {actual}, not {fmt}"]
+    return width_problems(INSPECT[fmt](path), bits)
