@@ -155,7 +155,8 @@ def test_two_references_cannot_tune_a_and_say_so():
 def test_a_reference_that_trained_on_an_evaluated_sample_is_refused():
     labels, target, ref_logits, trained, parts, refs, sig = _fixture(4)
     refs.trained[1, 50] = True
-    with pytest.raises(ValueError, match="evaluated sample"):
+    with pytest.raises(SafeExportError, match="reference ref-1 trained on 1 of the evaluated "
+                                              "samples .* remove the run's references/ref-1"):
         reference_attacks(sig, parts, refs, resamples=0)
 
 

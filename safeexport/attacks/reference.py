@@ -202,8 +202,13 @@ def reference_attacks(target: list[Signals], parts: list[np.ndarray], refs: Refe
     trained = refs.trained[:, rows]
     ref_logits = refs.logits[:, rows]
     n_known = len(parts[0]) + len(parts[1])
-    if trained[:, n_known:].any():
-        raise ValueError("a reference trained on an evaluated sample")
+    wrong = trained[:, n_known:].sum(axis=1)
+    if wrong.any():  # the references are ref-0, ref-1, ... in this order (reference_outputs)
+        i = int(np.flatnonzero(wrong)[0])
+        raise ConfigError(f"reference ref-{i} trained on {int(wrong[i])} of the evaluated "
+                          "samples (its splits.npz is not a half of this run's known data): "
+                          f"remove the run's references/ref-{i} and run again with --references "
+                          "to rebuild it")
     cut = np.cumsum([len(p) for p in parts])[:-1]
 
     lira, variance = lira_scores(margins(logits, labels), margins(ref_logits, labels), trained)
