@@ -90,12 +90,19 @@ def _manifest(model_file: Path) -> dict | None:
         raise ConfigError(f"{path} describes {manifest.get('file')!r}, not {model_file.name}: "
                           "a manifest belongs to the file it was written beside; give the file "
                           "its exported name again, or set the manifest's \"file\" to its new one")
+    return manifest
+
+
+def _check_storage(model_file: Path, manifest: dict) -> None:
+    """The manifest's format and bit width against the weights the file stores (parsed once
+    a runtime has loaded and run the file in a child process: a file that crashes a parser
+    is reported as the runtime's crash first)."""
     wrong = storage_problems(model_file, manifest["format"], manifest["bits"])
     if wrong:
-        raise ConfigError(f"{path} says {manifest['format']}, {manifest['bits']} bits, but "
-                          f"{model_file.name} contradicts it ({'; '.join(wrong[:3])}): the "
-                          "manifest was edited; export the file again with `safeexport export`")
-    return manifest
+        raise ConfigError(f"{model_file.with_suffix('.json')} says {manifest['format']}, "
+                          f"{manifest['bits']} bits, but {model_file.name} contradicts it "
+                          f"({'; '.join(wrong[:3])}): the manifest was edited; export the "
+                          "file again with `safeexport export`")
 
 
 # what ``_manifest`` verified of a manifest before an evaluation trusts it (in the report)
@@ -271,6 +278,8 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     # the file came from elsewhere: a native runtime loads and runs it in a child process first
     with open_file_runtime(model_file, cfg, inputs[:1]) as rt:
         probe = rt(inputs[:1])
+        if manifest:
+            _check_storage(model_file, manifest)
         if probe.ndim != 2 or probe.shape[1] != ds.num_classes:
             raise ConfigError(f"{model_file.name} outputs shape {list(probe.shape[1:])}, the "
                               f"run has {ds.num_classes} classes")

@@ -124,9 +124,11 @@ def test_selection_picks_the_highest_tm_score(monkeypatch):
         made[pair] = base.clone()
         task = np.r_[np.ones(right[pair], bool), np.zeros(400 - right[pair], bool)]
         attack = np.r_[np.ones(100, bool), np.zeros(100, bool)].repeat(2)
+        is_member = np.arange(400) < 200
         return Candidate(pair[0], pair[1], made[pair], sc.Measured(
             {"task_acc": task.mean(), "mia_acc": 0.5, "auc": 0.5,
-             "tm_score": task.mean() / 0.5}, task, attack))
+             "tm_score": task.mean() / 0.5}, task, attack,
+            np.where(attack == is_member, 0.9, 0.1), is_member))
 
     monkeypatch.setattr(sc, "make_candidate", fake_candidate)
     winner, row = mask_update(cfg, ds, splits, state, 1, 0.3, 0.01,
