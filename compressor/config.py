@@ -93,11 +93,12 @@ class CompressConfig(StageConfig):
                       "modified_entropy (the threshold attacks are measured beside it always)")
     score: str = opt("loss", "SafeCompress's in-loop safety score, read on every candidate: a "
                      "threshold attack (loss, confidence, entropy, modified_entropy), fitted "
-                     "and read on all the known members and non-members, deterministic and "
-                     "training-free; lira, LiRA's per-sample z against the run's --references "
-                     "(an even number, trained before the loop and reused by every round; a "
-                     "reference's own loop reads loss); or nasr, the paper's trained attacker, "
-                     "retrained on every round's model (several times slower)")
+                     "and read on all the known non-members and as many known members, "
+                     "deterministic and training-free; lira, LiRA's per-sample z against the "
+                     "run's --references (an even number, trained before the loop and reused "
+                     "by every round; a reference's own loop reads loss); or nasr, the paper's "
+                     "trained attacker, retrained on every round's model (several times "
+                     "slower)")
     attack_epochs: int = opt(100, "--score nasr: most epochs the attacker trains on each "
                              "round's model (early stopping on a held-out fifth of its data "
                              "ends it sooner)")
