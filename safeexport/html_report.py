@@ -9,6 +9,7 @@ loads nothing.
 
 import base64
 import html
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,20 @@ def _density(m: dict) -> str:
     return f"{m['density']:.4f} / " + ("—" if whole is None else f"{whole:.4f}")
 
 
+REMAKE_RUN = "re-run `safeexport compress` to make the run again"
+
+
+@contextmanager
+def _fields_of(path: Path, fix: str):
+    """A field of ``path`` that is missing or of the wrong type while the page is built is one
+    error naming the file and ``fix``, not a traceback: these files are JSON a user can edit,
+    and report.json, which records the other files' hashes, has no record of its own."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from e
+
+
 def _figures_section(report: dict) -> str:
     rows = []
     for label, key in (("dense reference", "dense"), (report["method"], "compressed")):
@@ -113,17 +128,18 @@ def _verdicts_section(run: RunDir) -> str:
     rows, plots = [], []
     for path in evals:
         r = read_json_file(path)
-        v = r["verdict"]
-        badge = f'<span class={v["outcome"].lower()}>{v["outcome"]}</span>'
-        largest = []
-        for fig, d in v["rises"]["max"].items():
-            if d["delta"] is not None:
-                largest.append(f"{fig} {100 * d['delta']:+.2f} [{_interval(d['ci'])}] "
-                               f"({d['attack']})")
-        why = v["reasons"] or v["undecided"] or ["every upper bound below the tolerance"]
-        rows.append([_e(Path(r["model_file"]).name), _e(r["runtime"]["name"]), badge,
-                     _e("; ".join(largest)), f"{100 * v['task_drop']:+.2f}",
-                     _e("; ".join(why))])
+        with _fields_of(path, "evaluate the file again with --overwrite, or delete it"):
+            v = r["verdict"]
+            badge = f'<span class={v["outcome"].lower()}>{v["outcome"]}</span>'
+            largest = []
+            for fig, d in v["rises"]["max"].items():
+                if d["delta"] is not None:
+                    largest.append(f"{fig} {100 * d['delta']:+.2f} [{_interval(d['ci'])}] "
+                                   f"({d['attack']})")
+            why = v["reasons"] or v["undecided"] or ["every upper bound below the tolerance"]
+            rows.append([_e(Path(r["model_file"]).name), _e(r["runtime"]["name"]), badge,
+                         _e("; ".join(largest)), f"{100 * v['task_drop']:+.2f}",
+                         _e("; ".join(why))])
         plots.append(_img(path.with_suffix(".png"), f"ROC of {path.stem}"))
     return ("<h2>Verdicts on exported files</h2>"
             + _table(["file", "runtime", "verdict",
@@ -132,24 +148,30 @@ def _verdicts_section(run: RunDir) -> str:
             + "".join(plots))
 
 
-def _manifests(run: RunDir) -> list[dict]:
-    """The export manifests in RUN/exports/ (read once for the exports and hashes tables)."""
+REMAKE_EXPORT = "export again with --overwrite, or delete it"
+
+
+def _manifests(run: RunDir) -> dict[Path, dict]:
+    """The export manifests in RUN/exports/ by path (read once for the exports and hashes
+    tables)."""
     folder = run.path / "exports"
-    found = [read_json_file(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    return [m for m in found if all(k in m for k in ("file", "sha256", "source", "parity",
-                                                        "sizes"))]
+    found = ({p: read_json_file(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir()
+             else {})
+    return {p: m for p, m in found.items()
+            if all(k in m for k in ("file", "sha256", "source", "parity", "sizes"))}
 
 
-def _exports_section(manifests: list[dict]) -> str:
+def _exports_section(manifests: dict[Path, dict]) -> str:
     if not manifests:
         return "<h2>Exports</h2><p>None yet: run <code>safeexport export</code>.</p>"
     rows = []
-    for m in manifests:
-        p, s = m["parity"], m["sizes"]
-        rows.append([_e(Path(m["file"]).name), _e(m["format"]), _e(m["bits"]),
-                     f"{s['bytes']:,}", f"{s['floor_bytes']:,}",
-                     f"{p['acc_before']:.4f} → {p['acc_after']:.4f}",
-                     f"{p['agreement']:.4f}", f"<code>{_e(m['sha256'])}</code>"])
+    for path, m in manifests.items():
+        with _fields_of(path, REMAKE_EXPORT):
+            p, s = m["parity"], m["sizes"]
+            rows.append([_e(Path(m["file"]).name), _e(m["format"]), _e(m["bits"]),
+                         f"{s['bytes']:,}", f"{s['floor_bytes']:,}",
+                         f"{p['acc_before']:.4f} → {p['acc_after']:.4f}",
+                         f"{p['agreement']:.4f}", f"<code>{_e(m['sha256'])}</code>"])
     return "<h2>Exports</h2>" + _table(["file", "format", "bits", "bytes", "information floor",
                                         "test acc PyTorch → file", "top-1 agreement",
                                         "sha256"], rows)
@@ -195,14 +217,16 @@ def _exposed_section(run: RunDir, report: dict, data_dir: Path | None) -> str:
                      rows))
 
 
-def _hashes_section(manifests: list[dict], config: dict, report: dict) -> str:
+def _hashes_section(manifests: dict[Path, dict], run: RunDir, config: dict,
+                    report: dict) -> str:
     rows = [[_e(name), f"<code>{_e(h)}</code>"] for name, h in report["files"].items()]
     rows.append(["data fingerprint", f"<code>{_e(config['dataset_fingerprint'])}</code>"])
     if config.get("init_weights_sha256"):
         rows.append(["--init-weights", f"<code>{_e(config['init_weights_sha256'])}</code>"])
-    for m in manifests:
+    for m in manifests.values():
         rows.append([_e(Path(m["file"]).name), f"<code>{_e(m['sha256'])}</code>"])
-    versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in config["versions"].items())
+    with _fields_of(run.config, REMAKE_RUN):
+        versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in config["versions"].items())
     return ("<h2>Hashes and versions</h2>" + _table(["what", "sha256"], rows)
             + f"<p>Versions at training time: {versions}.</p>")
 
@@ -220,18 +244,24 @@ def write_report(run_path: Path | str | None, out: Path | None = None,
         config, report = run.read_config(), run.read_report()
         cfg = config["config"]
         manifests = _manifests(run)
-        title = (f"{report['method']}: {config['model']} on {cfg['dataset']}, keeping "
-                 f"{100 * cfg['sparsity']:g}% of weights")
+        with _fields_of(run.report, REMAKE_RUN):
+            method = report["method"]
+            figures = _figures_section(report)
+            exposed = _exposed_section(run, report, data_dir)
+        with _fields_of(run.config, REMAKE_RUN):
+            title = (f"{method}: {config['model']} on {cfg['dataset']}, "
+                     f"keeping {100 * cfg['sparsity']:g}% of weights")
+            head = (f"<p>Run <code>{_e(run.path.resolve())}</code>, created "
+                    f"{_e(config['created'])}, seed {_e(cfg['seed'])}, "
+                    f"{_e(config['num_samples'])} samples, {_e(config['num_classes'])} "
+                    "classes.</p>")
         page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}"
-                f"</title><style>{CSS}</style></head><body><h1>{_e(title)}</h1>"
-                f"<p>Run <code>{_e(run.path.resolve())}</code>, created {_e(config['created'])}"
-                f", seed {_e(cfg['seed'])}, {_e(config['num_samples'])} samples, "
-                f"{_e(config['num_classes'])} classes.</p>"
-                + _verdicts_section(run) + _figures_section(report)
+                f"</title><style>{CSS}</style></head><body><h1>{_e(title)}</h1>" + head
+                + _verdicts_section(run) + figures
                 + _img(run.roc_png, "ROC of the final attacks, from FPR = 1/N")
                 + _img(run.curve_png, "learning curve")
-                + _exposed_section(run, report, data_dir) + _exports_section(manifests)
-                + _hashes_section(manifests, config, report) + "</body></html>")
+                + exposed + _exports_section(manifests)
+                + _hashes_section(manifests, run, config, report) + "</body></html>")
         target = out or run.path / "report.html"
         atomic_write(target, lambda f: f.write(page.encode("utf-8")))
     return target

@@ -662,6 +662,38 @@ def test_damaged_run_files_get_one_line(copy, tmp_path, case, stage):
                 "--attack-epochs", "1", "--json", tmp_path / "e.json")
 
 
+def _set_compressed(key: str, value):
+    return lambda o: {**o, "compressed": {**o["compressed"], key: value}}
+
+
+REPORT_CASES = {
+    "no-compressed": ("report.json", _drop("compressed"), r"report.json is damaged \(KeyError"),
+    "string-task-acc": ("report.json", _set_compressed("task_acc", "0.9"),
+                        r"report.json is damaged \(ValueError"),
+    "string-records": ("report.json", lambda o: {**o, "exposure": {**o["exposure"],
+                                                                  "records": "abc"}},
+                       r"report.json is damaged \(TypeError"),
+    "eval-without-verdict": ("evals/e.json", lambda o: {"model_file": "x.onnx"},
+                             r"evals/e.json is damaged \(KeyError: 'verdict'\); evaluate"),
+    "manifest-string-sizes": ("exports/model-onnx-w32-weight-only.json",
+                              _put("sizes", "big"), r"weight-only.json is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_CASES))
+def test_report_on_damaged_files_gets_one_line(copy, case):
+    """report.json has no hash record of its own, and evals/ and exports/ JSON are the user's
+    to edit: a field that is missing or of the wrong type names the file and the fix."""
+    name, change, pattern = REPORT_CASES[case]
+    path = copy / name
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists():
+        path.write_text("{}")
+    edit_json(copy, name, change, rehash=False)
+    refused(pattern, "report", copy)
+    assert not (copy / "report.html").exists()
+
+
 def _rewrite_splits(run: Path, change) -> None:
     with np.load(run / "splits.npz") as f:
         parts = dict(f)
