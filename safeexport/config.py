@@ -69,17 +69,24 @@ class StageConfig:
     @classmethod
     def from_file(cls, path: Path) -> "StageConfig":
         """A config from a JSON or YAML file: a run's recorded ``config.json`` (its ``config``
-        entry) or a hand-written mapping of the same keys. YAML is read with ``safe_load``
-        (plain data only: a file cannot construct Python objects)."""
+        entry) or a hand-written mapping of the same keys, at most MAX_CONFIG_BYTES. YAML is
+        read with ``load_yaml`` (plain data only, its depth bounded before it is built)."""
         import yaml
 
         from safeexport.rundir import regular_file
 
+        source = regular_file(path)
         try:
-            text = regular_file(path).read_bytes().decode("utf-8")
-            data = (json.loads(text) if Path(path).suffix == ".json"
-                    else yaml.safe_load(text))
-        except (OSError, ValueError, yaml.YAMLError) as e:
+            with source.open("rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; a config is "
+                                  "a mapping of a few dozen settings")
+            text = raw.decode("utf-8")
+            data = (json.loads(text) if Path(path).suffix == ".json" else load_yaml(text))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read it as a {Path(path).suffix[1:] or 'YAML'} "
                               f"config ({str(e).splitlines()[0]})") from e
         recorded = isinstance(data, dict) and isinstance(data.get("config"), dict) \
@@ -149,6 +156,33 @@ def parse_setting(text: str) -> tuple[str, Any]:
     if not eq or not key:
         raise ConfigError(f"{text!r} is not KEY=VALUE (e.g. select=random)")
     try:
-        return key, yaml.safe_load(value)
+        return key, load_yaml(value)
     except yaml.YAMLError:
         return key, value
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 4  # a config is a mapping whose values are scalars or lists of them
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data from YAML (``safe_load``: no Python objects), bounded before it is built.
+    PyYAML's composer recurses once per nesting level (a deeply nested file is a
+    RecursionError) and expands every alias (a few hundred bytes of "billion laughs" fill the
+    memory), while its parser keeps its own stack: so the event stream is walked first, and
+    aliases or nesting deeper than MAX_DEPTH raise ConfigError."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not accepted in a config: "
+                              "write the value out")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"nested deeper than {MAX_DEPTH} levels: a config maps "
+                                  "settings to values or lists of values")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return yaml.safe_load(text)

@@ -162,7 +162,9 @@ def read_json_file(path: Path) -> dict:
     raises ConfigError naming the file."""
     try:
         obj = json.loads(regular_file(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors; a deeply nested file is a
+    # RecursionError from the decoder, raised before it allocates much
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: cannot read it as JSON ({e})") from e
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
@@ -187,7 +189,7 @@ def load_metadata(path: Path) -> dict:
     try:
         with safe_open(str(regular_file(path)), "pt") as f:
             return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path} is damaged or not a safetensors file ({e})") from e
 
 
@@ -343,7 +345,7 @@ class RunDir:
         try:
             rows = [json.loads(line) for line in
                     regular_file(self.history).read_bytes().decode("utf-8").splitlines() if line]
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ConfigError(f"{self.history} is damaged ({e}); start over with "
                               "--overwrite") from e
         if not all(isinstance(r, dict) for r in rows):

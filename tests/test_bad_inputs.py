@@ -879,3 +879,37 @@ def test_study_never_writes_over_a_folder_of_someone_elses_files(tmp_path):
     refused(r"holds files a study does not write", "study", *TINY, "--compare", "dense",
             "--out", mine)
     assert snapshot(mine) == before
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+CONFIG_FILES = {
+    "deep.yaml": ("dataset: " + "[" * 50000 + "]" * 50000, "nested deeper than 4 levels"),
+    "deep-block.yaml": ("".join(" " * i + "a:\n" for i in range(400)) + " " * 400 + "1",
+                        "nested deeper than 4 levels"),
+    "laughs.yaml": (LAUGHS, r"YAML aliases \(\*a\) are not accepted"),
+    "deep.json": ('{"dataset": ' + "[" * 100000 + "]" * 100000 + "}", "cannot read it as a json"),
+    "huge.yaml": ("seed: 1\n" + "#" * (2 << 20), "larger than 1024 KiB"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_FILES))
+def test_run_bounds_a_config_file_before_parsing_it(tmp_path, name):
+    """PyYAML's composer recurses per level and expands every alias, json's decoder recurses:
+    a hostile config file is refused by its shape, in milliseconds, before it is built."""
+    text, pattern = CONFIG_FILES[name]
+    path = tmp_path / name
+    path.write_text(text)
+    refused(f"{name}: {pattern}", "run", path, "--out", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_settings_on_a_command_line_are_bounded_like_config_files(tmp_path):
+    """``KEY=VALUE`` (study's METHOD/KEY=VALUE, the benchmarks' --set) is read as YAML too."""
+    from safeexport.config import parse_setting
+
+    with pytest.raises(ConfigError, match="YAML aliases"):
+        parse_setting("select=[&a [1, 2], [*a, *a]]")
+    refused("nested deeper", "study", "--compare", "prune/select=" + "[" * 20000 + "]" * 20000,
+            "--out", tmp_path / "study")
+    assert not (tmp_path / "study").exists()
