@@ -49,6 +49,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
+from safeexport.plugins import user_code
 from safeexport.runio import check_fits, open_run
 from safeexport.seeding import derive_seed, generator, seeded
 
@@ -103,7 +104,12 @@ def _check_budget(cfg: CompressConfig, model_name: str, model_kwargs: dict,
         with torch.device("meta"):
             model = build_model(model_name, model_kwargs).eval()
             try:
-                out = model(torch.zeros((2, *ds.input_shape())))
+                with user_code(f"model {model_name}'s forward"):
+                    out = model(torch.zeros((2, *ds.input_shape())))
+            except TypeError as e:  # forward's signature: the one call every stage makes
+                raise ConfigError(f"model {model_name} cannot be called as model(x) ({e}); "
+                                  "safeexport passes one batch of inputs, so forward must "
+                                  "take x alone (give other arguments defaults)") from e
             except (RuntimeError, ValueError) as e:
                 raise ConfigError(f"model {model_name} cannot take inputs of shape "
                                   f"{list(ds.input_shape())} ({str(e).splitlines()[0]}); use "

@@ -89,6 +89,24 @@ USER_MODULE = textwrap.dedent("""
     def exits(input_shape, num_classes):
         sys.exit(0)
 
+    class TwoInputs(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.fc = nn.Linear(64, num_classes)
+
+        def forward(self, x, mask):
+            return self.fc(x.flatten(1) * mask)
+
+    def two_inputs(input_shape, num_classes):
+        return TwoInputs(num_classes)
+
+    class ExitsInForward(TwoInputs):
+        def forward(self, x):
+            sys.exit(3)
+
+    def exits_in_forward(input_shape, num_classes):
+        return ExitsInForward(num_classes)
+
     def exiting_dataset():
         sys.exit(0)
 
@@ -199,6 +217,8 @@ def test_a_dataset_factory_that_fails_is_one_data_error(user_dir, factory, messa
     ("{name}:not_a_module", "returned str, not a torch.nn.Module"),
     ("{name}:wrong_logits", "must return logits of shape (batch, 4), got (2, 3)"),
     ("{name}:no_weights", "has no Conv or Linear layer"),
+    ("{name}:two_inputs", "cannot be called as model(x) (TwoInputs.forward() missing 1 "
+                          "required positional argument: 'mask')"),
     ("not a module path", "unknown model 'not a module path'"),
 ])
 def test_a_factory_that_cannot_build_is_one_line_and_writes_nothing(user_dir, factory, message):
@@ -212,6 +232,8 @@ def test_a_factory_that_cannot_build_is_one_line_and_writes_nothing(user_dir, fa
 
 @pytest.mark.parametrize("option, value, message", [
     ("--model", "{name}:exits", "model factory {name}:exits called sys.exit(0)"),
+    ("--model", "{name}:exits_in_forward",
+     "model {name}:exits_in_forward's forward called sys.exit(3)"),
     ("--model", "exiting_mod:build", "importing module exiting_mod (the model factory "
                                      "exiting_mod:build) called sys.exit(0)"),
     ("--dataset", "torch:{name}:exiting_dataset",
