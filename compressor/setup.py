@@ -94,6 +94,21 @@ def check_out(run: RunDir, resume: bool, overwrite: bool) -> None:
                           "files, so move them or choose another --out")
 
 
+def _check_init_weights(path: Path, model_name: str, model_kwargs: dict) -> None:
+    """``--init-weights`` must fit the model and hold usable values: finite, and no negative
+    BatchNorm running variance (its square root is NaN, so every prediction would be NaN)."""
+    check_fits(path, {"name": model_name, "kwargs": model_kwargs}, f"--model {model_name}")
+    tensors = load_tensors(path)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"--init-weights {path}: non-finite values in {', '.join(bad[:3])}")
+    bad = [k for k, v in tensors.items() if k.endswith("running_var") and (v < 0).any()]
+    if bad:
+        raise ConfigError(f"--init-weights {path}: negative BatchNorm running variance in "
+                          f"{', '.join(bad[:3])}; a variance is at least 0, so the file is "
+                          "damaged or not a trained model's state_dict")
+
+
 def _check_budget(cfg: CompressConfig, model_name: str, model_kwargs: dict,
                   ds: ArrayDataset) -> None:
     """Refuse, before anything is written, a model that cannot take the data's images or
@@ -123,8 +138,7 @@ def _check_budget(cfg: CompressConfig, model_name: str, model_kwargs: dict,
         raise ConfigError(f"model {model_name} has no Conv or Linear layer: there are no "
                           "weights to prune")
     if cfg.init_weights:
-        check_fits(Path(cfg.init_weights), {"name": model_name, "kwargs": model_kwargs},
-                   f"--model {model_name}")
+        _check_init_weights(Path(cfg.init_weights), model_name, model_kwargs)
     if cfg.method == "dense" or cfg.sparsity >= 1:
         return
     total = sum(math.prod(s) for s in shapes)
@@ -199,13 +213,7 @@ class Setup:
         if self.cfg.pretrained:
             model.load_pretrained(self.cfg.pretrained)
         if self.cfg.init_weights and kwargs is None:
-            tensors = load_tensors(Path(self.cfg.init_weights))
-            bad = [k for k, v in tensors.items() if v.is_floating_point() and
-                   not torch.isfinite(v).all()]
-            if bad:
-                raise ConfigError(f"--init-weights {self.cfg.init_weights}: non-finite values "
-                                  f"in {', '.join(bad[:3])}")
-            model.load_state_dict(tensors)
+            model.load_state_dict(load_tensors(Path(self.cfg.init_weights)))
         return model.to(self.device)
 
     def new_state(self, model: torch.nn.Module,

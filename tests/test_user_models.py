@@ -314,3 +314,22 @@ def test_init_weights_that_do_not_fit_the_model_are_refused_before_writing(tmp_p
     torch.save({"w": torch.zeros(1)}, pickle)
     with pytest.raises(ConfigError, match="is not a .safetensors file"):
         tiny_config(init_weights=str(pickle))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda k, v: -v if k.endswith("running_var") else v,
+     "negative BatchNorm running variance in features.1.running_var"),
+    (lambda k, v: v.fill_(float("nan")) if k == "features.0.weight" else v,
+     "non-finite values in features.0.weight"),
+])
+def test_init_weights_with_unusable_values_are_refused_before_writing(run, tmp_path, change,
+                                                                      message):
+    """A negative running variance is NaN under the square root: every prediction would be
+    NaN and the first metric a ValueError."""
+    tensors = {k: change(k, v.clone()) for k, v in load_tensors(run / "model.safetensors").items()}
+    path = tmp_path / "init.safetensors"
+    save_file(tensors, str(path))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compress(tiny_config(init_weights=str(path)), out, progress=False)
+    assert not out.exists()
