@@ -55,6 +55,24 @@ USER_MODULE = textwrap.dedent("""
     def ragged():
         return [(torch.zeros(3 + i % 2), 0) for i in range(10)]
 
+    def ragged_inner():
+        return [([[0.0, 1.0], [2.0]], 0)] * 10
+
+    def requires_grad():
+        return [(torch.full((3,), 0.5, requires_grad=True), i % 2) for i in range(10)]
+
+    def bfloat16():
+        return [(torch.full((3,), 0.5, dtype=torch.bfloat16), i % 2) for i in range(10)]
+
+    def string_labels():
+        return [(torch.zeros(3), "cat")] * 10
+
+    def none_labels():
+        return [(torch.zeros(3), None)] * 10
+
+    def dict_inputs():
+        return [({"pixels": torch.zeros(3)}, 0)] * 10
+
     def unreachable():
         raise OSError("no such bucket")
 
@@ -196,10 +214,24 @@ def test_a_torch_dataset_is_read_as_its_arrays_would_be(user_dir):
     assert ds.fingerprint() == load_dataset(f"npz:{folder}/same.npz").fingerprint()
 
 
+@pytest.mark.parametrize("factory", ["requires_grad", "bfloat16"])
+def test_dataset_tensors_that_numpy_cannot_take_directly_are_read(user_dir, factory):
+    """A tensor that requires grad is detached, and bfloat16 (no numpy type) widened."""
+    _, name = user_dir
+    trust(f"{name}:{factory}")
+    ds = load_dataset(f"torch:{name}:{factory}")
+    assert ds.x.dtype == np.float32 and ds.x.shape == (10, 3)
+    assert np.all(ds.x == 0.5) and ds.y.tolist() == [0, 1] * 5
+
+
 @pytest.mark.parametrize("factory, message", [
     ("fractional", "labels"),
     ("ragged", "item 1 has shape (4,), item 0 (3,); every input must have the same shape"),
     ("unreachable", "did not give a map-style Dataset with a length (OSError: no such bucket)"),
+    ("ragged_inner", "item 0's input is not a rectangular array (setting an array element"),
+    ("string_labels", "labels must be a non-empty 1-D integer array, got <U3"),
+    ("none_labels", "labels must be a non-empty 1-D integer array, got object"),
+    ("dict_inputs", "x holds object values"),
     ("missing", "has no callable 'missing'"),
 ])
 def test_a_dataset_factory_that_fails_is_one_data_error(user_dir, factory, message):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from safeexport.data.base import ArrayDataset, stratified_sample, to_tensor
 from safeexport.data.download import Resource, fetch
@@ -150,20 +151,35 @@ def load_torch_dataset(ref: str) -> ArrayDataset:
         except Exception as e:  # noqa: BLE001 - the user's code; its error is the message
             raise DataError(f"{where}: item {i} is not an (x, y) pair "
                             f"({type(e).__name__}: {e})") from e
-        x = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+        x = _item_array(x, f"{where}: item {i}'s input")
         if i == 0 and x.nbytes * n > memory_bytes() // 2:
             raise DataError(f"{where}: {n:,} items of {x.nbytes:,} bytes do not fit in "
                             "half of this machine's memory")
         if xs and x.shape != xs[0].shape:
             raise DataError(f"{where}: item {i} has shape {x.shape}, item 0 {xs[0].shape}; "
                             "every input must have the same shape")
-        y = np.asarray(y.numpy() if hasattr(y, "numpy") else y)
+        y = _item_array(y, f"{where}: item {i}'s label")
         if y.ndim != 0:
             raise DataError(f"{where}: item {i}'s label has shape {y.shape}; a label is one "
                             "class index")
         xs.append(x)
         ys.append(y)
     return arrays_dataset(where, np.stack(xs), np.stack(ys), where)
+
+
+def _item_array(value, what: str) -> np.ndarray:
+    """A Dataset item's input or label as a numpy array. A tensor is detached (a Dataset may
+    hand out tensors that require grad) and bfloat16 widened to float32 (numpy has no
+    bfloat16); anything that is not a rectangular array (ragged lists, a sparse tensor)
+    raises DataError naming ``what``. Its values are checked with the whole array's (``arrays_dataset``)."""
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        return np.asarray(value)
+    except (ValueError, TypeError, RuntimeError) as e:  # ragged lists, sparse tensors
+        raise DataError(f"{what} is not a rectangular array "
+                        f"({str(e).splitlines()[0]})") from e
 
 
 def dataset_kind(name: str) -> str | None:
