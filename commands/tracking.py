@@ -30,9 +30,21 @@ def _mlflow():
 def check(uri: str) -> None:
     """Refuse a tracking URI MLflow cannot use BEFORE the command does its work (a failure
     found only when logging would leave the work done and the command failed)."""
+    from urllib.parse import urlsplit
+
+    from safeexport.network import check_reachable
+
     mlflow = _mlflow()
     from mlflow.exceptions import MlflowException
 
+    url = urlsplit(uri)
+    if url.scheme in ("http", "https"):  # MLflow's client retries a dead server for minutes
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError as e:
+            raise ConfigError(f"--mlflow {uri}: {e}") from e
+        check_reachable(url.hostname or "", port, f"--mlflow {uri}",
+                        "start the tracking server or fix the URI")
     try:
         mlflow.tracking.MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as e:

@@ -156,6 +156,14 @@ class CompressConfig(StageConfig):
             d = {**d, "score": d.get("attack", "nasr")}
         return super().from_recorded(d)
 
+    def check_executor(self) -> None:
+        """The Ray cluster this config names answers (checked before any training, by every
+        command that will use the executor)."""
+        if self.executor == "ray":
+            from safeexport.executors import check_ray_cluster
+
+            check_ray_cluster(self.ray_address)
+
     def executor_options(self) -> dict:
         """``run_tasks``' options for this config's executor."""
         return ({"address": self.ray_address, "cpus_per_task": self.cpus_per_run,
@@ -170,6 +178,8 @@ class CompressConfig(StageConfig):
         from safeexport.attacks import ATTACKS
         from safeexport.data import DATASETS, USER_PREFIXES, dataset_names
         from safeexport.data.augment import AUGMENTS
+        from safeexport.errors import ConfigError
+        from safeexport.executors import ray_endpoint
         from safeexport.models import MODELS, known_model
 
         p = []
@@ -240,6 +250,11 @@ class CompressConfig(StageConfig):
                      f"{', '.join(REFERENCE_METHODS)}")
         if self.executor not in EXECUTOR_NAMES:
             p.append(f"unknown executor {self.executor!r}; known: {', '.join(EXECUTOR_NAMES)}")
+        if self.ray_address is not None:
+            try:
+                ray_endpoint(self.ray_address)
+            except ConfigError as e:
+                p.append(str(e))
         if not self.cpus_per_run > 0 or self.gpus_per_run < 0:
             p.append("cpus_per_run must be > 0 and gpus_per_run >= 0")
         if self.data_seed is not None and (not isinstance(self.data_seed, int)

@@ -164,6 +164,7 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
                                progress))))
     failed = {}
     if tasks:
+        cfg.check_executor()
         outcomes = run_tasks([t for _, t in tasks], cfg.executor, progress,
                              **cfg.executor_options())
         for (i, _), o in zip(tasks, outcomes, strict=True):

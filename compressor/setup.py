@@ -294,6 +294,8 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
             run.read_history()
             tqdm.write(f"{run.path} is already complete; nothing to resume")
             return cfg, None
+    if cfg.references:
+        cfg.check_executor()  # the references run on it, after the training below
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download,
                       cfg.max_samples, cfg.seed if cfg.data_seed is None else cfg.data_seed)

@@ -5,6 +5,7 @@ per task, in order. A task that raises is reported with its error and the others
 nothing else in the code knows how tasks run."""
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,32 @@ def _call_with_threads(fn: Callable[..., Any], args: tuple, kwargs: dict, thread
         return fn(*args, **kwargs)
 
 
+RAY_ADDRESS = re.compile(r"(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})")
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """The host and port a Ray address names (``HOST:PORT`` or ``ray://HOST:PORT``), None for
+    ``auto`` and ``local`` (Ray finds those itself); anything else raises ConfigError."""
+    if address in ("auto", "local"):
+        return None
+    m = RAY_ADDRESS.fullmatch(address)
+    if m is None or not 0 < int(m["port"]) < 65536:
+        raise ConfigError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT, auto "
+                          "or local")
+    return m["host"].strip("[]"), int(m["port"])
+
+
+def check_ray_cluster(address: str | None) -> None:
+    """Refuse, in seconds and before any work, a Ray cluster address where nothing answers:
+    ``ray.init`` would retry it for as long as it was left running."""
+    from safeexport.network import check_reachable
+
+    endpoint = ray_endpoint(address) if address is not None else None
+    if endpoint is not None:
+        check_reachable(*endpoint, f"--ray-address {address}",
+                        "start the cluster there (`ray start --head`) or fix the address")
+
+
 def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | None = None,
             cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> list[Outcome]:
     """Every task as a Ray task (``ray.remote`` with ``cpus_per_task``/``gpus_per_task``:
@@ -95,7 +122,10 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:  # "auto" with no cluster on this node
+            raise ConfigError(f"--ray-address {address}: {str(e).splitlines()[0]}") from e
     try:
         # A worker starts with this process's OpenMP wait policy: it must be in the worker's
         # environment before the task imports torch (safeexport/openmp.py).

@@ -274,6 +274,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     (``parse_variant``: ``safecompress/select=random``), so ablations share the table."""
     out = Path(out)
     _check_out(out)
+    cfg.check_executor()
     if not methods:
         raise ConfigError(f"--compare: no method given; known: {', '.join(METHOD_NAMES)}")
     variants = {v.spec: v for v in (parse_variant(m, cfg) for m in methods)}

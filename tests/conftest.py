@@ -65,6 +65,15 @@ def cli_process(*args, cwd: Path | None = None, env: dict | None = None,
                           env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound by the OS, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def one_error_line(r, pattern: str) -> str:
     """Assert ``r`` (a ``cli`` or ``cli_process`` result) is a refusal: exit status 2 and
     exactly one "error: " line on stderr, matching ``pattern``, and no traceback."""

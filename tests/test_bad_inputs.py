@@ -21,7 +21,7 @@ import pytest
 from compressor import compress
 from safeexport.errors import ConfigError, TrainingError
 from safeexport.rundir import RunDir, sha256_file, write_json
-from tests.conftest import cli, one_error_line, tiny_config
+from tests.conftest import cli, closed_port, one_error_line, tiny_config
 
 TINY = ["--dataset", "synthetic", "--max-samples", "400", "--sparsity", "0.2", "--epochs", "1",
         "--update-frequency", "3", "--batch-size", "32", "--finetune-iters", "1",
@@ -913,3 +913,28 @@ def test_settings_on_a_command_line_are_bounded_like_config_files(tmp_path):
     refused("nested deeper", "study", "--compare", "prune/select=" + "[" * 20000 + "]" * 20000,
             "--out", tmp_path / "study")
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("address", ["not a host:xx", "127.0.0.1:99999", "http://h:1"])
+def test_a_ray_address_that_is_not_one_is_refused(tmp_path, address):
+    refused(r"--ray-address .* is not HOST:PORT, ray://HOST:PORT, auto or local", "compress",
+            *TINY, "--executor", "ray", "--ray-address", address, "--out", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ray_cluster_that_does_not_answer_is_refused_before_any_training(copy, tmp_path):
+    """ray.init retries an address where nothing listens for as long as it is left running:
+    compress (whose references would run after the model trained), study and evaluate
+    building references each probe it first."""
+    port = closed_port()
+    dead = ["--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]
+    pattern = rf"--ray-address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"
+    refused(pattern, "compress", *TINY, *dead, "--references", "2", "--out", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    refused(pattern, "study", *TINY, *dead, "--compare", "prune", "--out", tmp_path / "study")
+    assert not any((tmp_path / "study").glob("seed-*"))
+    edit_json(copy, "config.json", lambda o: {**o, "config": {
+        **o["config"], "executor": "ray", "ray_address": f"127.0.0.1:{port}"}})
+    refused(pattern, "evaluate", copy / "exports" / "model-onnx-w32-weight-only.onnx",
+            "--references", "2", "--json", tmp_path / "e.json")
+    assert not (copy / "references" / "ref-0" / "report.json").exists()

@@ -40,6 +40,17 @@ def ray_instance():
     assert not ray.is_initialized()
 
 
+def test_ray_auto_without_a_cluster_is_one_error(tmp_path, monkeypatch):
+    """First in the file: the module's Ray instance must not be running yet."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance of this process would be joined")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster file of another test run
+    with pytest.raises(ConfigError, match="--ray-address auto: Could not find any running Ray"):
+        run_tasks([Task("t0", _square, (0,))], "ray", False, address="auto")
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_outcomes_in_order_and_a_failure_does_not_stop_the_others(executor, request):
     if executor == "ray":

@@ -8,7 +8,7 @@ import pytest
 from commands.api import _log_compress
 from safeexport import evaluate, export
 from safeexport.rundir import RunDir
-from tests.conftest import FAST_EXPORT, cli, one_error_line
+from tests.conftest import FAST_EXPORT, cli, closed_port, one_error_line
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -53,3 +53,13 @@ def test_an_unusable_tracking_uri_is_one_line(run, tmp_path, monkeypatch):
     one_error_line(cli("export", "--run", run, "--out", tmp_path / "m.onnx", "--mlflow",
                        (tmp_path / "mlruns").as_uri()), "^error: --mlflow file://")
     assert not (tmp_path / "m.onnx").exists()  # refused before the work, not after it
+
+
+def test_a_tracking_server_that_does_not_answer_is_refused_before_the_work(run, tmp_path):
+    """MLflow's client retries a dead server for about four minutes: one TCP probe first."""
+    port = closed_port()
+    one_error_line(cli("export", "--run", run, "--out", tmp_path / "m.onnx", "--mlflow",
+                       f"http://127.0.0.1:{port}"),
+                   rf"^error: --mlflow http://127.0.0.1:{port}: nothing answers at "
+                   rf"127.0.0.1:{port} \(Connection refused\); start the tracking server")
+    assert not (tmp_path / "m.onnx").exists()
