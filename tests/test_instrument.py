@@ -58,7 +58,11 @@ def test_nasr_learns_as_well_as_the_best_threshold_attack_and_is_never_constant(
                             torch.Generator().manual_seed(seed), resamples=0)
         member = res.scores > 0.5
         assert res.scores.std() > 0.05 and 0.1 < member.mean() < 0.9, "constant attacker"
-        assert res.metrics["mia_acc"] >= best - 0.01, (res.metrics, best)
+        # within sampling noise of the best threshold: a learned rule on 3,000 known samples
+        # reads 0.008 below to 0.002 above it here (data seeds 3-5, 1 or 2 threads), one run
+        # elsewhere 0.010 below, so a 0.01 bound was a coin toss; 0.025 is about 3 paired
+        # standard errors on 3,000 evaluated samples, and a broken attacker reads near 0.5
+        assert res.metrics["mia_acc"] >= best - 0.025, (res.metrics, best)
         assert attacker.last_fit["best_epoch"] >= 1
 
 
