@@ -40,6 +40,7 @@ from safeexport.models import (
     image_kwargs,
     weight_shapes,
 )
+from safeexport.plugins import user_code
 from safeexport.rundir import (
     LOCK,
     RunDir,
@@ -49,7 +50,6 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
-from safeexport.plugins import user_code
 from safeexport.runio import check_fits, open_run
 from safeexport.seeding import derive_seed, generator, seeded
 

@@ -154,8 +154,9 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
     so looking at many does not flatter the result). PASS when the upper bound of the largest
     rise is below ``max_mia_rise`` for every figure, and task accuracy fell by at most
     ``max_task_drop``; FAIL when some attack's rise is above the tolerance with a lower bound
-    above zero, or accuracy fell by more; otherwise INCONCLUSIVE, with an estimate of the
-    evaluated samples that would decide it. MIA accuracy is read at the PyTorch model's
+    above zero that holds for all the attacks' figures at once (max-t, so 45 looks do not
+    FAIL a file on chance), or accuracy fell by more; otherwise INCONCLUSIVE, with an
+    estimate of the evaluated samples that would decide it. MIA accuracy is read at the PyTorch model's
     thresholds on both models; AUC and TPR need none."""
     names = [k for k in bres.results if k in ares.results]
     # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
@@ -168,13 +169,15 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
     n_m, n_n = int(bres.is_member.sum()), int((~bres.is_member).sum())
     task_drop = before["task_acc"] - after["task_acc"]
     reasons, open_ = [], []
+    looks = sum(d["delta"] is not None for a in rises["attacks"].values() for d in a.values())
     for name in names:
         for fig, d in rises["attacks"][name].items():
-            if d["ci"] and d["delta"] > tol and d["ci"][0] > 0:
+            if d["ci"] and d["delta"] > tol and d["lower_all"] > 0:
                 reasons.append(f"{_FIGURE_NAMES[fig]} of the {name} attack rose by "
-                               f"{100 * d['delta']:.2f} points (95% interval "
-                               f"{100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}; allowed "
-                               f"{100 * tol:g})")
+                               f"{100 * d['delta']:.2f} points (lower bound over all {looks} "
+                               f"attack figures at once {100 * d['lower_all']:+.2f}; its own "
+                               f"95% interval {100 * d['ci'][0]:+.2f} to "
+                               f"{100 * d['ci'][1]:+.2f}; allowed {100 * tol:g})")
     if task_drop > cfg.max_task_drop:
         reasons.append(f"task accuracy fell by {100 * task_drop:.2f} points (allowed "
                        f"{100 * cfg.max_task_drop:g})")

@@ -203,6 +203,56 @@ def test_the_verdict_passes_only_what_it_proves_and_says_how_many_samples_would_
     assert v["outcome"] == "INCONCLUSIVE" and v["samples_needed"] is None
 
 
+def _noisy_copies(k: int, n: int, seed: int) -> tuple[dict, dict]:
+    """k attacks that read a real gap on n members and n non-members, and the same scores
+    with independent noise added: a file no leakier in expectation, looked at 3k ways."""
+    rng = np.random.default_rng(seed)
+    member = np.r_[np.ones(n), np.zeros(n)]
+    before = {f"a{i}": rng.normal(0, 1, 2 * n) + 0.5 * member for i in range(k)}
+    return before, {a: v + rng.normal(0, 0.3, 2 * n) for a, v in before.items()}
+
+
+def test_a_rise_seen_by_one_of_many_looks_is_not_proven():
+    """Seed 8: one attack's own 95% interval of its rise excludes zero (the rule before read
+    that as proof and FAILED the file), but no rise clears the lower bound that holds for all
+    24 attack figures at once."""
+    before, after = _noisy_copies(8, 100, seed=8)
+    v = _verdict({"task_acc": 0.9}, {"task_acc": 0.9}, _membership(before, 100),
+                 _membership(after, 100), EvalConfig(max_mia_rise=0.0))
+    entries = [d for a in v["rises"]["attacks"].values() for d in a.values() if d["ci"]]
+    assert any(d["ci"][0] > 0 for d in entries)
+    assert all(d["lower_all"] <= 0 < d["ci"][0] for d in entries if d["ci"][0] > 0)
+    assert v["outcome"] == "INCONCLUSIVE" and not v["reasons"]
+
+
+@pytest.mark.slow
+def test_many_looks_at_a_file_no_leakier_fail_it_at_most_at_the_nominal_rate():
+    """40 seeds of 8 attacks × 3 figures, every rise noise: the simultaneous bound proves a
+    rise in about 5% of them (here 0 of 40); one-at-a-time intervals did in 11 of 40."""
+    proven = looked = 0
+    member = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    for seed in range(40):
+        before, after = _noisy_copies(8, 100, seed)
+        r = paired_rises({k: (v, 0.25) for k, v in before.items()},
+                         {k: (v, 0.25) for k, v in after.items()}, member, resamples=200,
+                         seed=seed)
+        entries = [d for a in r["attacks"].values() for d in a.values() if d["ci"]]
+        proven += any(d["lower_all"] > 0 for d in entries)
+        looked += any(d["ci"][0] > 0 for d in entries)
+    assert proven <= 4  # 10%: P(more | a true 5% rate) < 0.05
+    assert looked >= 6  # the family is one where looking one at a time misleads
+
+
+def test_a_mirrored_file_rises_by_exactly_zero():
+    """Scores negated: every MIA accuracy becomes 1 − v and folds back to v, every AUC too.
+    Folding left a 1e-16 residue that the rule read as a lower bound above zero."""
+    member = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    s = np.random.default_rng(0).normal(0, 1, 200) + 0.5 * member
+    r = paired_rises({"a": (s, 0.0)}, {"a": (-s, 0.0)}, member, resamples=200)["attacks"]["a"]
+    for fig in ("mia_acc", "auc"):
+        assert r[fig]["delta"] == 0 and r[fig]["ci"] == [0, 0] and r[fig]["lower_all"] == 0
+
+
 def test_several_files_take_the_worst_verdict_and_an_audit_passes():
     def one(outcome):
         return EvalReport({"verdict": {"outcome": outcome}}, Path("r.json"), Path("r.png"))

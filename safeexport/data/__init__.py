@@ -171,7 +171,8 @@ def _item_array(value, what: str) -> np.ndarray:
     """A Dataset item's input or label as a numpy array. A tensor is detached (a Dataset may
     hand out tensors that require grad) and bfloat16 widened to float32 (numpy has no
     bfloat16); anything that is not a rectangular array (ragged lists, a sparse tensor)
-    raises DataError naming ``what``. Its values are checked with the whole array's (``arrays_dataset``)."""
+    raises DataError naming ``what``. Its values are checked with the whole array's
+    (``arrays_dataset``)."""
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
