@@ -156,8 +156,8 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
     ``max_task_drop``; FAIL when some attack's rise is above the tolerance with a lower bound
     above zero that holds for all the attacks' figures at once (max-t, so 45 looks do not
     FAIL a file on chance), or accuracy fell by more; otherwise INCONCLUSIVE, with an
-    estimate of the evaluated samples that would decide it. MIA accuracy is read at the PyTorch model's
-    thresholds on both models; AUC and TPR need none."""
+    estimate of the evaluated samples that would decide it. MIA accuracy is read at the
+    PyTorch model's thresholds on both models; AUC and TPR need none."""
     names = [k for k in bres.results if k in ares.results]
     # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
     # file whose outputs barely moved gets the same decisions (refitted on a few hundred known

@@ -882,7 +882,8 @@ def test_study_never_writes_over_a_folder_of_someone_elses_files(tmp_path):
 
 
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True))
 CONFIG_FILES = {
     "deep.yaml": ("dataset: " + "[" * 50000 + "]" * 50000, "nested deeper than 4 levels"),
     "deep-block.yaml": ("".join(" " * i + "a:\n" for i in range(400)) + " " * 400 + "1",
