@@ -27,6 +27,7 @@ from safeexport.attacks.final import final_membership, model_figures
 from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
+from safeexport.executors import torch_threads
 from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_rises
 from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import (
@@ -252,7 +253,9 @@ def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = N
     _check_json_out(json_out, overwrite)
     manifest = _manifest(model_file)
     rd = open_run(run_of(model_file, run, manifest))
-    with rd.lock(shared=True):
+    # the attackers are fitted on the thread count the run recorded: floating-point sums
+    # differ in their last digits between counts, and the figures would not reproduce
+    with rd.lock(shared=True), torch_threads(rd.read_config()["config"].get("threads")):
         return _evaluate(model_file, manifest, rd, cfg, json_out, data_dir, reference_files)
 
 

@@ -28,7 +28,7 @@ def latest_run(root: Path = RUNS_ROOT) -> RunDir:
 # What the later stages read from config.json's "config" and the types they need.
 CONFIG_KEYS = {"dataset": str, "data_dir": str | None, "max_samples": int | None, "seed": int,
                "data_seed": int | None, "attack": str, "final_attack_epochs": int,
-               "lam": float, "max_length": int}
+               "lam": float, "max_length": int, "threads": int | None}
 
 
 def _need(obj: dict, key: str, kind, where: Path) -> object:
@@ -63,6 +63,9 @@ def _check_structure(run: RunDir) -> None:
     cfg = _need(rec, "config", dict, run.config)
     for key, kind in CONFIG_KEYS.items():
         _need(cfg, key, kind, run.config)
+    if cfg.get("threads") is not None and cfg["threads"] < 1:
+        raise ConfigError(f"{run.config}: 'threads' is {cfg['threads']}, not a thread count; "
+                          "the file is damaged, re-run `safeexport compress`")
     _need(rec, "dataset_fingerprint", str, run.config)
     n = _need(rec, "num_samples", int, run.config)
     classes = _need(rec, "num_classes", int, run.config)

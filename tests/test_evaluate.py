@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from compressor import compress
 from device_eval import evaluate
@@ -27,11 +28,24 @@ def _exp(run: Path, name: str) -> Path:
 # ---------------------------------------------------------------- shared path and runtimes
 
 
-def test_torch_runtime_reproduces_the_compressors_figures(run, tmp_path):
+def test_torch_runtime_reproduces_the_compressors_figures(run, tmp_path, monkeypatch):
     """Same outputs → same figures: the compressor's final evaluation and device_eval share the
-    membership code path (attacker seed, batches, threshold attacks)."""
-    res = evaluate(run / "model.safetensors", EvalConfig(runtime="torch"), run,
-                   json_out=tmp_path / "e.json")
+    membership code path (attacker seed, batches, threshold attacks) and, whatever this
+    process's thread count, the run's recorded one (sums differ in the last digits between
+    counts: on digits the attacker read 0.5022 against the report's 0.5089)."""
+    import device_eval.run
+    from safeexport.executors import torch_threads
+
+    recorded = json.loads((run / "config.json").read_text())["config"]["threads"]
+    seen, real = [], device_eval.run.measure
+    monkeypatch.setattr(device_eval.run, "measure",
+                        lambda *a, **kw: seen.append(torch.get_num_threads()) or real(*a, **kw))
+    other = 1 if recorded > 1 else 2
+    with torch_threads(other):
+        res = evaluate(run / "model.safetensors", EvalConfig(runtime="torch"), run,
+                       json_out=tmp_path / "e.json")
+        assert torch.get_num_threads() == other
+    assert seen == [recorded, recorded]
     reported = json.loads((run / "report.json").read_text())["compressed"]
     for key in ("task_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
                 "tm_score", "threshold_attacks"):
