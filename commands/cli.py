@@ -527,14 +527,18 @@ def _print_evaluation(model_file: Path, res) -> None:
                f"ROC {res.plot_path.name}")
     for w in r["warnings"]:
         click.echo(f"warning: {w}")
+    for why in v.get("not_decidable", []):  # reports from before the rule have none
+        click.echo(f"left out of the verdict: {why}")
     if v["outcome"] == "PASS":
         click.echo("PASS: no attack's rise reaches the tolerance (95% upper bounds below it), "
                    "and accuracy kept")
     elif v["outcome"] == "FAIL":
         click.echo("FAIL: " + "; ".join(v["reasons"]))
     else:
-        more = (f"about {v['samples_needed']} evaluated samples (now {v['evaluated']}) would "
-                "decide it if the rise stays where it is" if v["samples_needed"] else
+        beyond = (", more samples than the dataset has" if v.get("samples_needed_exceed_data")
+                  else "")
+        more = (f"about {v['samples_needed']} evaluated samples (now {v['evaluated']}{beyond}) "
+                "would decide it if the rise stays where it is" if v["samples_needed"] else
                 "a point rise is above the tolerance without being proven: more samples would "
                 "decide whether it is real")
         click.echo("INCONCLUSIVE: " + "; ".join(v["undecided"]) + f"; {more}")

@@ -28,7 +28,14 @@ from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
 from safeexport.executors import torch_threads
-from safeexport.metrics import accuracy, detectable_rise, logit_parity, paired_rises
+from safeexport.metrics import (
+    VERDICT_FIGURES,
+    accuracy,
+    detectable_rise,
+    logit_parity,
+    not_decidable,
+    paired_rises,
+)
 from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import (
     MANIFEST_FIELDS,
@@ -145,7 +152,8 @@ def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: i
     return figures, res
 
 
-def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
+def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
+             dataset_size: int | None = None) -> dict:
     """PASS, FAIL or INCONCLUSIVE (SPEC §9), from the SAME samples scored by every attack on
     both models (the trained attacker fitted once, on the PyTorch model's known outputs).
 
@@ -157,17 +165,22 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
     ``max_task_drop``; FAIL when some attack's rise is above the tolerance with a lower bound
     above zero that holds for all the attacks' figures at once (max-t, so 45 looks do not
     FAIL a file on chance), or accuracy fell by more; otherwise INCONCLUSIVE, with an
-    estimate of the evaluated samples that would decide it. MIA accuracy is read at the
-    PyTorch model's thresholds on both models; AUC and TPR need none."""
+    estimate of the evaluated samples that would decide it (flagged when it is more than
+    ``dataset_size``, the samples the dataset has). A figure the sample size cannot resolve
+    (``not_decidable``: TPR at 1% FPR on fewer than 1,000 non-members) is left out and said
+    so. MIA accuracy is read at the PyTorch model's thresholds on both models; AUC and TPR
+    need none."""
     names = [k for k in bres.results if k in ares.results]
+    n_m, n_n = int(bres.is_member.sum()), int((~bres.is_member).sum())
+    undecidable = [why for f in VERDICT_FIGURES if (why := not_decidable(f, n_n))]
+    figures = tuple(f for f in VERDICT_FIGURES if not not_decidable(f, n_n))
     # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
     # file whose outputs barely moved gets the same decisions (refitted on a few hundred known
     # samples, a threshold jumps, and a float16 file read +3 points on 50 + 50 samples)
     rises = paired_rises({k: (bres.results[k].scores, bres.results[k].threshold) for k in names},
                          {k: (ares.results[k].scores, bres.results[k].threshold) for k in names},
-                         bres.is_member)
+                         bres.is_member, figures=figures)
     tol = cfg.max_mia_rise
-    n_m, n_n = int(bres.is_member.sum()), int((~bres.is_member).sum())
     task_drop = before["task_acc"] - after["task_acc"]
     reasons, open_ = [], []
     looks = sum(d["delta"] is not None for a in rises["attacks"].values() for d in a.values())
@@ -198,9 +211,12 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig) -> dict:
                   max(needed, int(np.ceil((n_m + n_n) * ((upper - d["delta"])
                                                          / (tol - d["delta"])) ** 2))))
     outcome = FAIL if reasons else INCONCLUSIVE if open_ else PASS
+    needed = needed if outcome == INCONCLUSIVE else None
     return {"outcome": outcome, "passed": outcome == PASS, "reasons": reasons,
             "undecided": open_ if outcome == INCONCLUSIVE else [],
-            "samples_needed": needed if outcome == INCONCLUSIVE else None,
+            "not_decidable": undecidable, "samples_needed": needed,
+            "samples_needed_exceed_data": bool(needed and dataset_size
+                                               and needed > dataset_size),
             "rises": rises, "attacks": names, "task_drop": task_drop, "max_mia_rise": tol,
             "max_task_drop": cfg.max_task_drop, "evaluated": n_m + n_n,
             "detectable_rise": detectable_rise(n_m, n_n)}
@@ -316,7 +332,7 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     after, ares = measure(after_logits, *args, refs, bres.attackers)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
-    verdict = _verdict(before, after, bres, ares, cfg)
+    verdict = _verdict(before, after, bres, ares, cfg, len(ds))
     keys = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
             "tm_score")
 

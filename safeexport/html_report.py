@@ -136,7 +136,8 @@ def _verdicts_section(run: RunDir) -> str:
                 if d["delta"] is not None:
                     largest.append(f"{fig} {100 * d['delta']:+.2f} [{_interval(d['ci'])}] "
                                    f"({d['attack']})")
-            why = v["reasons"] or v["undecided"] or ["every upper bound below the tolerance"]
+            why = (v["reasons"] or v["undecided"] or ["every upper bound below the tolerance"]
+                   ) + v.get("not_decidable", [])  # reports from before the rule have none
             rows.append([_e(Path(r["model_file"]).name), _e(r["runtime"]["name"]), badge,
                          _e("; ".join(largest)), f"{100 * v['task_drop']:+.2f}",
                          _e("; ".join(why))])

@@ -225,13 +225,31 @@ def paired_difference(before: np.ndarray, after: np.ndarray, is_member: np.ndarr
 
 
 VERDICT_FIGURES = ("mia_acc", "auc", "tpr_at_1pct_fpr")  # what a release verdict compares
+MIN_FPR_COUNT = 10  # non-members above a low-FPR threshold for the TPR there to decide anything
+
+
+def not_decidable(figure: str, n_nonmembers: int) -> str | None:
+    """Why ``figure`` cannot decide a verdict on this many evaluated non-members, or None.
+    TPR at 1% FPR is read at the threshold the top 1% of non-members set: with fewer than
+    MIN_FPR_COUNT of them it is one of a handful of samples, and the figure a draw (on digits
+    the third-highest of 224 non-members sets it, and one member is 0.45 points of TPR)."""
+    if figure != "tpr_at_1pct_fpr":
+        return None
+    above = int(n_nonmembers * FPR_TARGETS["1pct"])
+    if above >= MIN_FPR_COUNT:
+        return None
+    return (f"TPR at 1% FPR is not decidable at this sample size: {n_nonmembers} evaluated "
+            f"non-members put {above} above its threshold, it needs {MIN_FPR_COUNT} "
+            f"({int(MIN_FPR_COUNT / FPR_TARGETS['1pct'])} non-members)")
 
 
 def paired_rises(before: dict[str, tuple[np.ndarray, float]],
                  after: dict[str, tuple[np.ndarray, float]], is_member: np.ndarray,
-                 resamples: int = RESAMPLES, seed: int = 0) -> dict:
+                 resamples: int = RESAMPLES, seed: int = 0,
+                 figures: tuple[str, ...] = VERDICT_FIGURES) -> dict:
     """after − before of every attack's folded MIA accuracy, folded AUC and TPR at 1% FPR
-    (``VERDICT_FIGURES``), two models scored on the SAME samples (``before`` and ``after`` map
+    (``figures``, some of ``VERDICT_FIGURES``), two models scored on the SAME samples
+    (``before`` and ``after`` map
     an attack's name to its scores and threshold), and of the largest rise over the attacks,
     each with a paired bootstrap interval. One resample draws the same members and
     non-members for every attack and both models, so the interval of the maximum accounts for
@@ -246,11 +264,12 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
              for k in names}
     y = _labels(int(is_member.sum()), int((~is_member).sum()))
     n_n = int((~is_member).sum())
-    keep = [FIGURES.index(f) for f in VERDICT_FIGURES]
+    keep = [FIGURES.index(f) for f in figures]
+    fold_at = [k for k, f in enumerate(figures) if f in ("mia_acc", "auc")]
 
     def folded(f: np.ndarray) -> np.ndarray:
         f = f[keep]
-        f[:2] = np.maximum(f[:2], 1 - f[:2])  # accuracy and AUC below chance are folded
+        f[fold_at] = np.maximum(f[fold_at], 1 - f[fold_at])  # below chance: folded
         return f
 
     def rises(i, j):
@@ -265,7 +284,7 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
 
     point = rises(np.arange(len(y) - n_n), np.arange(n_n))
     lo, hi, replicates = _bootstrap(rises, len(y) - n_n, n_n, resamples, seed)
-    width = len(VERDICT_FIGURES)
+    width = len(figures)
     each = len(names) * width  # the per-attack entries; the maxima over attacks follow
     lower = simultaneous_lower(point[:each], replicates[:each])
 
@@ -275,9 +294,9 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
 
     per = {k: {f: {**entry(a * width + b), "lower_all": None if np.isnan(
         lower[a * width + b]) else float(lower[a * width + b])}
-        for b, f in enumerate(VERDICT_FIGURES)} for a, k in enumerate(names)}
+        for b, f in enumerate(figures)} for a, k in enumerate(names)}
     worst = {}
-    for b, f in enumerate(VERDICT_FIGURES):
+    for b, f in enumerate(figures):
         values = {k: per[k][f]["delta"] for k in names if per[k][f]["delta"] is not None}
         worst[f] = {**entry(len(names) * width + b),
                     "attack": max(values, key=values.get) if values else None}

@@ -197,10 +197,32 @@ def test_the_verdict_passes_only_what_it_proves_and_says_how_many_samples_would_
     assert open_ and v["samples_needed"] == max(
         int(np.ceil(100 * ((d["ci"][1] - d["delta"]) / (0.05 - d["delta"])) ** 2))
         for d in open_) > 100
+    assert not v["samples_needed_exceed_data"]  # no dataset size given
+    for size, beyond in ((v["samples_needed"] - 1, True), (v["samples_needed"], False)):
+        assert _verdict(kept, kept, _membership(small, 50), _membership(moved, 50), loose,
+                        dataset_size=size)["samples_needed_exceed_data"] is beyond
     # a point rise at or above the tolerance: no sample count is promised
     v = _verdict(kept, kept, _membership(small, 50), _membership(moved, 50),
                  EvalConfig(max_mia_rise=0.0))
     assert v["outcome"] == "INCONCLUSIVE" and v["samples_needed"] is None
+
+
+def test_tpr_at_1pct_fpr_decides_only_on_enough_non_members():
+    """On 300 non-members three set the 1% FPR threshold: the figure is left out of the
+    verdict (and of its bounds) and said to be undecidable; on 1,000 it decides."""
+    rng = np.random.default_rng(1)
+    kept = {"task_acc": 0.9}
+    for n, decidable in ((300, False), (1000, True)):
+        before = _two_attacks(n, rng)
+        moved = {k: x + rng.normal(0, 0.01, 2 * n) for k, x in before.items()}
+        v = _verdict(kept, kept, _membership(before, n), _membership(moved, n),
+                     EvalConfig(max_mia_rise=0.05))
+        assert ("tpr_at_1pct_fpr" in v["rises"]["max"]) is decidable
+        assert ("tpr_at_1pct_fpr" in v["rises"]["attacks"]["a"]) is decidable
+        assert bool(v["not_decidable"]) is not decidable
+    assert "300 evaluated non-members put 3 above its threshold, it needs 10" in \
+        _verdict(kept, kept, _membership(_two_attacks(300, rng), 300),
+                 _membership(_two_attacks(300, rng), 300), EvalConfig())["not_decidable"][0]
 
 
 def _noisy_copies(k: int, n: int, seed: int) -> tuple[dict, dict]:
