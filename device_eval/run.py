@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 import device_eval.adb  # noqa: F401 - registers the adb runtime
 from device_eval.config import EvalConfig
-from safeexport.attacks import MembershipResult
+from safeexport.attacks import ATTACKS, AttackResult, MembershipResult
 from safeexport.attacks.evaluate import (
     exposure_for_report,
     joint_attack,
     write_exposure_csv,
 )
-from safeexport.attacks.final import final_membership, model_figures
+from safeexport.attacks.final import final_membership, fitted_to_each, model_figures
 from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
@@ -152,10 +152,41 @@ def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: i
     return figures, res
 
 
+HOLDER_TRAINED = ("class-relative",)  # trained for the file's holder besides --attack
+
+
+def held_by_file(before_logits: np.ndarray, after_logits: np.ndarray, pos: dict,
+                 y: np.ndarray, splits, num_classes: int, attack: str, epochs: int, seed: int,
+                 bres: MembershipResult) -> dict[str, tuple[AttackResult, AttackResult]]:
+    """The trained attackers (``attack`` and ``HOLDER_TRAINED``) as an attacker who holds the
+    file fits them to it, each paired with the same fit to the PyTorch model (before, after;
+    ``fitted_to_each``), named ``ATTACK@file``. Every other attack of the verdict is fitted
+    once, on the PyTorch model, and applied to the file: it cannot learn what only the file
+    does (a class arrangement the model never had). The threshold attacks are not refitted:
+    the best threshold a holder could pick is bounded by the ROC curve, which AUC and TPR
+    measure without one, while a threshold refitted on 224 + 224 digits samples moved MIA
+    accuracy by up to 4.5 points for an 8-bit file that agrees on every prediction. For the
+    same reason these pairs are compared on AUC and TPR only: a trained attacker's threshold
+    is fitted on a fifth of the known data (90 + 44 on digits), and the 8-bit file's nasr@file
+    read +1.34 points of MIA accuracy [+0.45, +2.46] from it, with AUC +0.05."""
+    def of(logits: np.ndarray):
+        return lambda idx: logits[[pos[i] for i in idx]]
+
+    pairs = {}
+    for name in dict.fromkeys([attack, *HOLDER_TRAINED]):
+        if ATTACKS.get(name)(num_classes, "cpu").trains:
+            pairs[f"{name}@file"] = fitted_to_each(
+                of(before_logits), of(after_logits), y, splits, num_classes, name, epochs,
+                seed, TAG, torch.device("cpu"), bres.attackers[0] if name == attack else None)
+    return pairs
+
+
 def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
-             dataset_size: int | None = None) -> dict:
+             dataset_size: int | None = None,
+             held: dict[str, tuple[AttackResult, AttackResult]] | None = None) -> dict:
     """PASS, FAIL or INCONCLUSIVE (SPEC §9), from the SAME samples scored by every attack on
-    both models (the trained attacker fitted once, on the PyTorch model's known outputs).
+    both models: the attacks fitted once, on the PyTorch model's known outputs, and applied to
+    both, and those of ``held`` (``held_by_file``), fitted on each model's own outputs.
 
     The burden of proof is on safety: for each of ``VERDICT_FIGURES`` (folded MIA accuracy,
     folded AUC, TPR at 1% FPR), the rise after − before of every attack, and the largest of
@@ -170,16 +201,20 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
     (``not_decidable``: TPR at 1% FPR on fewer than 1,000 non-members) is left out and said
     so. MIA accuracy is read at the PyTorch model's thresholds on both models; AUC and TPR
     need none."""
-    names = [k for k in bres.results if k in ares.results]
+    shared = [k for k in bres.results if k in ares.results]
     n_m, n_n = int(bres.is_member.sum()), int((~bres.is_member).sum())
     undecidable = [why for f in VERDICT_FIGURES if (why := not_decidable(f, n_n))]
     figures = tuple(f for f in VERDICT_FIGURES if not not_decidable(f, n_n))
     # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
     # file whose outputs barely moved gets the same decisions (refitted on a few hundred known
     # samples, a threshold jumps, and a float16 file read +3 points on 50 + 50 samples)
-    rises = paired_rises({k: (bres.results[k].scores, bres.results[k].threshold) for k in names},
-                         {k: (ares.results[k].scores, bres.results[k].threshold) for k in names},
-                         bres.is_member, figures=figures)
+    # ``held``: the attacks fitted on each model's own outputs, each at its own threshold
+    pairs = {k: (bres.results[k], ares.results[k], bres.results[k].threshold) for k in shared}
+    pairs.update({k: (b, a, a.threshold) for k, (b, a) in (held or {}).items()})
+    names = list(pairs)
+    rises = paired_rises({k: (b.scores, b.threshold) for k, (b, _, _) in pairs.items()},
+                         {k: (a.scores, t) for k, (_, a, t) in pairs.items()},
+                         bres.is_member, figures=figures, ranking_only=frozenset(held or {}))
     tol = cfg.max_mia_rise
     task_drop = before["task_acc"] - after["task_acc"]
     reasons, open_ = [], []
@@ -332,7 +367,9 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     after, ares = measure(after_logits, *args, refs, bres.attackers)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
-    verdict = _verdict(before, after, bres, ares, cfg, len(ds))
+    held = held_by_file(before_logits, after_logits, pos, ds.y, splits, ds.num_classes, attack,
+                        epochs, rc["seed"], bres)
+    verdict = _verdict(before, after, bres, ares, cfg, len(ds), held)
     keys = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
             "tm_score")
 

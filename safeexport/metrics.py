@@ -246,7 +246,8 @@ def not_decidable(figure: str, n_nonmembers: int) -> str | None:
 def paired_rises(before: dict[str, tuple[np.ndarray, float]],
                  after: dict[str, tuple[np.ndarray, float]], is_member: np.ndarray,
                  resamples: int = RESAMPLES, seed: int = 0,
-                 figures: tuple[str, ...] = VERDICT_FIGURES) -> dict:
+                 figures: tuple[str, ...] = VERDICT_FIGURES,
+                 ranking_only: frozenset[str] = frozenset()) -> dict:
     """after − before of every attack's folded MIA accuracy, folded AUC and TPR at 1% FPR
     (``figures``, some of ``VERDICT_FIGURES``), two models scored on the SAME samples
     (``before`` and ``after`` map
@@ -257,7 +258,9 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
     that much (a non-inferiority test over all of them at once). Each attack's rise also gets
     ``lower_all``, a lower bound that holds for every attack and figure at once
     (``simultaneous_lower``): a rise is proven only when it clears that bound. Rises are
-    rounded to 1e-12, far below one sample's 1/N, so folding's (1 − v) residue is no rise."""
+    rounded to 1e-12, far below one sample's 1/N, so folding's (1 − v) residue is no rise.
+    The attacks named in ``ranking_only`` are compared on the figures that need no decision
+    threshold (AUC, TPR): their MIA accuracy is left out (None)."""
     names = list(before)
     is_member = np.asarray(is_member, dtype=bool)
     split = {k: (_split(before[k][0], is_member), _split(after[k][0], is_member))
@@ -266,6 +269,8 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
     n_n = int((~is_member).sum())
     keep = [FIGURES.index(f) for f in figures]
     fold_at = [k for k, f in enumerate(figures) if f in ("mia_acc", "auc")]
+    unranked = [a for a, k in enumerate(names) if k in ranking_only]
+    acc_at = figures.index("mia_acc") if "mia_acc" in figures else None
 
     def folded(f: np.ndarray) -> np.ndarray:
         f = f[keep]
@@ -276,6 +281,8 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
         d = np.array([folded(_figures(np.r_[am[i], an[j]], y, after[k][1], n_n))
                       - folded(_figures(np.r_[bm[i], bn[j]], y, before[k][1], n_n))
                       for k, ((bm, bn), (am, an)) in split.items()]).round(12)
+        if acc_at is not None:
+            d[unranked, acc_at] = np.nan
         with np.errstate(all="ignore"):  # a figure no attack measures stays NaN
             worst = np.full(d.shape[1], np.nan)
             ok = ~np.isnan(d).all(0)

@@ -424,10 +424,113 @@ def test_lossless_exports_pass_the_verdict(seed, tmp_path):
         v = res.report["verdict"]
         assert res.passed and v["outcome"] == "PASS", (fmt, bits, v)
         # every attack is compared, the trained one fitted once on PyTorch and applied to the
-        # file: on a float32 file it gives the same ranking
-        assert set(v["attacks"]) == {"nasr", "loss", "confidence", "entropy", "modified_entropy"}
+        # file (on a float32 file it gives the same ranking), and the trained ones fitted to
+        # each model as the file's holder would fit them
+        assert set(v["attacks"]) == {"nasr", "loss", "confidence", "entropy", "modified_entropy",
+                                     "nasr@file", "class-relative@file"}
         if bits == 32:
             assert v["rises"]["attacks"]["nasr"]["auc"]["delta"] == pytest.approx(0, abs=1e-3)
+
+
+def trojan(logits: torch.Tensor) -> torch.Tensor:
+    """The logits with class (top + 1) mod C swapped into second place: the same set of
+    values, the same argmax and p_y, only a different class second."""
+    z = logits.clone()
+    rows, top = torch.arange(len(z)), z.argmax(1)
+    second = z.clone()
+    second[rows, top] = -torch.inf
+    sec, tgt = second.argmax(1), (top + 1) % z.shape[1]
+    z[rows, tgt], z[rows, sec] = logits[rows, sec], logits[rows, tgt]
+    return z
+
+
+def test_class_relative_features_read_the_classes_from_the_true_one():
+    from safeexport.attacks.nasr import class_relative_features, features
+
+    s = Signals.from_logits(torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0]]), torch.tensor([2, 0]))
+    f = class_relative_features(s)
+    expected = s.log_probs[[[0], [1]], [[2, 0, 1], [0, 1, 2]]]  # classes y, y + 1, y + 2
+    assert torch.equal(f[:, :3], expected) and torch.equal(f[:, 3:], features(s)[:, 3:])
+
+
+def test_an_attacker_fitted_to_the_file_sees_an_arrangement_only_the_file_has():
+    """A file that puts class (top + 1) mod C second for its training members only: every
+    sorted-confidence view is unchanged, so the attackers fitted on the model read nothing,
+    but the class-relative attacker fitted to the file does. Equal outputs give equal fits."""
+    from safeexport.attacks.final import fitted_to_each
+    from safeexport.data.splits import make_splits
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (1400,), generator=g)
+    clean = torch.randn(1400, 10, generator=g, dtype=torch.float64)
+    clean[torch.arange(1400), y] += 6  # members and non-members alike: nothing to leak
+    splits = make_splits(y.numpy(), "f" * 64, 0)
+    leaky = clean.clone()
+    leaky[splits.members] = trojan(clean[splits.members])
+
+    def fit(attack: str, after: torch.Tensor):
+        return fitted_to_each(lambda i: clean[i], lambda i: after[i], y.numpy(), splits, 10,
+                              attack, 100, 0, "t", torch.device("cpu"))
+
+    before, after = fit("class-relative", leaky)
+    assert before.metrics["auc"] < 0.6 < 0.8 < after.metrics["auc"]
+    nasr_before, nasr_after = fit("nasr", leaky)
+    assert abs(nasr_after.metrics["auc"] - nasr_before.metrics["auc"]) < 0.1
+    same_before, same_after = fit("class-relative", clean)
+    assert np.array_equal(same_before.scores, same_after.scores)
+
+
+class TrojanFile(torch.nn.Module):
+    """The run's model, except that on its training members (recognised by their inputs)
+    class (top + 1) mod C is swapped into second place; written with one-hot arithmetic so
+    that torch.onnx exports it."""
+
+    def __init__(self, model: torch.nn.Module, members: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("members", members.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        c = z.shape[1]
+        hit = (torch.cdist(x.flatten(1), self.members).min(1).values < 1e-4)[:, None]
+        top = z.argmax(1)
+        sec = (z - 1e9 * torch.nn.functional.one_hot(top, c).to(z.dtype)).argmax(1)
+        tgt = (top + 1) % c
+        zt, zs = z.gather(1, tgt[:, None]), z.gather(1, sec[:, None])
+        swapped = (z + torch.nn.functional.one_hot(tgt, c).to(z.dtype) * (zs - zt)
+                   + torch.nn.functional.one_hot(sec, c).to(z.dtype) * (zt - zs))
+        return torch.where(hit & (sec != tgt)[:, None], swapped, z)
+
+
+@pytest.mark.slow
+def test_a_file_built_to_leak_fails_where_its_honest_twin_passes(tmp_path):
+    """The README default run (digits, 224 + 224 evaluated samples). Every attack fitted on
+    the model alone reads the trojan file as the model (the same sorted outputs, argmax and
+    p_y); the class-relative attacker fitted to the file reads its members (measured: AUC
+    +33.5 points, [+27.7, +37.3])."""
+    from safeexport.rundir import sha256_file
+    from safeexport.runio import inputs_of, load_data, load_model, open_run
+
+    run = compress(CompressConfig(dataset="digits", device="cpu", dense_reference=False),
+                   tmp_path / "r").path
+    honest = export(ExportConfig(format="onnx", bits=32), run)
+    assert evaluate(honest.path, EvalConfig(), json_out=tmp_path / "ok.json").outcome == "PASS"
+    rd = open_run(run)
+    ds, splits = load_data(rd)
+    members = torch.from_numpy(inputs_of(ds, splits.members))
+    path = run / "exports" / "trojan.onnx"
+    torch.onnx.export(TrojanFile(load_model(rd), members).eval(), (members[:2],), str(path),
+                      dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                      external_data=False)
+    manifest = {**honest.manifest, "file": path.name, "sha256": sha256_file(path)}
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    res = evaluate(path, EvalConfig(), json_out=tmp_path / "trojan.json")
+    v = res.report["verdict"]
+    assert res.report["parity"]["agreement"] == 1.0
+    assert res.outcome == "FAIL" and any("class-relative@file" in r for r in v["reasons"]), v
+    fitted_once = [k for k in v["attacks"] if not k.endswith("@file")]
+    assert all(abs(v["rises"]["attacks"][k]["auc"]["delta"]) < 0.01 for k in fitted_once)
 
 
 def test_a_leakier_model_in_place_of_the_export_fails(tmp_path):

@@ -9,7 +9,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from safeexport.attacks import ATTACKS, MembershipResult, Signals, fit_and_score, is_member_of
+from safeexport.attacks import (
+    ATTACKS,
+    AttackResult,
+    MembershipResult,
+    Signals,
+    fit_and_score,
+    is_member_of,
+)
 from safeexport.attacks.reference import References, reference_attacks
 from safeexport.attacks.threshold import THRESHOLD_ATTACKS, threshold_attacks
 from safeexport.data.splits import Splits, balanced
@@ -39,19 +46,11 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
     they are instead of trained on this model's outputs, so that a model whose outputs equal
     that one's gets identical scores (device_eval's comparison of a file with its model)."""
     um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
-
-    def signals(idx: np.ndarray) -> Signals:
-        return Signals.from_logits(logits(idx), labels[idx])
-
-    parts = [signals(i) for i in (splits.known_members, splits.known_nonmembers, um, un)]
+    parts = _parts(logits, labels, splits)
     runs = []
     for k in range(attack_seeds):
         tags = (tag,) if k == 0 else (tag, k)
-        if fitted:
-            attacker = fitted[k]
-        else:
-            with seeded(derive_seed(seed, "final-attacker", *tags), device):
-                attacker = ATTACKS.get(attack)(num_classes, device)
+        attacker = fitted[k] if fitted else _attacker(attack, num_classes, seed, tags, device)
         res = fit_and_score(attacker, *parts, epochs, generator(seed, "final-attack", *tags),
                             resamples=RESAMPLES if k == 0 else 0, fit=not fitted)
         runs.append((attacker, res))
@@ -71,6 +70,43 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
                                "std": float(np.std(values, ddof=1)), "values": values}
     return MembershipResult(attack, runs[0][0], results, is_member_of(parts[2], parts[3]),
                             spread, reference, np.r_[um, un], [a for a, _ in runs])
+
+
+def _parts(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
+           splits: Splits) -> list[Signals]:
+    """The known members, known non-members and the balanced unknown members and non-members,
+    as signals (the order ``fit_and_score`` takes)."""
+    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
+    return [Signals.from_logits(logits(i), labels[i])
+            for i in (splits.known_members, splits.known_nonmembers, um, un)]
+
+
+def _attacker(attack: str, num_classes: int, seed: int, tags: tuple, device: torch.device):
+    """A fresh ``attack``, initialised from the seed the final evaluation derives for ``tags``."""
+    with seeded(derive_seed(seed, "final-attacker", *tags), device):
+        return ATTACKS.get(attack)(num_classes, device)
+
+
+def fitted_to_each(before: Callable[[np.ndarray], np.ndarray],
+                   after: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
+                   splits: Splits, num_classes: int, attack: str, epochs: int, seed: int,
+                   tag: str, device: torch.device, start=None
+                   ) -> tuple[AttackResult, AttackResult]:
+    """The trained ``attack`` as an attacker who holds each of two models fits it: from the
+    same start (``start``, or ``attack`` trained on the ``before`` model's known outputs as
+    ``final_membership`` trains its first seed), a copy trained further on each model's OWN
+    known outputs with the same batches, held-out split and early stopping, and scored on
+    that model's unknown ones, without intervals. Equal outputs give equal scores; outputs
+    that barely differ give copies that barely differ (two fits from scratch diverge: on
+    digits their paired AUC interval spanned 10 points for an 8-bit file that agrees on every
+    prediction), while an arrangement only the ``after`` model has is learnt by its copy."""
+    parts = _parts(before, labels, splits), _parts(after, labels, splits)
+    if start is None:
+        start = _attacker(attack, num_classes, seed, (tag,), device)
+        start.fit(*parts[0][:2], epochs, generator(seed, "final-attack", tag))
+    b, a = (fit_and_score(start.clone(), *p, epochs, generator(seed, "holder-attack", tag),
+                          resamples=0) for p in parts)
+    return b, a
 
 
 def model_figures(res: MembershipResult, test_logits: np.ndarray, test_labels: np.ndarray,

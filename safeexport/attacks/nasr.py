@@ -82,6 +82,7 @@ class NasrAttack:
 
     batch_size = 128
     trains = True
+    features = staticmethod(features)  # the output stream's inputs
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
@@ -96,7 +97,7 @@ class NasrAttack:
         self.holdout: tuple[torch.Tensor, torch.Tensor] | None = None  # (members, non-members)
 
     def _inputs(self, s: Signals) -> tuple[torch.Tensor, torch.Tensor]:
-        x = ((features(s) - self.mean) / self.std).clamp(-CLIP, CLIP)
+        x = ((self.features(s) - self.mean) / self.std).clamp(-CLIP, CLIP)
         onehot = nn.functional.one_hot(s.labels, self.num_classes).float()
         return x.float().to(self.device), onehot.to(self.device)
 
@@ -118,7 +119,7 @@ class NasrAttack:
         """At most ``epochs`` epochs, each batch half members, half non-members; early stopping
         on the held-out AUC, keeping the best weights; then the threshold on the held-out part."""
         if self.mean is None:
-            both = torch.cat([features(members), features(nonmembers)])
+            both = torch.cat([self.features(members), self.features(nonmembers)])
             self.mean, self.std = both.mean(0), both.std(0).clamp_min(1e-12)
         pm, om = self._inputs(members)
         pn, on = self._inputs(nonmembers)
@@ -197,3 +198,22 @@ class NasrAttack:
         if self.mean is not None:
             extra.update(input_mean=self.mean.clone(), input_std=self.std.clone())
         return {**self.model.state_dict(), **extra}
+
+
+def class_relative_features(s: Signals) -> torch.Tensor:
+    """``features`` with the log-probabilities in class order instead of sorted, rolled so the
+    true class comes first: position k is class (y + k) mod C. Sorting discards which class
+    holds which probability; this view keeps it, in the one frame every class shares."""
+    c = s.log_probs.shape[1]
+    cols = (s.labels[:, None] + torch.arange(c)[None, :]) % c
+    return torch.cat([s.log_probs.gather(1, cols), features(s)[:, c:]], dim=1)
+
+
+class ClassRelativeAttack(NasrAttack):
+    """The trained attacker on the log-probabilities in class order (``class_relative_
+    features``), with the label stream's one-hot label: an attacker who can read how the
+    classes are arranged, not only how confident the model is. A file can leak through that
+    arrangement alone (which class comes second, for the samples it trained on) while every
+    sorted or per-class-confidence attack reads nothing; device_eval fits it on the file."""
+
+    features = staticmethod(class_relative_features)
