@@ -71,32 +71,44 @@ def _sets(members: Path, nonmembers: Path | None):
     return mem, non, np.flatnonzero(flag)
 
 
+def _digests(ds: ArrayDataset) -> list[bytes]:
+    """The sha256 of each input's bytes: what makes two samples the same record."""
+    return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() for x in ds.x]
+
+
 def _check_disjoint(mem: ArrayDataset, non: ArrayDataset, test: ArrayDataset | None) -> None:
     """Refuse inputs that are in two of the sets (by the sha256 of their bytes): a sample is a
     member or not, and the task test must not read a member."""
-    def digests(ds: ArrayDataset) -> list[bytes]:
-        return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest() for x in ds.x]
-
-    seen = set(digests(mem))
+    seen = set(_digests(mem))
     for other, what in ((non, "non-members"), (test, "test samples")):
         if other is None:
             continue
-        both = sum(d in seen for d in digests(other))
+        both = sum(d in seen for d in _digests(other))
         if both:
             raise DataError(f"{both} of the {len(other)} {what} are also among the members "
                             "(the same input in both sets): a sample is a member or not; "
                             "remove them from one of the files")
 
 
-def _halves(y: np.ndarray, offset: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``offset + i`` cut into two class-stratified halves (the attacker trains on the
-    first and is measured on the second)."""
+def _halves(ds: ArrayDataset, offset: int, seed: int, what: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``offset + i`` cut into two class-stratified halves (the attacker and the
+    references train on the first, the second is measured). Copies of one input (the same
+    bytes) stay in one half: cut by row, a record present four times had copies on both sides,
+    so the references trained on it and LiRA ranked it as unexposed."""
+    y = ds.y
     if len(y) < 2 * MIN_HALF:
         raise DataError(f"{len(y)} {what} are too few to train an attacker on half and measure "
                         f"it on the other half; give at least {2 * MIN_HALF}")
-    order = stratified_order(y, np.random.default_rng(seed)) + offset
-    cut = len(order) // 2
-    return order[:cut], order[cut:]
+    groups: dict[bytes, list[int]] = {}
+    for i, d in enumerate(_digests(ds)):
+        groups.setdefault(d, []).append(i)
+    rows = list(groups.values())
+    first: list[int] = []
+    second: list[int] = []
+    for g in stratified_order(y[[r[0] for r in rows]], np.random.default_rng(seed)):
+        (first if len(first) < len(y) // 2 else second).extend(rows[g])
+    return np.array(first, np.int64) + offset, np.array(second, np.int64) + offset
 
 
 def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | None = None,
@@ -134,8 +146,8 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
     y = np.concatenate([d.y for d in parts])
     ds = arrays_dataset("audit", x, y, "audit data")
     n_m, n_n = len(mem), len(non)
-    km, um = _halves(mem.y, 0, seed, "members")
-    kn, un = _halves(non.y, n_m, seed + 1, "non-members")
+    km, um = _halves(mem, 0, seed, "members")
+    kn, un = _halves(non, n_m, seed + 1, "non-members")
     test_idx = np.arange(n_m + n_n, len(y)) if test is not None else un
     splits = Splits(km, um, kn, un, np.empty(0, np.int64), test_idx, ds.fingerprint())
     inputs = inputs_of(ds, np.arange(len(y)))

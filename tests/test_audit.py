@@ -172,3 +172,23 @@ def test_audit_refusals(foreign, tmp_path):
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
         evaluate(folder / "model.onnx", members=good, nonmembers=other, json_out=mine)
     assert mine.read_text() == "{}"
+
+
+def test_copies_of_a_record_stay_in_one_half():
+    """Cut by row, a record present four times had copies on both sides of the audit's
+    halves: the references trained on it and LiRA ranked it 187th of 449. Cut by content,
+    every copy lands with the others."""
+    from device_eval.audit import _halves
+    from safeexport.data.images import arrays_dataset
+
+    rng = np.random.default_rng(0)
+    unique = rng.random((80, 1, 4, 4)).astype(np.float32)
+    planted = np.repeat(rng.random((10, 1, 4, 4)).astype(np.float32), 4, axis=0)
+    x = np.concatenate([unique, planted])
+    y = np.r_[np.arange(80) % 4, np.repeat(np.arange(10) % 4, 4)]
+    first, second = _halves(arrays_dataset("t", x, y, "t"), 5, 0, "members")
+    assert sorted(np.r_[first, second] - 5) == list(range(120))
+    assert 60 <= len(first) <= 63  # whole records until half: at most 3 copies past it
+    for record in range(10):
+        rows = set(range(80 + 4 * record, 84 + 4 * record))
+        assert rows <= set(first - 5) or rows <= set(second - 5), record
