@@ -27,13 +27,33 @@ def _split_list(ctx, param, value):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _usage_error(e: click.ClickException) -> None:
+    """click's own refusals (a bad choice, a missing argument, an unknown option) as one
+    ``error:`` line like every other refusal, instead of click's three-line usage block
+    (a bare ``safeexport`` still shows the help)."""
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):
+        e.show()
+        sys.exit(e.exit_code)
+    where = f"`{e.ctx.command_path} --help`" if getattr(e, "ctx", None) else "`safeexport --help`"
+    click.echo(f"error: {e.format_message()} (see {where})", err=True)
+    sys.exit(e.exit_code)
+
+
 class Main(click.Group):
-    """Turns SafeExportError (and a file system's OSError) into one clear line and exit status
-    2 (a traceback with --debug)."""
+    """Turns SafeExportError (and a file system's OSError) and click's usage errors into one
+    clear line and exit status 2 (a traceback with --debug)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:  # the top level's own options
+            _usage_error(e)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a command's options, parsed inside this call
+            _usage_error(e)
         except (SafeExportError, OSError) as e:  # an OSError is the file system's "no"
             if ctx.meta.get("debug"):
                 traceback.print_exc()

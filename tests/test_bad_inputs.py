@@ -939,3 +939,16 @@ def test_a_ray_cluster_that_does_not_answer_is_refused_before_any_training(copy,
     refused(pattern, "evaluate", copy / "exports" / "model-onnx-w32-weight-only.onnx",
             "--references", "2", "--json", tmp_path / "e.json")
     assert not (copy / "references" / "ref-0" / "report.json").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["compress", "--bogus"], r"No such option '--bogus'.* \(see `\S+ compress --help`\)"),
+    (["export", "--format", "xx"], r"Invalid value for '--format': 'xx' is not one of"),
+    (["evaluate"], r"Missing argument 'MODEL_FILES...'"),
+    (["--bogus"], r"No such option '--bogus'"),
+    (["nocommand"], r"No such command 'nocommand'"),
+])
+def test_clicks_own_refusals_are_one_line_too(args, pattern):
+    """A bad choice, a missing argument or an unknown option: one "error:" line and exit 2,
+    like every other refusal (click printed a three-line usage block)."""
+    refused(pattern, *args)

@@ -106,7 +106,7 @@ def _rule(v: dict) -> str:
     """SPEC §9's rule, read back from the report's own figures."""
     tol = v["max_mia_rise"]
     if v["task_drop"] > v["max_task_drop"] or any(
-            d["ci"] and d["delta"] > tol and d["ci"][0] > 0
+            d["ci"] and d["delta"] > tol and d["lower_all"] > 0
             for per in v["rises"]["attacks"].values() for d in per.values()):
         return "FAIL"
     if all(d["delta"] is None or (d["ci"][1] if d["ci"] else d["delta"]) < tol
@@ -132,10 +132,14 @@ def test_verdict_logic_on_known_deltas(run, tmp_path):
                    json_out=tmp_path / "t.json")
     v = res.report["verdict"]
     assert v["outcome"] == _rule(v) == res.outcome and not res.passed
-    # every attack is compared; AUC and TPR rises are the differences of the reported
-    # figures (folded AUC), and the largest rise is the largest over the attacks
-    assert set(v["attacks"]) == {r["attack"]["name"], *r["before"]["threshold_attacks"]}
-    for name in v["attacks"]:
+    # every attack is compared, and the trained ones fitted to each model as the file's
+    # holder fits them, on AUC and TPR only; AUC and TPR rises are the differences of the
+    # reported figures (folded AUC), and the largest rise is the largest over the attacks
+    fitted_once = {r["attack"]["name"], *r["before"]["threshold_attacks"]}
+    assert set(v["attacks"]) == fitted_once | {"nasr@file", "class-relative@file"}
+    assert all(v["rises"]["attacks"][k]["mia_acc"]["delta"] is None
+               for k in ("nasr@file", "class-relative@file"))
+    for name in fitted_once:
         b, a = _figures_of(r["before"], name), _figures_of(r["after"], name)
         assert v["rises"]["attacks"][name]["auc"]["delta"] == pytest.approx(
             fold(a["auc"]) - fold(b["auc"]))

@@ -1,4 +1,4 @@
-"""The layout DESIGN.md and docs/architecture.md draw, checked on the source: no import circle,
+"""The layout docs/architecture.md draws, checked on the source: no import circle,
 no arrow up (the core imports no stage, a stage no other stage, nothing the command layer), and
 each stage imports alone in a fresh interpreter.
 
