@@ -94,7 +94,7 @@ def _field_option(name: str):
 
 # the attacks' registry names (safeexport.attacks.ATTACKS; listed here so that --help does
 # not import torch)
-ATTACK_NAMES = ["nasr", "loss", "confidence", "entropy", "modified_entropy"]
+ATTACK_NAMES = ["nasr", "class-relative", "loss", "confidence", "entropy", "modified_entropy"]
 
 # The options that decide how a model is trained, shared by `compress` and `study`.
 TRAINING_OPTIONS = [
