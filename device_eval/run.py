@@ -8,6 +8,7 @@ the outputs the two models give.
 """
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,15 +137,19 @@ def file_logits(rt: Runtime, inputs: np.ndarray, chunk: int, desc: str) -> np.nd
         return rt(inputs, chunk=chunk, progress=bar.update)
 
 
+def rows_of(logits: np.ndarray, pos: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """``logits(dataset indices)``: the rows of ``logits`` that ``pos`` (dataset index -> row)
+    maps the indices to."""
+    return lambda idx: logits[[pos[i] for i in idx]]
+
+
 def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: int,
             attack: str, epochs: int, seed: int, lam: float, attack_seeds: int,
             references: References | None = None, fitted: list | None = None):
     """One model's figures (``model_figures``) and its ``MembershipResult`` from its logits on
     the samples ``pos`` maps (dataset index -> row of ``logits``); LiRA and RMIA too with
     ``references``; ``fitted``: trained attackers to apply instead of training new ones."""
-    def of(idx: np.ndarray) -> np.ndarray:
-        return logits[[pos[i] for i in idx]]
-
+    of = rows_of(logits, pos)
     res = final_membership(of, y, splits, num_classes, attack, epochs, seed, TAG,
                            torch.device("cpu"), attack_seeds, references, fitted)
     figures = model_figures(res, of(splits.test), y[splits.test],
@@ -169,15 +174,13 @@ def held_by_file(before_logits: np.ndarray, after_logits: np.ndarray, pos: dict,
     same reason these pairs are compared on AUC and TPR only: a trained attacker's threshold
     is fitted on a fifth of the known data (90 + 44 on digits), and the 8-bit file's nasr@file
     read +1.34 points of MIA accuracy [+0.45, +2.46] from it, with AUC +0.05."""
-    def of(logits: np.ndarray):
-        return lambda idx: logits[[pos[i] for i in idx]]
-
     pairs = {}
     for name in dict.fromkeys([attack, *HOLDER_TRAINED]):
         if ATTACKS.get(name)(num_classes, "cpu").trains:
             pairs[f"{name}@file"] = fitted_to_each(
-                of(before_logits), of(after_logits), y, splits, num_classes, name, epochs,
-                seed, TAG, torch.device("cpu"), bres.attackers[0] if name == attack else None)
+                rows_of(before_logits, pos), rows_of(after_logits, pos), y, splits,
+                num_classes, name, epochs, seed, TAG, torch.device("cpu"),
+                bres.attackers[0] if name == attack else None)
     return pairs
 
 
@@ -203,8 +206,8 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
     need none."""
     shared = [k for k in bres.results if k in ares.results]
     n_m, n_n = int(bres.is_member.sum()), int((~bres.is_member).sum())
-    undecidable = [why for f in VERDICT_FIGURES if (why := not_decidable(f, n_n))]
-    figures = tuple(f for f in VERDICT_FIGURES if not not_decidable(f, n_n))
+    undecidable = {f: why for f in VERDICT_FIGURES if (why := not_decidable(f, n_n))}
+    figures = tuple(f for f in VERDICT_FIGURES if f not in undecidable)
     # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
     # file whose outputs barely moved gets the same decisions (refitted on a few hundred known
     # samples, a threshold jumps, and a float16 file read +3 points on 50 + 50 samples)
@@ -249,7 +252,7 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
     needed = needed if outcome == INCONCLUSIVE else None
     return {"outcome": outcome, "passed": outcome == PASS, "reasons": reasons,
             "undecided": open_ if outcome == INCONCLUSIVE else [],
-            "not_decidable": undecidable, "samples_needed": needed,
+            "not_decidable": list(undecidable.values()), "samples_needed": needed,
             "samples_needed_exceed_data": bool(needed and dataset_size
                                                and needed > dataset_size),
             "rises": rises, "attacks": names, "task_drop": task_drop, "max_mia_rise": tol,

@@ -250,16 +250,15 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
                  ranking_only: frozenset[str] = frozenset()) -> dict:
     """after − before of every attack's folded MIA accuracy, folded AUC and TPR at 1% FPR
     (``figures``, some of ``VERDICT_FIGURES``), two models scored on the SAME samples
-    (``before`` and ``after`` map
-    an attack's name to its scores and threshold), and of the largest rise over the attacks,
-    each with a paired bootstrap interval. One resample draws the same members and
-    non-members for every attack and both models, so the interval of the maximum accounts for
-    looking at many attacks: its upper bound below a tolerance shows that no attack rose by
-    that much (a non-inferiority test over all of them at once). Each attack's rise also gets
-    ``lower_all``, a lower bound that holds for every attack and figure at once
-    (``simultaneous_lower``): a rise is proven only when it clears that bound. Rises are
-    rounded to 1e-12, far below one sample's 1/N, so folding's (1 − v) residue is no rise.
-    The attacks named in ``ranking_only`` are compared on the figures that need no decision
+    (``before`` and ``after`` map an attack's name to its scores and threshold), and of the
+    largest rise over the attacks, each with a paired bootstrap interval. One resample draws
+    the same members and non-members for every attack and both models, so the interval of the
+    maximum accounts for looking at many attacks: its upper bound below a tolerance shows that
+    no attack rose by that much (a non-inferiority test over all of them at once). Each
+    attack's rise also gets ``lower_all``, a lower bound that holds for every attack and
+    figure at once (``simultaneous_lower``): a rise is proven only when it clears that bound.
+    Rises are rounded to 1e-12, far below one sample's 1/N, so folding's (1 − v) residue is
+    no rise. The attacks named in ``ranking_only`` are compared on the figures that need no decision
     threshold (AUC, TPR): their MIA accuracy is left out (None)."""
     names = list(before)
     is_member = np.asarray(is_member, dtype=bool)

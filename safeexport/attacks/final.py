@@ -45,8 +45,8 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
     ``fitted``: the attackers (one per seed) of another model's evaluation, applied here as
     they are instead of trained on this model's outputs, so that a model whose outputs equal
     that one's gets identical scores (device_eval's comparison of a file with its model)."""
-    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
-    parts = _parts(logits, labels, splits)
+    index = _indices(splits)
+    parts = _signals(logits, labels, index)
     runs = []
     for k in range(attack_seeds):
         tags = (tag,) if k == 0 else (tag, k)
@@ -57,8 +57,7 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
     results = {attack: runs[0][1], **threshold_attacks(*parts)}
     reference = {}
     if references is not None:
-        scored, reference = reference_attacks(
-            parts, [splits.known_members, splits.known_nonmembers, um, un], references)
+        scored, reference = reference_attacks(parts, index, references)
         results.update(scored)
     spread = {}
     if attack_seeds > 1:
@@ -69,16 +68,21 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
                 spread[key] = {"mean": float(np.mean(values)),
                                "std": float(np.std(values, ddof=1)), "values": values}
     return MembershipResult(attack, runs[0][0], results, is_member_of(parts[2], parts[3]),
-                            spread, reference, np.r_[um, un], [a for a, _ in runs])
+                            spread, reference, np.r_[index[2], index[3]],
+                            [a for a, _ in runs])
 
 
-def _parts(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
-           splits: Splits) -> list[Signals]:
-    """The known members, known non-members and the balanced unknown members and non-members,
-    as signals (the order ``fit_and_score`` takes)."""
-    um, un = balanced(splits.unknown_members, splits.unknown_nonmembers)
-    return [Signals.from_logits(logits(i), labels[i])
-            for i in (splits.known_members, splits.known_nonmembers, um, un)]
+def _indices(splits: Splits) -> list[np.ndarray]:
+    """The known members, known non-members and the balanced unknown members and non-members
+    (the order ``fit_and_score`` takes)."""
+    return [splits.known_members, splits.known_nonmembers,
+            *balanced(splits.unknown_members, splits.unknown_nonmembers)]
+
+
+def _signals(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
+             index: list[np.ndarray]) -> list[Signals]:
+    """A model's signals on each part of ``index``."""
+    return [Signals.from_logits(logits(i), labels[i]) for i in index]
 
 
 def _attacker(attack: str, num_classes: int, seed: int, tags: tuple, device: torch.device):
@@ -100,7 +104,8 @@ def fitted_to_each(before: Callable[[np.ndarray], np.ndarray],
     that barely differ give copies that barely differ (two fits from scratch diverge: on
     digits their paired AUC interval spanned 10 points for an 8-bit file that agrees on every
     prediction), while an arrangement only the ``after`` model has is learnt by its copy."""
-    parts = _parts(before, labels, splits), _parts(after, labels, splits)
+    index = _indices(splits)
+    parts = _signals(before, labels, index), _signals(after, labels, index)
     if start is None:
         start = _attacker(attack, num_classes, seed, (tag,), device)
         start.fit(*parts[0][:2], epochs, generator(seed, "final-attack", tag))
