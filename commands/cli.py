@@ -426,8 +426,8 @@ def _print_export_table(rows: list[dict]) -> None:
               help="With --members: npz (x, y) for task accuracy (default: the non-members).")
 @click.option("--model", metavar="ARCH",
               help="With --members --references K: the file's architecture (cnn, mlp, ... or "
-                   "package.module:factory), to train K reference models like it for LiRA and "
-                   "RMIA.")
+                   "package.module:factory), to train reference models like it for LiRA and "
+                   "RMIA (K per half of the data, 2K in all).")
 @click.option("--train-config", type=click.Path(dir_okay=False, path_type=Path),
               help="With --model: how the file's model was trained, a YAML/JSON of `safeexport "
                    "compress` keys (method, epochs, lr, ...; default a dense model with "
@@ -452,9 +452,11 @@ def evaluate_cmd(model_files: tuple[Path, ...], run_dir: Path | None, json_out: 
     .onnx/.tflite file safeexport did not make, on your data: task accuracy and every attack
     that needs no reference models, with intervals (no verdict: there is no model to compare
     with); with --model ARCH --references K also LiRA and RMIA, from K reference models
-    trained like it (--train-config) on halves of the members and non-members the attacks
-    do not measure, and the exposure ranking by LiRA. The file must take inputs as
-    safeexport feeds them: images N x C x H x W scaled to [0, 1], tables N x D float32.
+    per half trained like it (--train-config): K on halves of the members and non-members the
+    attacks do not measure, then K on the measured half to score the other (cross-fitting,
+    2K in all), so that the exposure ranking by LiRA covers every member. The file must take
+    inputs as safeexport feeds them: images N x C x H x W scaled to [0, 1], tables N x D
+    float32.
 
     The verdict puts the burden of proof on safety. Every attack (threshold attacks, the
     trained attacker fitted once on the PyTorch model, LiRA/RMIA with references) is compared
@@ -583,8 +585,9 @@ def _print_audit(res) -> None:
                    f"{fmt_figure(m['tpr_at_1pct_fpr'], '8.3f')}")
     if isinstance(refs, dict):
         st = refs["settings"]
-        click.echo(f"  (LiRA, RMIA: {st['references']} {st['method']} reference models in "
-                   f"{r['references']['folder']})")
+        click.echo(f"  (LiRA, RMIA: {st['references']} {st['method']} reference models per "
+                   f"half, cross-fitted: {r['references']['folder']} and "
+                   f"{Path(r['references']['swapped_folder']).name}; every member ranked)")
     else:
         click.echo(f"reference attacks {refs}")
     click.echo(f"strongest: {f['strongest']['attack']}")

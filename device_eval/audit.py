@@ -11,9 +11,12 @@ With ``--model`` (the file's architecture) and ``--references K``, LiRA and RMIA
 too (SPEC §8): K reference models are trained like the file's model (``--train-config``: a
 YAML/JSON of ``safeexport compress`` keys, default a dense model) on complementary halves of the
 KNOWN members and non-members, never on the measured ones, into ``<report>-references/``
-(reused while their settings and the data are unchanged). The per-record exposure
-(``<report>-exposure.csv``) then ranks the measured members by LiRA, each named by its row in
-the members file.
+(reused while their settings and the data are unchanged); the figures are measured on the
+other half. Then the halves swap (cross-fitting): K more references train on the measured half,
+into ``<report>-references-swapped/``, and score the known half, so that every member gets a
+LiRA score from references that never saw it. The per-record exposure
+(``<report>-exposure.csv``) ranks EVERY member by LiRA, each against its own half's
+non-members and named by its row in the members file.
 """
 
 import hashlib
@@ -31,8 +34,15 @@ from device_eval.run import (
     measure,
     open_file_runtime,
 )
-from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
-from safeexport.attacks.reference import reference_outputs
+from safeexport.attacks.base import Signals
+from safeexport.attacks.evaluate import exposure_for_report, rank_members, write_exposure_csv
+from safeexport.attacks.reference import (
+    References,
+    lira_scores,
+    margins,
+    reference_attacks,
+    reference_outputs,
+)
 from safeexport.data.base import ArrayDataset, stratified_order
 from safeexport.data.images import arrays_dataset, read_npz
 from safeexport.data.splits import Splits, balanced
@@ -111,6 +121,43 @@ def _halves(ds: ArrayDataset, offset: int, seed: int, what: str
     return np.array(first, np.int64) + offset, np.array(second, np.int64) + offset
 
 
+def _references(build: Callable[[Path, ArrayDataset, Splits], RunDir], folder: Path,
+                ds: ArrayDataset, splits: Splits, k: int) -> tuple[References, RunDir]:
+    """K references trained on halves of ``splits``' known parts into ``folder``, and their
+    outputs on the known and unknown parts."""
+    work = build(folder, ds, splits)
+    refs = reference_outputs(work, np.concatenate([
+        splits.known_members, splits.known_nonmembers, splits.unknown_members,
+        splits.unknown_nonmembers]), k)
+    if refs is None or len(refs) < k:
+        raise ConfigError(f"fewer than {k} reference models finished in {folder}")
+    return refs, work
+
+
+def _lira_fold(logits: np.ndarray, y: np.ndarray, refs: References, members: np.ndarray,
+               nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LiRA's z of ALL of one half's members and non-members (none of which ``refs`` trained
+    on): (member scores, member indices, non-member scores), a fold of ``rank_members``. The
+    figures are measured on balanced parts; the ranking needs every member."""
+    idx = np.concatenate([members, nonmembers])
+    rows = refs.rows(idx)
+    z, _ = lira_scores(margins(logits[idx], y[idx]), margins(refs.logits[:, rows], y[idx]),
+                       refs.trained[:, rows])
+    return z[:len(members)], members, z[len(members):]
+
+
+def _swapped_figures(logits: np.ndarray, y: np.ndarray, swapped: Splits,
+                     refs: References) -> dict:
+    """LiRA's and RMIA's figures on the known half, from the references trained on the
+    measured one (the cross-fitted fold; the thresholds fitted on the measured half)."""
+    parts = [swapped.known_members, swapped.known_nonmembers,
+             *balanced(swapped.unknown_members, swapped.unknown_nonmembers)]
+    signals = [Signals.from_logits(logits[i], y[i]) for i in parts]
+    scored, settings = reference_attacks(signals, parts, refs)
+    return {**{k: {**r.metrics, "threshold": r.threshold} for k, r in scored.items()},
+            "settings": settings}
+
+
 def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | None = None,
           test: Path | str | None = None, cfg: EvalConfig | None = None,
           json_out: Path | None = None, overwrite: bool = False, seed: int = 0,
@@ -173,13 +220,15 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
 
     eval_m, eval_n = balanced(um, un)
     refs, ref_folder = None, json_path.with_name(f"{json_path.stem}-references")
+    swap_folder = json_path.with_name(f"{json_path.stem}-references-swapped")
     if cfg.references:
-        work = build_references(ref_folder, ds, splits)
-        refs = reference_outputs(work, np.concatenate([km, kn, eval_m, eval_n]),
-                                 cfg.references)
-        if refs is None or len(refs) < cfg.references:
-            raise ConfigError(f"fewer than {cfg.references} reference models finished in "
-                              f"{ref_folder}")
+        refs, work = _references(build_references, ref_folder, ds, splits, cfg.references)
+        # cross-fitting: the halves swap roles (the task test is the known non-members' half
+        # when no --test is given, as it is the unknown one's above)
+        swapped = Splits(um, km, un, kn, np.empty(0, np.int64),
+                         test_idx if test is not None else kn, splits.fingerprint)
+        swapped_refs, _ = _references(build_references, swap_folder, ds, swapped,
+                                      cfg.references)
     attack = cfg.attack or "nasr"
     epochs = cfg.attack_epochs or ATTACK_EPOCHS
     seeds = cfg.attack_seeds or 1
@@ -192,7 +241,9 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
             data[name] = str(Path(path).resolve())
             data[f"{name}_sha256"] = sha256_file(Path(path))
     # the exposure names each member by its row in the members file
-    exposure = res.exposure(y)
+    exposure = (rank_members([_lira_fold(logits, y, refs, um, un),
+                              _lira_fold(logits, y, swapped_refs, km, kn)], y, "lira")
+                if refs is not None else res.exposure(y))
     for r in exposure["records"]:
         r["index"] = int(member_rows[r["index"]])
     report = {
@@ -211,8 +262,16 @@ def audit(model_file: Path | str, members: Path | str, nonmembers: Path | str | 
         "config": cfg.to_dict(),
     }
     if refs is not None:
-        report["references"] = {"folder": str(ref_folder.resolve()), "train_config":
-                                work.read_json(work.path / "train_config.json")}
+        report["references"] = {
+            "per_half": cfg.references, "folder": str(ref_folder.resolve()),
+            "swapped_folder": str(swap_folder.resolve()),
+            "train_config": work.read_json(work.path / "train_config.json"),
+            "cross_fit": "the references in folder trained on the known half and score the "
+                         "measured one (the figures); those in swapped_folder trained on the "
+                         "measured half and score the known one; every member is ranked by "
+                         "the LiRA of the references that never saw it"}
+        report["reference_attacks_swapped"] = _swapped_figures(logits, y, swapped,
+                                                               swapped_refs)
     write_json(json_path, report)
     write_exposure_csv(exposure_path(json_path), exposure)
     plot_roc(roc_curves(res, f"{model_file.name} on {runtime['name']}"), plot_path,

@@ -83,14 +83,18 @@ def test_an_audit_of_one_population_split_in_two_reads_no_leak(foreign, tmp_path
     assert two.report["figures"] == one["figures"]
 
 
-def test_an_audit_with_references_trains_them_on_the_known_halves_only(foreign, run,
-                                                                         tmp_path):
+def test_an_audit_with_references_cross_fits_and_ranks_every_member(foreign, run, tmp_path):
     """--model --references 2 on the tiny file, members and non-members in one npz with a
-    'member' array: two references are built like the run (its recorded training keys), LiRA
-    and RMIA join the figures, and the exposure names members by their row in that file."""
+    'member' array, three members present 4 times each: two references per half are built like
+    the run (its recorded training keys), the first pair on the known half only, the second on
+    the measured half only (cross-fitting); LiRA and RMIA join the figures of both folds, and
+    the exposure ranks EVERY member row once, named by its row in that file. (The slow sibling
+    in test_references.py checks on digits that planted records rank at the top.)"""
     folder, ds, splits = foreign
-    idx = np.concatenate([splits.members, splits.known_nonmembers, splits.unknown_nonmembers])
-    flag = np.isin(idx, splits.members).astype(np.int64)
+    copies = np.repeat(splits.members[:3], 3)  # with the originals: 4 rows of each
+    idx = np.concatenate([splits.members, copies, splits.known_nonmembers,
+                          splits.unknown_nonmembers])
+    flag = (np.arange(len(idx)) < len(splits.members) + len(copies)).astype(np.int64)
     order = np.random.default_rng(0).permutation(len(idx))  # members scattered in the file
     both = _npz(tmp_path / "all.npz", ds.x[idx[order]], ds.y[idx[order]], member=flag[order])
     recorded = open_run(run).read_config()["config"]
@@ -103,21 +107,41 @@ def test_an_audit_with_references_trains_them_on_the_known_halves_only(foreign, 
                    json_out=tmp_path / "a.json")
     r = res.report
     assert r["reference_attacks"]["settings"]["references"] == 2
+    assert r["references"]["per_half"] == 2
     assert {"lira", "rmia"} <= set(r["figures"]["reference_attacks"])
+    assert {"lira", "rmia"} <= set(r["reference_attacks_swapped"])
+    assert r["reference_attacks_swapped"]["lira"]["auc"] != r["reference_attacks"]["lira"]["auc"]
     assert r["references"]["train_config"]["method"] == recorded["method"]
-    work = tmp_path / "a-references"
-    index = json.loads((work / "references" / "index.json").read_text())
-    assert [m["status"] for m in index["models"].values()] == ["built", "built"]
-    # each reference trained on known samples only (the measured halves are out of both)
-    audit_split = np.load(work / "splits.npz")
-    measured = np.r_[audit_split["unknown_members"], audit_split["unknown_nonmembers"]]
-    for i in range(2):
-        ref = np.load(work / "references" / f"ref-{i}" / "splits.npz")
-        trained = np.r_[ref["known_members"], ref["unknown_members"]]
-        assert len(trained) and not np.isin(trained, measured).any()
+    halves = {}
+    for name, trains_on in (("a-references", "known"), ("a-references-swapped", "unknown")):
+        work = tmp_path / name
+        index = json.loads((work / "references" / "index.json").read_text())
+        assert [m["status"] for m in index["models"].values()] == ["built", "built"]
+        # each reference trained on its fold's known half only: the half it scores is out of
+        # both references of the fold
+        split = np.load(work / "splits.npz")
+        measured = np.r_[split["unknown_members"], split["unknown_nonmembers"]]
+        for i in range(2):
+            ref = np.load(work / "references" / f"ref-{i}" / "splits.npz")
+            trained = np.r_[ref["known_members"], ref["unknown_members"]]
+            assert len(trained) and not np.isin(trained, measured).any()
+        halves[trains_on] = split
+    # the swapped fold's halves are the first fold's, exchanged
+    for part in ("members", "nonmembers"):
+        assert np.array_equal(halves["known"][f"known_{part}"],
+                              halves["unknown"][f"unknown_{part}"])
+    # the dataset's first rows are the members file's members in file order; each input's
+    # copies sit in one half
+    first = set(halves["known"]["known_members"].tolist())
+    member_rows = np.flatnonzero(flag[order])
+    for original in splits.members[:3]:
+        held = [k for k, row in enumerate(member_rows) if idx[order][row] == original]
+        assert len(held) == 4 and len({k in first for k in held}) == 1
     rows = np.loadtxt(tmp_path / "a-exposure.csv", delimiter=",", skiprows=1, usecols=1)
-    assert r["exposure"]["attack"] == "lira" and len(rows) == r["samples"]["eval_members"]
-    assert (flag[order][rows.astype(int)] == 1).all()  # every listed row is a member's
+    assert r["exposure"]["attack"] == "lira"
+    # every member row of the file ranked exactly once (not only the measured, balanced half)
+    assert sorted(rows.astype(int)) == member_rows.tolist()
+    assert len(rows) > r["samples"]["eval_members"]
 
 
 def test_audit_refusals(foreign, tmp_path):

@@ -85,24 +85,34 @@ class MembershipResult:
         return "lira" if "lira" in self.results else self.strongest()
 
     def exposure(self, labels: np.ndarray, fpr: float = EXPOSURE_FPR) -> dict:
-        """Per-record exposure under ``exposure_attack``: every evaluated member ranked by
-        ``flagged_fpr`` (the share of non-members scoring at least as high; ties by score),
-        with its dataset index, label and score, and each class's TPR at ``fpr`` (None when
-        ``fpr`` is below 1/N non-members)."""
+        """Per-record exposure under ``exposure_attack`` (``rank_members`` on the evaluated
+        members and non-members)."""
         name = self.exposure_attack()
         scores, m = self.results[name].scores, self.is_member
-        flagged = flagged_fpr(scores[m], scores[~m])
-        order = np.lexsort((-scores[m], flagged))
-        idx = self.index[m]
-        records = [{"rank": r + 1, "index": int(idx[i]), "label": int(labels[idx[i]]),
-                    "score": float(scores[m][i]), "flagged_fpr": float(flagged[i])}
-                   for r, i in enumerate(order)]
-        ok = measurable(fpr, int((~m).sum()))
-        per_class = {str(int(c)): {"members": int((labels[idx] == c).sum()),
-                                   "tpr": float((flagged[labels[idx] == c] <= fpr).mean())
-                                   if ok else None}
-                     for c in np.unique(labels[idx])}
-        return {"attack": name, "fpr": fpr, "records": records, "per_class_tpr": per_class}
+        return rank_members([(scores[m], self.index[m], scores[~m])], labels, name, fpr)
+
+
+def rank_members(folds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], labels: np.ndarray,
+                 attack: str, fpr: float = EXPOSURE_FPR) -> dict:
+    """Every member of every fold (its scores, their dataset indices, the fold's non-members'
+    scores under ``attack``) ranked by ``flagged_fpr`` against its own fold's non-members (the
+    share of them scoring at least as high, comparable across folds; ties by score), with its
+    dataset index, label and score, and each class's TPR at ``fpr`` (None when ``fpr`` is below
+    1/N non-members of the smallest fold). Cross-fitted folds (an audit's two halves, each
+    scored by references trained on the other) rank every member once."""
+    scores = np.concatenate([f[0] for f in folds])
+    idx = np.concatenate([f[1] for f in folds])
+    flagged = np.concatenate([flagged_fpr(s, n) for s, _, n in folds])
+    order = np.lexsort((-scores, flagged))
+    records = [{"rank": r + 1, "index": int(idx[i]), "label": int(labels[idx[i]]),
+                "score": float(scores[i]), "flagged_fpr": float(flagged[i])}
+               for r, i in enumerate(order)]
+    ok = measurable(fpr, min(len(n) for _, _, n in folds))
+    per_class = {str(int(c)): {"members": int((labels[idx] == c).sum()),
+                               "tpr": float((flagged[labels[idx] == c] <= fpr).mean())
+                               if ok else None}
+                 for c in np.unique(labels[idx])}
+    return {"attack": attack, "fpr": fpr, "records": records, "per_class_tpr": per_class}
 
 
 def _rank(result: AttackResult) -> tuple:
