@@ -72,10 +72,11 @@ def compress(out: Path | str | None = None, *, resume: bool = False, overwrite: 
     _check_tracking(mlflow)
     if resume:
         if out is None:
-            raise ConfigError("resume needs the run directory (out)")
+            raise ConfigError("resume needs the run directory (out, --out RUN_DIR)")
         if options:
             raise ConfigError(f"resume takes the configuration from {out}/config.json; drop "
-                              f"{', '.join(sorted(options))}")
+                              + ", ".join(f"{k} (--{k.replace('_', '-')})"
+                                          for k in sorted(options)))
         if trust_code:
             from safeexport.rundir import RunDir
 
@@ -146,7 +147,8 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
     data = Path(data_dir) if data_dir is not None else None
     if all_variants:
         if out is not None:
-            raise ConfigError("all_variants writes into RUN/exports/; drop out")
+            raise ConfigError("all_variants (--all) writes into RUN/exports/; drop out "
+                              "(--out)")
         if mlflow:
             raise ConfigError("--mlflow logs one export; drop --all or --mlflow")
         return export_all(cfg, run, overwrite, data, progress)
@@ -161,16 +163,13 @@ def export(run: Path | str | None = None, *, out: Path | str | None = None,
     return res
 
 
-def _export_settings(model_file: Path) -> dict:
-    """The ExportConfig recorded in an export's manifest (--references-export exports the
-    references the same way)."""
-    from safeexport.rundir import read_json_file
-
-    manifest = model_file.with_suffix(".json")
-    config = read_json_file(manifest).get("config") if manifest.exists() else None
-    if model_file.suffix not in (".onnx", ".tflite") or not isinstance(config, dict):
+def _export_settings(target) -> dict:
+    """The ExportConfig recorded in an export's (checked) manifest: --references-export
+    exports the references the same way."""
+    config = target.manifest.get("config") if target.manifest else None
+    if not isinstance(config, dict):
         raise ConfigError(f"--references-export needs an exported .onnx/.tflite file with its "
-                          f"manifest; {model_file.name} has none (without the flag the "
+                          f"manifest; {target.file.name} has none (without the flag the "
                           "references are PyTorch models)")
     return config
 
@@ -221,32 +220,33 @@ def evaluate(model_file: Path | str, *more: Path | str, run: Path | str | None =
                               "--members (an audit of a file safeexport did not make); a "
                               "run's file is attacked with the run's own references")
         from device_eval.run import evaluate as run_evaluate
-        from device_eval.run import run_of
+        from device_eval.run import open_targets
 
-        files = [Path(f) for f in variants]
+        # each file's manifest and its run are read and verified once, here, and passed down
+        targets = open_targets(variants, run)
         if trust_code:  # the manifest names the run, whose config names the factories
-            _trust_run(run_of(files[0], run), True)
+            _trust(targets[0].run.read_config()["config"])
         data = Path(data_dir) if data_dir is not None else None
         if cfg.references:
             from compressor.references import ensure_run_references
             from compressor.run import compress as run_compress
 
-            ensure_run_references(run_of(files[0], run), cfg.references, run_compress, data)
+            ensure_run_references(targets[0].run, cfg.references, run_compress, data)
         ref_files = None
         if cfg.references_export:
             from exporters.run import export_references
 
-            ref_files = {f: export_references(run_of(f, run), _export_settings(f),
-                                              cfg.references, data) for f in files}
-        if len(files) > 1:
+            ref_files = {t.file: export_references(t.run, _export_settings(t),
+                                                   cfg.references, data) for t in targets}
+        if len(targets) > 1:
             from device_eval.run import evaluate_variants
 
-            res = evaluate_variants(files, cfg, run, out, data, overwrite, ref_files)
+            res = evaluate_variants(targets, cfg, run, out, data, overwrite, ref_files)
             metrics = {"joint": {k: res.joint["strongest_joint"].get(k) for k in FIGURES},
                        "single": {k: res.joint["strongest_single"].get(k) for k in FIGURES}}
         else:
-            res = run_evaluate(files[0], cfg, run, out, data, overwrite,
-                               ref_files[files[0]] if ref_files else None)
+            res = run_evaluate(targets[0], cfg, run, out, data, overwrite,
+                               ref_files[targets[0].file] if ref_files else None)
             metrics = {key: {k: res.report[key].get(k) for k in FIGURES}
                        for key in ("before", "after")}
         metrics["passed"] = int(res.passed)

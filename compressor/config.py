@@ -4,17 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from safeexport import names
 from safeexport.config import StageConfig, opt
 
-# the baselines (compressor/baselines registers one function under each name, and refuses to
-# load if the two lists differ); the config validates against this list, not the registry, so
-# it does not import the baselines (which import the config)
-BASELINES = ("dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd", "kd-dp", "kd-advreg",
-             "kd-dmp", "mia-pr")
-METHOD_NAMES = ("safecompress", *BASELINES)
-SELECTIONS = ("tm", "random")
-REFERENCE_METHODS = ("same", "dense")
-EXECUTOR_NAMES = ("local", "ray")
 # how runs are executed, not what they produce: not part of any run's settings
 EXECUTION_KEYS = ("executor", "ray_address", "cpus_per_run", "gpus_per_run", "threads")
 # What decides the dense model: a dense run may stand in for another run's only if these agree
@@ -32,15 +24,17 @@ class CompressConfig(StageConfig):
                       "prune (train dense, magnitude-prune, fine-tune); pr-dp, pr-advreg, "
                       "pr-dmp (prune, then fine-tune with DP-SGD, adversarial regularisation or "
                       "DMP distillation); kd (a narrow dense student of the same size, "
-                      "distilled), kd-dp, kd-advreg, kd-dmp; mia-pr (ADMM pruning)")
+                      "distilled), kd-dp, kd-advreg, kd-dmp; mia-pr (ADMM pruning)",
+                      choices=names.METHODS)
     model: str = opt("auto", "architecture: auto (cnn for images, mlp for tables, bert for "
-                     "text), cnn, mlp, alexnet, vgg16, resnet18, bert, roberta, a plugin's name, "
-                     "or your own as package.module:factory, called as factory(input_shape=(C, "
-                     "H, W) or (D,), num_classes=K)")
+                     f"text), {', '.join(names.MODELS)}, a plugin's name, or your own as "
+                     "package.module:factory, called as factory(input_shape=(C, H, W) or (D,), "
+                     "num_classes=K)")
     init_weights: str | None = opt(None, "start from these trained weights (a .safetensors "
                                    "state dict of --model, e.g. a run's model.safetensors); "
                                    "the initial mask keeps each layer's largest weights")
-    dataset: str = opt("digits", "dataset name, npz:PATH, folder:PATH, or "
+    dataset: str = opt("digits", f"{', '.join(names.DATASETS)} (digits is embedded: no "
+                       "download), npz:PATH (arrays x, y), folder:PATH (PATH/<class>/<image>) or "
                        "torch:package.module:factory (factory() returns a map-style torch "
                        "Dataset of (x, y) pairs)")
     data_dir: str | None = opt(None, "folder holding the dataset's files (default ./data)")
@@ -49,24 +43,34 @@ class CompressConfig(StageConfig):
     augment: str = opt("auto", "training-time augmentation of the target: crop-flip (random "
                        "crop with 4-pixel zero padding, horizontal flip), none, or auto "
                        "(crop-flip for cifar10, cifar100 and tinyimagenet as in the paper, "
-                       "none otherwise); attacks and evaluation always read un-augmented inputs")
-    sparsity: float = opt(0.05, "fraction of weights KEPT (Ω): 0.05 keeps 5%, 95% are zeros")
+                       "none otherwise); attacks and evaluation always read un-augmented inputs",
+                       choices=names.AUGMENTS)
+    sparsity: float = opt(0.05, "fraction of weights KEPT (the paper's Ω): 0.05 keeps 5% of the "
+                          "weights and sets 95% to zero; in (0, 1]")
     epochs: int = opt(40, "training budget of the target, in epochs over the members")
-    update_frequency: int = opt(40, "training iterations between two mask updates")
+    update_frequency: int = opt(40, "training iterations between two mask updates (paper: "
+                                "4000)")
     batch_size: int = opt(128, "target batch size")
     optimizer: str = opt("auto", "auto = sgd for images and tables (as in the paper), adamw for "
-                         "bert/roberta; or sgd, adamw")
+                         "bert/roberta; or sgd, adamw",
+                         choices=("auto", *names.OPTIMIZERS))
     lr: float | None = opt(None, "learning rate, scheduled by --lr-schedule (default: 0.05 "
                            "for sgd, 1e-3 for adamw, 5e-5 for adamw on a --pretrained model)")
     lr_schedule: str = opt("cosine", "cosine (annealed to 0) or multistep (divided by 10 at 1/2 "
-                           "and 3/4 of the budget: the paper's recipe with --lr 0.1)")
+                           "and 3/4 of the budget: the paper's recipe with --lr 0.1)",
+                           choices=names.SCHEDULES)
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
-    regularizer: str = opt("none", "entropy regularizer added to the loss: none, re1, re2")
+    regularizer: str = opt("none", "entropy regularizer added to the loss: re1 rewards output "
+                           "entropy on the whole batch, re2 on misclassified samples only (the "
+                           "paper's best)",
+                           choices=names.REGULARIZERS)
     beta: float = opt(0.1, "weight β of the entropy regularizer")
     lam: float = opt(1.0, "λ of TM-score = TaskAcc^λ / MIAAcc")
-    prune: list[str] = opt(["magnitude", "threshold"], "prune strategies of the candidates")
-    grow: list[str] = opt(["gradient", "random"], "grow strategies of the candidates")
+    prune: list[str] = opt(["magnitude", "threshold"], "prune strategies of the candidates",
+                           choices=names.PRUNE)
+    grow: list[str] = opt(["gradient", "random"], "grow strategies of the candidates",
+                          choices=names.GROW)
     prune_rate: float = opt(0.5, "initial prune rate, cosine-decayed towards 0 over training")
     finetune_iters: int = opt(5, "iterations each candidate is fine-tuned before testing "
                               "(the winner's count inside the --epochs budget: it is training "
@@ -90,7 +94,8 @@ class CompressConfig(StageConfig):
     attack: str = opt("nasr", "attack of the final evaluation (and of `evaluate` on this "
                       "run's exports): nasr (Nasr et al.'s trained attacker), or a "
                       "training-free threshold attack: loss, confidence, entropy, "
-                      "modified_entropy (the threshold attacks are measured beside it always)")
+                      "modified_entropy (the threshold attacks are measured beside it always)",
+                      choices=names.ATTACKS)
     score: str = opt("loss", "SafeCompress's in-loop safety score, read on every candidate: a "
                      "threshold attack (loss, confidence, entropy, modified_entropy), fitted "
                      "and read on all the known non-members and as many known members, "
@@ -98,7 +103,8 @@ class CompressConfig(StageConfig):
                      "run's --references (an even number, trained before the loop and reused "
                      "by every round; a reference's own loop reads loss); or nasr, the paper's "
                      "trained attacker, retrained on every round's model (several times "
-                     "slower)")
+                     "slower)",
+                     choices=names.SCORES)
     attack_epochs: int = opt(100, "--score nasr: most epochs the attacker trains on each "
                              "round's model (early stopping on a held-out fifth of its data "
                              "ends it sooner)")
@@ -114,10 +120,12 @@ class CompressConfig(StageConfig):
                           "0 = none, else at least 2; each costs about one run's training")
     reference_method: str = opt("same", "how references are trained: same (this run's method "
                                 "and settings) or dense (cheaper: a dense model on the same "
-                                "budget, an approximation the report names)")
+                                "budget, an approximation the report names)",
+                                choices=names.REFERENCE_METHODS)
     executor: str = opt("local", "how the reference models (and study --compare's runs) "
                         "run: local (one after another here) or ray (Ray tasks on this "
-                        "machine or a cluster)")
+                        "machine or a cluster)",
+                        choices=names.EXECUTORS)
     ray_address: str | None = opt(None, "--executor ray: the cluster to join (auto: the one "
                                   "`ray start` made on this node); default: start a local Ray "
                                   "instance")
@@ -133,7 +141,8 @@ class CompressConfig(StageConfig):
     select: str = opt("tm", "how a round's winner is chosen: tm (the highest TM-score when "
                       "its lead exceeds the paired standard error, else the tie rule: task "
                       "accuracy, then the lower attack accuracy; the method) or random (an "
-                      "ablation: does TM-score selection matter on this data?)")
+                      "ablation: does TM-score selection matter on this data?)",
+                      choices=names.SELECTIONS)
     allow_no_updates: bool = opt(False, "let SafeCompress run with a budget too small for one "
                                  "mask update (it is then plain sparse training)")
     dense_reference: bool = opt(True, "also train and evaluate a dense model on the same budget")
@@ -172,26 +181,19 @@ class CompressConfig(StageConfig):
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
         # The registries import torch; importing them here keeps `safeexport --help` instant.
-        from compressor.regularizers import REGULARIZERS
-        from compressor.strategies import GROW, PRUNE
-        from compressor.train import OPTIMIZERS, SCHEDULES
-        from safeexport.attacks import ATTACKS
-        from safeexport.data import DATASETS, USER_PREFIXES, dataset_names
-        from safeexport.data.augment import AUGMENTS
+        from safeexport.data import DATASETS, dataset_names
         from safeexport.errors import ConfigError
         from safeexport.executors import ray_endpoint
         from safeexport.models import MODELS, known_model
 
         p = []
-        if self.method not in METHOD_NAMES:
-            p.append(f"unknown method {self.method!r}; known: {', '.join(METHOD_NAMES)}")
         if not (isinstance(self.sparsity, int | float) and 0 < self.sparsity <= 1):
             p.append(f"--sparsity is the fraction of weights kept and must be in (0, 1], got "
                      f"{self.sparsity}")
         if self.model != "auto" and not known_model(self.model):
             p.append(f"unknown model {self.model!r}; known: auto, {', '.join(MODELS.names())}, "
                      "or your own as package.module:factory")
-        if not (self.dataset.startswith(USER_PREFIXES) or self.dataset in DATASETS):
+        if not (self.dataset.startswith(names.DATASET_PREFIXES) or self.dataset in DATASETS):
             p.append(f"unknown dataset {self.dataset!r}; known: {', '.join(dataset_names())}")
         for name in ("epochs", "update_frequency", "batch_size", "attack_epochs",
                      "final_attack_epochs", "attack_seeds"):
@@ -218,13 +220,6 @@ class CompressConfig(StageConfig):
             p.append(f"max_samples must be >= 1, got {self.max_samples}")
         if self.lr is not None and not self.lr > 0:
             p.append(f"lr must be > 0, got {self.lr}")
-        if self.augment not in AUGMENTS:
-            p.append(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTS)}")
-        if self.lr_schedule not in SCHEDULES:
-            p.append(f"unknown lr_schedule {self.lr_schedule!r}; known: {', '.join(SCHEDULES)}")
-        if self.optimizer not in ("auto", *OPTIMIZERS):
-            p.append(f"unknown optimizer {self.optimizer!r}; known: auto, "
-                     f"{', '.join(OPTIMIZERS)}")
         if not 0 <= self.momentum < 1:
             p.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0 or self.beta < 0:
@@ -233,23 +228,12 @@ class CompressConfig(StageConfig):
             p.append(f"lam (λ) must be > 0, got {self.lam}")
         if not 0 < self.prune_rate < 1:
             p.append(f"prune_rate must be in (0, 1), got {self.prune_rate}")
-        if self.regularizer not in REGULARIZERS:
-            p.append(f"unknown regularizer {self.regularizer!r}; known: "
-                     f"{', '.join(REGULARIZERS.names())}")
-        for kind, names, reg in (("prune", self.prune, PRUNE), ("grow", self.grow, GROW)):
-            if not names:
+        for kind in ("prune", "grow"):
+            if not getattr(self, kind):
                 p.append(f"at least one {kind} strategy is needed")
-            for n in names:
-                if n not in reg:
-                    p.append(f"unknown {kind} strategy {n!r}; known: {', '.join(reg.names())}")
         if not isinstance(self.references, int) or self.references < 0 or self.references == 1:
             p.append(f"references must be 0 or an integer >= 2 (RMIA and LiRA compare the "
                      f"target with several references), got {self.references}")
-        if self.reference_method not in REFERENCE_METHODS:
-            p.append(f"unknown reference method {self.reference_method!r}; known: "
-                     f"{', '.join(REFERENCE_METHODS)}")
-        if self.executor not in EXECUTOR_NAMES:
-            p.append(f"unknown executor {self.executor!r}; known: {', '.join(EXECUTOR_NAMES)}")
         if self.ray_address is not None:
             try:
                 ray_endpoint(self.ray_address)
@@ -260,12 +244,6 @@ class CompressConfig(StageConfig):
         if self.data_seed is not None and (not isinstance(self.data_seed, int)
                                            or self.data_seed < 0):
             p.append(f"data_seed must be an integer >= 0, got {self.data_seed}")
-        if self.select not in SELECTIONS:
-            p.append(f"unknown selection {self.select!r}; known: {', '.join(SELECTIONS)}")
-        if self.attack not in ATTACKS:
-            p.append(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS.names())}")
-        if self.score not in (*ATTACKS.names(), "lira"):
-            p.append(f"unknown score {self.score!r}; known: {', '.join(ATTACKS.names())}, lira")
         if (self.method == "safecompress" and self.score == "lira"
                 and (not isinstance(self.references, int) or self.references < 2
                      or self.references % 2)):

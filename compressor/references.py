@@ -29,7 +29,7 @@ from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, SafeExportError
 from safeexport.executors import Task, run_tasks
 from safeexport.rundir import LOCK, RunDir, atomic_write, write_json
-from safeexport.runio import REFERENCE_INDEX, REFERENCES, load_data, open_run
+from safeexport.runio import REFERENCE_INDEX, REFERENCES, load_data
 from safeexport.seeding import derive_seed
 
 # where the data is read from, which device trains and how runs are executed do not change
@@ -183,12 +183,12 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
     return [reference_dir(run, i) for i in range(k)]
 
 
-def ensure_run_references(path: Path | str, k: int, build: Build,
+def ensure_run_references(run: RunDir, k: int, build: Build,
                           data_dir: Path | None = None,
                           progress: bool | None = None) -> list[RunDir]:
-    """``ensure_references`` for the finished run at ``path`` (its own config and split), for
-    ``safeexport evaluate --references K``; holds the run's shared lock meanwhile."""
-    run = open_run(path)
+    """``ensure_references`` for ``run`` (a finished run ``open_run`` verified: its own config
+    and split), for ``safeexport evaluate --references K``; holds the run's shared lock
+    meanwhile."""
     cfg = CompressConfig.from_recorded(run.read_config()["config"])
     if data_dir is not None:
         cfg = replace(cfg, data_dir=str(data_dir))

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from safeexport import names
 from safeexport.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -36,3 +37,6 @@ def re2(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor
     wrong = logits.argmax(1) != labels
     bonus = entropy(logits[wrong]).sum() / wrong.sum().clamp(min=1)
     return F.cross_entropy(logits, labels) - beta * bonus
+
+
+REGULARIZERS.check(names.REGULARIZERS)

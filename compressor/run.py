@@ -25,6 +25,7 @@ from compressor.train import (
     predict_logits,
     train_steps,
 )
+from safeexport import names
 from safeexport.attacks.evaluate import exposure_for_report, write_exposure_csv
 from safeexport.attacks.final import final_membership, model_figures
 from safeexport.attacks.reference import References, reference_outputs
@@ -367,7 +368,7 @@ def _print_summary(report: dict) -> None:
         refs = m.get("reference_attacks")
         if refs:
             st = refs["settings"]
-            for attack in ("lira", "rmia"):
+            for attack in names.REFERENCE_ATTACKS:
                 f = refs[attack]
                 lo, hi = f["ci"]["auc"]
                 tqdm.write(f"  {attack.upper():6} AUC {f['auc']:.3f} [{lo:.3f}, {hi:.3f}]  "

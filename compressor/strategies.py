@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from compressor.masking import topk_mask
+from safeexport import names
 from safeexport.registry import Registry
 
 PruneFn = Callable[[list[torch.Tensor], list[torch.Tensor], float], list[torch.Tensor]]
@@ -86,3 +87,7 @@ def grow_random(weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Ten
     """Activate exactly ``n`` inactive positions chosen uniformly at random."""
     score = torch.rand(mask.shape, generator=generator).to(mask.device)
     return _grow_by_score(score, mask, n)
+
+
+PRUNE.check(names.PRUNE)
+GROW.check(names.GROW)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from compressor.masking import Masking
+from safeexport import names
 from safeexport.data import ArrayDataset, to_tensor
 from safeexport.errors import TrainingError
 
@@ -32,8 +33,6 @@ def cosine(base: float, it: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / max(total, 1)))
 
 
-# how the learning rate falls over a budget of iterations
-SCHEDULES = ("cosine", "multistep")
 MULTISTEP = (0.5, 0.75)  # fractions of the budget where the multi-step schedule divides by 10
 
 
@@ -106,7 +105,8 @@ class TrainState:
         return TrainState(model, opt, masking)
 
 
-OPTIMIZERS = {"sgd": 0.05, "adamw": 1e-3}  # name -> default learning rate
+# default learning rate of each of names.OPTIMIZERS
+DEFAULT_LR = dict(zip(names.OPTIMIZERS, (0.05, 1e-3), strict=True))
 
 
 def resolve_optimizer(name: str, model: str, lr: float | None,
@@ -116,7 +116,7 @@ def resolve_optimizer(name: str, model: str, lr: float | None,
     if name == "auto":
         name = "adamw" if model in ("bert", "roberta") else "sgd"
     if lr is None:
-        lr = OPTIMIZERS[name] * (0.05 if pretrained and name == "adamw" else 1.0)
+        lr = DEFAULT_LR[name] * (0.05 if pretrained and name == "adamw" else 1.0)
     return name, lr
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safeexport import names
 from safeexport.errors import DeviceError
 from safeexport.runtimes import RUNTIMES, Runtime, RuntimeInfo, from_interface, to_interface
 
@@ -304,3 +305,4 @@ def _open_adb(path: Path, threads: int, serial: str | None = None, adb: str = "a
 
 
 RUNTIMES.register("adb", RuntimeInfo(_open_adb, (".tflite", ".onnx")))
+RUNTIMES.check((*names.HOST_RUNTIMES, "adb"))  # what `evaluate --runtime` takes, but auto

@@ -2,10 +2,8 @@
 
 from dataclasses import dataclass
 
+from safeexport import names
 from safeexport.config import StageConfig, opt
-
-RUNTIME_NAMES = ("auto", "torch", "onnxruntime", "tflite", "adb")
-RUNNERS = ("benchmark_model", "python")
 
 
 @dataclass
@@ -13,14 +11,15 @@ class EvalConfig(StageConfig):
     """Everything that decides how ``safeexport evaluate`` measures an exported file."""
 
     runtime: str = opt("auto", "auto (by file suffix: torch .safetensors, onnxruntime .onnx, "
-                       "tflite .tflite), or adb to run on an Android phone")
+                       "tflite .tflite), or adb to run on an Android phone",
+                       choices=names.RUNTIMES)
     threads: int | None = opt(None, "threads of a host runtime (default min(4, CPUs))")
     max_mia_rise: float = opt(0.01, "largest allowed rise of the strongest attack's MIA "
                               "accuracy from the PyTorch model to the exported file (0.01 = 1 "
                               "point); a rise fails only when its paired 95% interval also "
                               "excludes zero")
     max_task_drop: float = opt(0.02, "largest allowed fall of task accuracy (0.02 = 2 points)")
-    attack: str | None = opt(None, "trained attack (default: the run's)")
+    attack: str | None = opt(None, "trained attack (default: the run's)", choices=names.ATTACKS)
     attack_epochs: int | None = opt(None, "epochs of the attacker (default: the run's "
                                     "final_attack_epochs, so the figures compare)")
     attack_seeds: int | None = opt(None, "train the attacker from this many seeds and report "
@@ -38,7 +37,7 @@ class EvalConfig(StageConfig):
     adb: str = opt("adb", "adb: the adb client to run (a name on PATH or a path)")
     runner: str = opt("benchmark_model", "adb: device-side runner, benchmark_model (LiteRT's "
                       "binary, .tflite only) or python (python3 with ai-edge-litert or "
-                      "onnxruntime on the phone, e.g. Termux)")
+                      "onnxruntime on the phone, e.g. Termux)", choices=names.RUNNERS)
     runner_path: str | None = opt(None, "adb: the runner on the device (default "
                                   "/data/local/tmp/benchmark_model, or python3)")
     runner_binary: str | None = opt(None, "adb: a benchmark_model binary on this machine to "
@@ -49,10 +48,6 @@ class EvalConfig(StageConfig):
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
         out = []
-        if self.runtime not in RUNTIME_NAMES:
-            out.append(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIME_NAMES)}")
-        if self.runner not in RUNNERS:
-            out.append(f"runner {self.runner!r} is not one of {', '.join(RUNNERS)}")
         for name in ("max_mia_rise", "max_task_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 out.append(f"{name} must be in [0, 1]")

@@ -40,6 +40,7 @@ from safeexport.metrics import (
 from safeexport.plots import plot_roc, roc_curves
 from safeexport.rundir import (
     MANIFEST_FIELDS,
+    RunDir,
     check_targets,
     manifest_missing,
     read_json_file,
@@ -47,7 +48,7 @@ from safeexport.rundir import (
     sha256_file,
     write_json,
 )
-from safeexport.runio import inputs_of, load_data, open_run
+from safeexport.runio import inputs_of, load_data, open_run, references_of
 from safeexport.runtimes import Runtime, open_runtime
 from safeexport.stored import storage_problems
 
@@ -283,6 +284,42 @@ def exposure_path(json_path: Path) -> Path:
     return json_path.with_name(f"{json_path.stem}-exposure.csv")
 
 
+@dataclass(frozen=True)
+class Target:
+    """A file to evaluate, its manifest (None for a run's model.safetensors) and its run,
+    each read and verified once per command (``open_targets``) and passed down."""
+
+    file: Path
+    manifest: dict | None
+    run: RunDir
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256 (its manifest's, checked against the file when it was read)."""
+        return self.manifest["sha256"] if self.manifest else sha256_file(self.file)
+
+
+def open_targets(model_files: list[Path | str], run: Path | str | None = None) -> list[Target]:
+    """Each file with its checked manifest and its run (``--run``, else the one its manifest
+    records), every distinct run opened and verified once (``open_run``); an export must come
+    from the model its run holds."""
+    targets, opened = [], {}
+    for f in map(Path, model_files):
+        if not f.exists():
+            raise ConfigError(f"model file {f} does not exist")
+        regular_file(f)
+        manifest = _manifest(f)
+        where = run_of(f, run, manifest).resolve()
+        rd = opened.get(where) or opened.setdefault(where, open_run(where))
+        # open_run checked model.safetensors against the hash its report records
+        if manifest and manifest["source"]["model_sha256"] != \
+                rd.read_report()["files"][rd.model.name]:
+            raise ConfigError(f"{f.name} was exported from another model than {rd.model} "
+                              "(sha256 differs); pass the --run it came from")
+        targets.append(Target(f, manifest, rd))
+    return targets
+
+
 def run_of(model_file: Path, run: Path | str | None, manifest: dict | None = None) -> Path:
     """The run a file is evaluated against: ``run`` when given, else the one its manifest
     records (a run's own model.safetensors: its folder)."""
@@ -292,33 +329,28 @@ def run_of(model_file: Path, run: Path | str | None, manifest: dict | None = Non
     return Path(manifest["source"]["run"]) if manifest else model_file.parent
 
 
-def evaluate(model_file: Path | str, cfg: EvalConfig, run: Path | str | None = None,
+def evaluate(model_file: Path | str | Target, cfg: EvalConfig, run: Path | str | None = None,
              json_out: Path | None = None, data_dir: Path | None = None,
              overwrite: bool = False, reference_files: list[Path] | None = None) -> EvalReport:
     """Evaluate ``model_file`` (an export, or a run's model.safetensors) against its run; the
     report goes to ``json_out`` (refused when it exists, unless ``overwrite``) or
     RUN/evals/. The run folder is held under a shared lock meanwhile. ``reference_files``:
-    the run's references exported like this file (else their PyTorch models are used)."""
-    model_file = Path(model_file)
+    the run's references exported like this file (else their PyTorch models are used).
+    ``model_file`` may be a ``Target`` the command opened already (``run`` is then its)."""
     json_out = Path(json_out) if json_out is not None else None
-    if not model_file.exists():
-        raise ConfigError(f"model file {model_file} does not exist")
-    regular_file(model_file)
     _check_json_out(json_out, overwrite)
-    manifest = _manifest(model_file)
-    rd = open_run(run_of(model_file, run, manifest))
+    target = (model_file if isinstance(model_file, Target)
+              else open_targets([model_file], run)[0])
+    rd = target.run
     # the attackers are fitted on the thread count the run recorded: floating-point sums
     # differ in their last digits between counts, and the figures would not reproduce
     with rd.lock(shared=True), torch_threads(rd.read_config()["config"].get("threads")):
-        return _evaluate(model_file, manifest, rd, cfg, json_out, data_dir, reference_files)
+        return _evaluate(target, cfg, json_out, data_dir, reference_files)
 
 
-def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
-              json_out: Path | None, data_dir: Path | None,
+def _evaluate(target: Target, cfg: EvalConfig, json_out: Path | None, data_dir: Path | None,
               reference_files: list[Path] | None) -> EvalReport:
-    if manifest and manifest["source"]["model_sha256"] != sha256_file(rd.model):
-        raise ConfigError(f"{model_file.name} was exported from another model than "
-                          f"{rd.model} (sha256 differs); pass the --run it came from")
+    model_file, manifest, rd = target.file, target.manifest, target.run
     ds, splits = load_data(rd, data_dir)
     rc = rd.read_config()["config"]
     attack = cfg.attack or rc["attack"]
@@ -355,13 +387,16 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
     refs = before_refs = None
     if cfg.references != 0:
         index = np.concatenate([splits.known_members, splits.known_nonmembers, um, un])
-        refs = before_refs = reference_outputs(rd, index, cfg.references, data_dir)
+        runs = references_of(rd, cfg.references)  # opened once, read twice
+        refs = before_refs = reference_outputs(rd, index, cfg.references, data_dir,
+                                               references=runs)
         if cfg.references and (refs is None or len(refs) < cfg.references):
             raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
                               "models; build them with `safeexport evaluate --references K` "
                               "or `safeexport compress --references K`")
         if reference_files is not None:
-            refs = reference_outputs(rd, index, cfg.references, data_dir, reference_files)
+            refs = reference_outputs(rd, index, cfg.references, data_dir, reference_files,
+                                     references=runs)
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
     args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
     before, bres = measure(before_logits, *args, before_refs)
@@ -380,7 +415,7 @@ def _evaluate(model_file: Path, manifest: dict | None, rd, cfg: EvalConfig,
         return None if after[k] is None or before[k] is None else after[k] - before[k]
 
     report = {
-        "model_file": str(model_file.resolve()), "sha256": sha256_file(model_file),
+        "model_file": str(model_file.resolve()), "sha256": target.sha256,
         "export": ({k: manifest[k] for k in ("format", "bits", "scheme")} if manifest
                    else {"format": "pytorch", "bits": 32, "scheme": None}),
         "run": str(rd.path.resolve()), "runtime": runtime,
@@ -432,7 +467,7 @@ class JointReport:
         return self.outcome == PASS
 
 
-def evaluate_variants(model_files: list[Path | str], cfg: EvalConfig,
+def evaluate_variants(model_files: list[Path | str] | list[Target], cfg: EvalConfig,
                       run: Path | str | None = None, json_out: Path | None = None,
                       data_dir: Path | None = None, overwrite: bool = False,
                       reference_files: dict[Path, list[Path]] | None = None) -> JointReport:
@@ -440,23 +475,26 @@ def evaluate_variants(model_files: list[Path | str], cfg: EvalConfig,
     ``reference_files``, each file's references exported like it), then the joint attack of
     an attacker who holds them all (``joint_attack``); its report goes to ``json_out`` or
     RUN/evals/joint-<files>.json."""
-    files = [Path(f) for f in model_files]
-    if len(set(files)) != len(files):
+    if len({Path(f.file if isinstance(f, Target) else f) for f in model_files}) \
+            != len(model_files):
         raise ConfigError("a file is named twice; name each variant once")
-    runs = {run_of(f, run).resolve() for f in files if f.exists()}
+    targets = (model_files if all(isinstance(f, Target) for f in model_files)
+               else open_targets(model_files, run))
+    runs = {t.run.path.resolve() for t in targets}
     if len(runs) > 1:
         raise ConfigError(f"the files come from different runs ({', '.join(map(str, runs))}); "
                           "a joint attack takes variants of one model")
     _check_json_out(json_out, overwrite)
-    reports = [evaluate(f, cfg, run, None, data_dir, False,
-                        reference_files[f] if reference_files else None) for f in files]
+    reports = [evaluate(t, cfg, None, None, data_dir, False,
+                        reference_files[t.file] if reference_files else None)
+               for t in targets]
     joint = joint_attack([r.result for r in reports])
     joint = {"files": [r.report["model_file"] for r in reports],
              "exports": [r.report["export"] for r in reports],
              "runtimes": [r.report["runtime"]["name"] for r in reports], **joint}
-    stems = "+".join(f.stem for f in files)
+    stems = "+".join(t.file.stem for t in targets)
     if len(stems) > 120:  # a file name stays well under the 255 bytes filesystems allow
-        stems = f"{len(files)}-files-{hashlib.sha256(stems.encode()).hexdigest()[:12]}"
+        stems = f"{len(targets)}-files-{hashlib.sha256(stems.encode()).hexdigest()[:12]}"
     json_path = json_out or Path(reports[0].report["run"]) / "evals" / f"joint-{stems}.json"
     write_json(json_path, joint)
     return JointReport(reports, joint, json_path)

@@ -2,11 +2,9 @@
 
 from dataclasses import dataclass
 
+from safeexport import names
 from safeexport.config import StageConfig, opt
 
-FORMATS = ("onnx", "tflite")
-BITS = (32, 16, 8, 4, 3, 2)
-SCHEMES = ("weight-only", "dynamic", "static")
 # (format, scheme) -> bit widths it can express. 32 and 16 are float storage (weight-only);
 # 3 and 2 bits are 7 and 3 levels stored in int4 containers.
 SUPPORTED = {
@@ -27,12 +25,12 @@ def supported_text() -> str:
 class ExportConfig(StageConfig):
     """Everything that decides what ``safeexport export`` writes."""
 
-    format: str = opt("onnx", "onnx or tflite")
+    format: str = opt("onnx", "onnx or tflite", choices=names.FORMATS)
     bits: int = opt(8, "weight bits: 32 (float32), 16 (float16), 8, 4 (int8/int4), 3 or 2 "
-                    "(7 or 3 levels in int4 containers)")
+                    "(7 or 3 levels in int4 containers)", choices=names.BITS)
     scheme: str = opt("weight-only", "weight-only (float activations), dynamic (activations "
                       "quantized at run time, tflite) or static (int8 activations calibrated "
-                      "on training samples)")
+                      "on training samples)", choices=names.SCHEMES)
     calibration: int = opt(256, "training samples (known members) that calibrate a static "
                            "export")
     keep_float: list[str] = opt([], "modules kept in float, e.g. features.0 classifier.2 (the "
@@ -49,13 +47,8 @@ class ExportConfig(StageConfig):
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
         out = []
-        if self.format not in FORMATS:
-            out.append(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.bits not in BITS:
-            out.append(f"bits {self.bits} is not one of {', '.join(map(str, BITS))}")
-        if self.scheme not in SCHEMES:
-            out.append(f"scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
-        if not out and self.bits not in SUPPORTED.get((self.format, self.scheme), ()):
+        supported = SUPPORTED.get((self.format, self.scheme), ())
+        if not self.choice_problems() and self.bits not in supported:
             out.append(f"{self.format} cannot store {self.bits}-bit weights with the "
                        f"{self.scheme} scheme; supported: {supported_text()}")
         for name, lo in (("calibration", 1), ("parity_samples", 1), ("batch_size", 1)):

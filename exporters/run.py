@@ -19,6 +19,7 @@ from tqdm import tqdm
 from exporters import onnx_format, tflite_format
 from exporters.config import SUPPORTED, ExportConfig
 from exporters.quantize import floor_bytes, nonzero_value_bits
+from safeexport import names
 from safeexport.console import quiet
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
@@ -32,13 +33,14 @@ from safeexport.rundir import (
     staged,
     write_json,
 )
-from safeexport.runio import inputs_of, load_data, load_model, open_run, references_of
+from safeexport.runio import inputs_of, load_data, load_model, opened, references_of
 from safeexport.runtimes import open_runtime, torch_runtime
 from safeexport.stored import StoredWeight, width_problems
 
 FORMATS: Registry[ModuleType] = Registry("export format")
 FORMATS.register("onnx", onnx_format)
 FORMATS.register("tflite", tflite_format)
+FORMATS.check(names.FORMATS)
 
 _PACKAGES = ("safeexport", "torch", "onnx", "onnxruntime", "onnxscript", "litert-torch",
              "ai-edge-quantizer", "ai-edge-litert", "numpy")
@@ -72,10 +74,10 @@ class Source:
     fingerprint: str  # the dataset's, as the run recorded it
 
     @classmethod
-    def load(cls, run: Path | str | None, parity_samples: int, calibration: int,
+    def load(cls, run: RunDir | Path | str | None, parity_samples: int, calibration: int,
              data_dir: Path | None = None) -> "Source":
         """Open and check the run, re-read its data, compute the reference logits."""
-        rd = open_run(run)
+        rd = opened(run)
         model = load_model(rd)
         ds, splits = load_data(rd, data_dir)
         test = splits.test[:parity_samples]
@@ -201,7 +203,7 @@ def _weight_quantizer(cfg: ExportConfig) -> str | None:
     return "safeexport per-channel MSE scale"
 
 
-def export(cfg: ExportConfig, run: Path | str | None = None, out: Path | None = None,
+def export(cfg: ExportConfig, run: RunDir | Path | str | None = None, out: Path | None = None,
            overwrite: bool = False, data_dir: Path | None = None,
            source: Source | None = None) -> ExportedModel:
     """Export the run's model with ``cfg`` into ``out`` (default RUN/exports/<name>.<suffix>)
@@ -300,21 +302,24 @@ def summary(manifest: dict) -> dict:
             "max_abs_diff": p["max_abs_diff"]}
 
 
-def export_references(run: Path | str, config: dict, k: int | None = None,
+def export_references(run: RunDir, config: dict, k: int | None = None,
                       data_dir: Path | None = None) -> list[Path]:
-    """The run's reference models exported with ``config`` (an export manifest's ExportConfig:
-    the evaluated file's own format, bits and scheme), so the references mimic the deployed
-    pipeline; an export made earlier with the same settings from the same model is reused."""
+    """The reference models of ``run`` (a run ``open_run`` verified) exported with ``config``
+    (an export manifest's ExportConfig: the evaluated file's own format, bits and scheme), so
+    the references mimic the deployed pipeline; an export made earlier with the same settings
+    from the same model is reused."""
     cfg = ExportConfig.from_dict(config)
     files = []
-    for ref in references_of(open_run(run), k):
+    for ref in references_of(run, k):
         path = ref.path / "exports" / f"{cfg.name()}{FORMATS.get(cfg.format).SUFFIX}"
         manifest = path.with_suffix(".json")
         if path.exists() and is_manifest(manifest):
             m = read_json_file(manifest)
+            # references_of verified each reference's model against its recorded hash
             if (m.get("config") == cfg.to_dict() and m.get("sha256") == sha256_file(path)
-                    and m["source"].get("model_sha256") == sha256_file(ref.model)):
+                    and m["source"].get("model_sha256")
+                    == ref.read_report()["files"][ref.model.name]):
                 files.append(path)
                 continue
-        files.append(export(cfg, ref.path, overwrite=True, data_dir=data_dir).path)
+        files.append(export(cfg, ref, overwrite=True, data_dir=data_dir).path)
     return files

@@ -12,11 +12,15 @@ from typing import Any
 from safeexport.errors import ConfigError
 
 
-def opt(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors click's naming
-    """A dataclass field with its help text (shared by the docs and the CLI)."""
+def opt(default: Any, help: str, choices: tuple | None = None,  # noqa: A002 - click's naming
+        **kw) -> Any:
+    """A dataclass field with its help text and, for a field that takes one of a set of names
+    (each item of a list field), its ``choices`` (from safeexport.names): the docs and the
+    command line read both, and ``StageConfig`` refuses any other value."""
+    meta = {"help": help, **({"choices": tuple(choices)} if choices is not None else {})}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 class StageConfig:
@@ -33,7 +37,7 @@ class StageConfig:
                     for f in dataclasses.fields(self)
                     if isinstance(getattr(self, f.name), float)
                     and not math.isfinite(getattr(self, f.name))]
-        problems = problems or self.problems()
+        problems = problems or self.choice_problems() + self.problems()
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -44,6 +48,26 @@ class StageConfig:
     def problems(self) -> list[str]:
         """Every invalid value (none by default)."""
         return []
+
+    def choice_problems(self) -> list[str]:
+        """A value (or a list's item) that is not one of its field's ``choices``."""
+        out = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is None or (value is None and f.default is None):
+                continue
+            for v in (value if isinstance(value, list) else [value]):
+                if v not in choices:
+                    out.append(f"unknown {f.name.replace('_', ' ')} {v!r}; known: "
+                               f"{', '.join(map(str, choices))}")
+        return out
+
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        """Field name -> the names it takes, for the fields that take one of a set."""
+        return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls)
+                if "choices" in f.metadata}
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from safeexport import names
 from safeexport.errors import ConfigError, SafeExportError
 from safeexport.openmp import policy_env
 from safeexport.registry import Registry
@@ -158,6 +159,7 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
 EXECUTORS: Registry[Callable[..., list[Outcome]]] = Registry("executor")
 EXECUTORS.register("local", run_local)
 EXECUTORS.register("ray", run_ray)
+EXECUTORS.check(names.EXECUTORS)
 
 
 def run_tasks(tasks: Sequence[Task], executor: str = "local", progress: bool | None = None,

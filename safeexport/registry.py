@@ -39,6 +39,13 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
             ) from None
 
+    def check(self, names: tuple[str, ...]) -> None:
+        """Refuse to load unless the built-in entries are exactly ``names``, their list in
+        safeexport.names (called once the module has registered them, before any plugin)."""
+        if tuple(self._items) != tuple(names):
+            raise RuntimeError(f"the registered {self.kind}s {list(self._items)} differ from "
+                               f"their list in safeexport.names {list(names)}")
+
     def names(self) -> list[str]:
         """Registered names in registration order."""
         return list(self._items)

@@ -103,6 +103,13 @@ def open_run(path: Path | str | None) -> RunDir:
     return run
 
 
+def opened(run: RunDir | Path | str | None) -> RunDir:
+    """``run`` itself when it is a ``RunDir`` (by convention one that ``open_run`` returned
+    to the command, verified already), else ``open_run(run)``: a command verifies its run
+    once and passes the ``RunDir`` down."""
+    return run if isinstance(run, RunDir) else open_run(run)
+
+
 def load_model(run: RunDir, weights: Path | None = None) -> torch.nn.Module:
     """The run's architecture with its weights (``weights`` defaults to model.safetensors),
     on CPU in eval mode."""
@@ -169,7 +176,9 @@ REFERENCE_INDEX = "index.json"
 
 def references_of(run: RunDir, k: int | None = None) -> list[RunDir]:
     """The finished references ``run``'s index records (the first ``k`` of them), each an
-    intact run; none when the run has no index."""
+    intact run; none when the run has no index. Each is verified once per ``run`` object (a
+    command passes its run down, so a reference read twice is opened once), again only when
+    its report.json was rewritten (rebuilt) since."""
     root = run.path / REFERENCES
     path = root / REFERENCE_INDEX
     if not path.exists():
@@ -181,4 +190,12 @@ def references_of(run: RunDir, k: int | None = None) -> list[RunDir]:
     names = sorted(models, key=lambda n: int(n[4:]))
     done = [n for n in names if isinstance(models[n], dict)
             and models[n].get("status") != "failed" and (root / n / "report.json").exists()]
-    return [open_run(root / n) for n in done[:k]]
+    seen = run.__dict__.setdefault("_verified_references", {})
+    out = []
+    for n in done[:k]:
+        stat = (root / n / "report.json").stat()
+        key = (n, stat.st_mtime_ns, stat.st_size)
+        if key not in seen:
+            seen[key] = open_run(root / n)
+        out.append(seen[key])
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safeexport import names
 from safeexport.console import quiet
 from safeexport.errors import DeviceError
 from safeexport.registry import Registry
@@ -153,6 +154,7 @@ def torch_runtime(model) -> Runtime:
 RUNTIMES.register("torch", RuntimeInfo(_open_torch, (".safetensors",)))
 RUNTIMES.register("onnxruntime", RuntimeInfo(_open_onnx, (".onnx",), native=True))
 RUNTIMES.register("tflite", RuntimeInfo(_open_tflite, (".tflite",), native=True))
+RUNTIMES.check(names.HOST_RUNTIMES)
 
 
 def probe_in_child(path: Path, runtime: str, sample: np.ndarray, timeout: float) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compressor import compress
-from compressor.config import EXECUTION_KEYS, METHOD_NAMES, CompressConfig
+from compressor.config import EXECUTION_KEYS, CompressConfig
 from compressor.run import method_label
+from safeexport import names
 from safeexport.config import parse_setting
 from safeexport.errors import ConfigError
 from safeexport.executors import Task, run_tasks
@@ -69,7 +70,7 @@ def row_figures(m: dict, columns: list[Column]) -> tuple[dict, dict]:
     m = {**m, "strongest_mia_acc": m["strongest"]["mia_acc"]}
     ci = {**m.get("ci", {}), "task_acc": m.get("task_acc_ci"),
           "strongest_mia_acc": m["strongest"].get("ci", {}).get("mia_acc")}
-    for attack in ("lira", "rmia"):  # the reference attacks, when the run has references
+    for attack in names.REFERENCE_ATTACKS:  # the reference attacks, when the run has references
         f = m.get("reference_attacks", {}).get(attack)
         for key in ("auc", "tpr_at_1pct_fpr") if f else ():
             m[f"{attack}_{key}"], ci[f"{attack}_{key}"] = f[key], f.get("ci", {}).get(key)
@@ -248,9 +249,9 @@ def parse_variant(spec: str, base: CompressConfig) -> Variant:
     """``METHOD`` or ``METHOD/KEY=VALUE[/KEY=VALUE...]`` (``parse_setting``), checked against
     the config's keys and types on top of ``base`` (the comparison's config) at once."""
     method, *pairs = spec.strip().split("/")
-    if method not in METHOD_NAMES:
+    if method not in names.METHODS:
         raise ConfigError(f"--compare: unknown method {method!r} in {spec!r}; known: "
-                          f"{', '.join(METHOD_NAMES)}")
+                          f"{', '.join(names.METHODS)}")
     settings = []
     for pair in pairs:
         try:
@@ -276,7 +277,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     _check_out(out)
     cfg.check_executor()
     if not methods:
-        raise ConfigError(f"--compare: no method given; known: {', '.join(METHOD_NAMES)}")
+        raise ConfigError(f"--compare: no method given; known: {', '.join(names.METHODS)}")
     variants = {v.spec: v for v in (parse_variant(m, cfg) for m in methods)}
     folders = [v.folder for v in variants.values()]
     if len(set(folders)) < len(folders):

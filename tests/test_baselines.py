@@ -110,7 +110,8 @@ def test_pruning_then_fine_tuning_changes_only_kept_weights(runs):
 
 def test_unknown_method_is_one_clear_line(tmp_path):
     r = cli("compress", "--method", "magic", "--out", tmp_path / "run")
-    one_error_line(r, "unknown method 'magic'; known: safecompress, dense, prune, pr-dp, ")
+    one_error_line(r, r"Invalid value for '--method': 'magic' is not one of 'safecompress', "
+                      r"'dense', 'prune', 'pr-dp', ")
     assert not (tmp_path / "run").exists()
 
 

@@ -78,7 +78,7 @@ def test_config_rejects_what_a_format_cannot_store():
         ExportConfig(format="onnx", bits=4, scheme="dynamic")
     with pytest.raises(ConfigError, match="static"):
         ExportConfig(format="tflite", bits=4, scheme="static")
-    with pytest.raises(ConfigError, match="format 'pt' .*; bits 5 "):
+    with pytest.raises(ConfigError, match="unknown format 'pt'.*; unknown bits 5;"):
         ExportConfig(format="pt", bits=5)
     cfg = ExportConfig(format="tflite", bits=3, scheme="dynamic", keep_float=["a"])
     assert ExportConfig.from_json(cfg.to_json()) == cfg

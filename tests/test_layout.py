@@ -7,6 +7,7 @@ the public API (``from safeexport import compress``) from the command layer on f
 the ``__main__`` modules are entry points; nothing imports any of them."""
 
 import ast
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -125,3 +126,41 @@ def test_each_stage_imports_alone(stage):
                        timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"importing {stage} loaded {r.stdout.strip()}"
+
+
+@pytest.mark.slow  # builds and installs a wheel (the fast tier's sibling: the imports above)
+def test_a_plain_install_has_every_package_the_commands_need(tmp_path):
+    """``pip install .`` (not editable) into a folder of its own: ``safeexport --help``, a
+    command's help and ``python -m device_eval --help`` work from there, every package loaded
+    from the installed copy, not the source tree (an editable install hides a package left out
+    of the wheel)."""
+    site, src = tmp_path / "site", tmp_path / "src"
+    # built from a copy: setuptools builds in the source tree, which must stay as it is
+    for name in (*PACKAGES, "pyproject.toml", "README.md"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(REPO / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(site), str(src)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
+    for args in ([str(site / "bin" / "safeexport"), "--help"],
+                 [str(site / "bin" / "safeexport"), "evaluate", "--help"],
+                 [sys.executable, "-m", "device_eval", "--help"]):
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=HANG_GUARD_S)
+        assert r.returncode == 0 and "Usage:" in r.stdout, (args, r.stderr)
+    code = ("import importlib, sys\n"
+            f"for p in {PACKAGES!r} + ('commands.cli.evaluate', 'device_eval.__main__'):\n"
+            "    importlib.import_module(p)\n"
+            "mine = [m.__file__ for n, m in sys.modules.items()\n"
+            f"        if n.split('.')[0] in {PACKAGES!r} and getattr(m, '__file__', None)]\n"
+            f"print(len(mine), all(f.startswith({str(site)!r}) for f in mine))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr
+    count, inside = r.stdout.split()
+    assert int(count) > 20 and inside == "True", r.stdout

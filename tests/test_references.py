@@ -525,3 +525,43 @@ def test_an_audit_ranks_every_planted_record_with_its_copies(tmp_path):
     # one time in 5, so 8 of 10 there would happen about once in 10,000 audits
     best = [min(rows[900 + 4 * k + c] for c in range(4)) for k in range(10)]
     assert sum(rank <= 50 for rank in best) >= 8, best
+
+
+def test_evaluate_opens_each_run_once_and_hashes_each_file_once(with_refs, tmp_path,
+                                                                monkeypatch):
+    """An evaluation with the run's references exported like the file: the file's manifest,
+    its run and each reference are read and verified once and passed down (they were opened
+    2 to 4 times and model.safetensors hashed 3 to 5 times)."""
+    import collections
+    import sys
+
+    import safeexport.rundir
+    import safeexport.runio
+
+    _, run, exported = with_refs
+    api.evaluate(exported.path, json_out=tmp_path / "warm.json", references_export=True)
+    refs = references_of(RunDir(run.path))
+    assert len(refs) >= 2
+    opened, hashed = collections.Counter(), collections.Counter()
+    originals = {"open_run": safeexport.runio.open_run,
+                 "sha256_file": safeexport.rundir.sha256_file}
+
+    def counting(name, counter):
+        def wrapper(path):
+            counter[Path(path).resolve()] += 1
+            return originals[name](path)
+        return wrapper
+
+    fakes = {"open_run": counting("open_run", opened),
+             "sha256_file": counting("sha256_file", hashed)}
+    for module in list(sys.modules.values()):  # wherever a stage imported them
+        if getattr(module, "__name__", "").split(".")[0] in (
+                "safeexport", "compressor", "exporters", "device_eval", "study", "commands"):
+            for name, fake in fakes.items():
+                if getattr(module, name, None) is originals[name]:
+                    monkeypatch.setattr(module, name, fake)
+    api.evaluate(exported.path, json_out=tmp_path / "e.json", references_export=True,
+                 overwrite=True)
+    assert opened == {p.path.resolve(): 1 for p in (run, *refs)}
+    assert hashed and max(hashed.values()) == 1, hashed
+    assert hashed[exported.path.resolve()] == 1 and hashed[run.model.resolve()] == 1

@@ -126,9 +126,3 @@ def test_a_run_recorded_before_the_score_was_split_off_read_its_attack_in_the_lo
     assert CompressConfig.from_recorded(recorded).score == "loss"
     assert CompressConfig.from_recorded({**recorded, "score": "nasr"}).score == "nasr"
 
-
-def test_the_command_line_offers_every_registered_attack_as_score_and_attack():
-    from commands.cli import ATTACK_NAMES
-    from safeexport.attacks import ATTACKS
-
-    assert sorted(ATTACK_NAMES) == sorted(ATTACKS.names())

@@ -190,7 +190,7 @@ def test_dense_references_are_built_once_per_seed_and_shared_by_every_row(tmp_pa
     ("safecompress/select", "is not KEY=VALUE"),
     ("safecompress/finetune_iters=many", "finetune_iters must be an integer"),
     ("safecompress/bogus=1", "unknown config keys: bogus"),
-    ("safecompress/select=best", "unknown selection 'best'"),
+    ("safecompress/select=best", "unknown select 'best'"),
     ("magic/select=random", "unknown method 'magic'"),
 ])
 def test_a_variant_is_checked_before_anything_runs(spec, message, tmp_path):

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from compressor.config import BASELINES
 from compressor.setup import Setup, train_dense
 from compressor.train import TrainState
+from safeexport import names
 from safeexport.registry import Registry
 
 
@@ -101,6 +101,4 @@ def mia_pruning(setup: Setup) -> Outcome:
                    steps=setup.total + a["admm_iters"] + a["retrain_iters"])
 
 
-if tuple(METHODS.names()) != BASELINES:  # one list of names: the config's
-    raise RuntimeError(f"the registered baselines {METHODS.names()} differ from "
-                       f"compressor.config.BASELINES {list(BASELINES)}")
+METHODS.check(names.BASELINES)

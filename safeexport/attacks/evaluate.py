@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safeexport import names
 from safeexport.attacks.base import Attack, AttackResult, Signals, is_member_of
-from safeexport.attacks.reference import REFERENCE_ATTACKS, fit_threshold
+from safeexport.attacks.reference import fit_threshold
 from safeexport.attacks.threshold import THRESHOLD_ATTACKS
 from safeexport.metrics import (
     RESAMPLES,
@@ -74,7 +75,7 @@ class MembershipResult:
         if self.seeds:
             out["attack_seeds"] = self.seeds
         if self.reference:
-            out["reference_attacks"] = {**figures(REFERENCE_ATTACKS),
+            out["reference_attacks"] = {**figures(names.REFERENCE_ATTACKS),
                                         "settings": self.reference}
         return out
 

@@ -29,7 +29,6 @@ PER_EXAMPLE_VARIANCE_AT = 64  # LiRA: from this many references, a variance per 
 A_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)  # RMIA's offline factor a, tuned on this grid
 # a = 1 makes p(x) the references' mean (no prior): used when a cannot be tuned (K < 3)
 UNTUNED_A = 1.0
-REFERENCE_ATTACKS = ("lira", "rmia")
 
 
 def margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -233,17 +232,19 @@ def reference_attacks(target: list[Signals], parts: list[np.ndarray], refs: Refe
 
 
 def reference_outputs(run: RunDir, index: np.ndarray, k: int | None = None,
-                      data_dir: Path | None = None, files: list[Path] | None = None):
+                      data_dir: Path | None = None, files: list[Path] | None = None,
+                      references: list[RunDir] | None = None):
     """``References`` (attacks/reference.py) of ``run``: each reference's logits on the
     samples ``index`` and which of them it trained on; None with fewer than 2. The logits
     are the references' PyTorch models', or with ``files`` (one export per reference, in
     its exports/) those files' in their host runtime. Each reference reads the data through
     its own run (a text reference has its own tokenizer) and must have been split on the
-    run's data."""
+    run's data. ``references``: the run's first ``k`` references, opened already (a command
+    that reads their outputs twice opens them once)."""
     from safeexport.runio import inputs_of, load_data, references_of
     from safeexport.runtimes import open_runtime
 
-    refs = references_of(run, k)
+    refs = references if references is not None else references_of(run, k)
     if len(refs) < 2:
         return None
     if files is not None and [Path(f).parent.parent.resolve() for f in files] != [

@@ -14,6 +14,7 @@ import copy
 import numpy as np
 import torch
 
+from safeexport import names
 from safeexport.attacks.base import AttackResult, Signals, is_member_of
 from safeexport.metrics import RESAMPLES, mia_metrics
 
@@ -57,8 +58,8 @@ def modified_entropy_score(s: Signals) -> np.ndarray:
     return (1 - p[rows]) * lp[rows] + other.sum(axis=1)
 
 
-THRESHOLD_ATTACKS = {"loss": loss_score, "confidence": confidence_score,
-                     "entropy": entropy_score, "modified_entropy": modified_entropy_score}
+THRESHOLD_ATTACKS = dict(zip(names.THRESHOLD_ATTACKS, (loss_score, confidence_score, entropy_score,
+                                                      modified_entropy_score), strict=True))
 
 
 def best_threshold(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:

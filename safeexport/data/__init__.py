@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safeexport import names
 from safeexport.data.base import ArrayDataset, stratified_sample, to_tensor
 from safeexport.data.download import Resource, fetch
 from safeexport.data.images import (
@@ -110,14 +111,12 @@ DATASETS.register("yelp5", DatasetInfo(
                                   "get yelp_review_full_csv (train.csv, test.csv), "
                                   "pass --data-dir"),
     "text", "Yelp review full CSV (class, text), 5 classes"))
+DATASETS.check(names.DATASETS)
 
 
 def dataset_names() -> list[str]:
     """Registered names plus the patterns for a user's own data."""
     return DATASETS.names() + ["npz:PATH", "folder:PATH", "torch:package.module:factory"]
-
-
-USER_PREFIXES = ("npz:", "folder:", "torch:")
 
 
 def load_torch_dataset(ref: str) -> ArrayDataset:

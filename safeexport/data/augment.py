@@ -10,7 +10,6 @@ import torch
 
 from safeexport.errors import ConfigError
 
-AUGMENTS = ("auto", "crop-flip", "none")
 NATURAL_IMAGES = ("cifar10", "cifar100", "tinyimagenet")  # what ``auto`` augments
 PAD = 4
 

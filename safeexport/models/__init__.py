@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from safeexport import names
 from safeexport.data import ArrayDataset
 from safeexport.errors import ConfigError
 from safeexport.models.text import TextClassifier
@@ -46,6 +47,7 @@ MODELS.register("bert", ModelInfo(lambda **kw: TextClassifier("bert", **kw), ("t
                                   "BERT classifier (transformers)"))
 MODELS.register("roberta", ModelInfo(lambda **kw: TextClassifier("roberta", **kw), ("text",),
                                      "RoBERTa classifier (transformers)"))
+MODELS.check(names.MODELS)
 
 DEFAULT_MODEL = {"image": "cnn", "tabular": "mlp", "text": "bert"}
 
