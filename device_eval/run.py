@@ -8,6 +8,7 @@ the outputs the two models give.
 """
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from safeexport.attacks.evaluate import (
     joint_attack,
     write_exposure_csv,
 )
-from safeexport.attacks.final import final_membership, fitted_to_each, model_figures
+from safeexport.attacks.final import final_membership, fitted_to, holder_start, model_figures
 from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
@@ -161,9 +162,22 @@ def measure(logits: np.ndarray, pos: dict, y: np.ndarray, splits, num_classes: i
 HOLDER_TRAINED = ("class-relative",)  # trained for the file's holder besides --attack
 
 
-def held_by_file(before_logits: np.ndarray, after_logits: np.ndarray, pos: dict,
-                 y: np.ndarray, splits, num_classes: int, attack: str, epochs: int, seed: int,
-                 bres: MembershipResult) -> dict[str, tuple[AttackResult, AttackResult]]:
+@dataclass
+class PyTorchSide:
+    """What an evaluation measures on the run's PyTorch model, the same for every file of the
+    run under the same settings: its logits on the rows ``pos`` maps, the references'
+    outputs, its figures and ``MembershipResult``, and each holder attacker's start and fit
+    to it (``held_by_file``)."""
+
+    logits: np.ndarray
+    refs: References | None
+    figures: dict
+    result: MembershipResult
+    holders: dict[str, tuple]  # "ATTACK@file" -> (start, the fit to the PyTorch model)
+
+
+def held_by_file(side: PyTorchSide, after_logits: np.ndarray, pos: dict, y: np.ndarray,
+                 splits, epochs: int, seed: int) -> dict[str, tuple[AttackResult, AttackResult]]:
     """The trained attackers (``attack`` and ``HOLDER_TRAINED``) as an attacker who holds the
     file fits them to it, each paired with the same fit to the PyTorch model (before, after;
     ``fitted_to_each``), named ``ATTACK@file``. Every other attack of the verdict is fitted
@@ -175,14 +189,24 @@ def held_by_file(before_logits: np.ndarray, after_logits: np.ndarray, pos: dict,
     same reason these pairs are compared on AUC and TPR only: a trained attacker's threshold
     is fitted on a fifth of the known data (90 + 44 on digits), and the 8-bit file's nasr@file
     read +1.34 points of MIA accuracy [+0.45, +2.46] from it, with AUC +0.05."""
-    pairs = {}
-    for name in dict.fromkeys([attack, *HOLDER_TRAINED]):
-        if ATTACKS.get(name)(num_classes, "cpu").trains:
-            pairs[f"{name}@file"] = fitted_to_each(
-                rows_of(before_logits, pos), rows_of(after_logits, pos), y, splits,
-                num_classes, name, epochs, seed, TAG, torch.device("cpu"),
-                bres.attackers[0] if name == attack else None)
-    return pairs
+    return {name: (before, fitted_to(rows_of(after_logits, pos), y, splits, start, epochs, seed,
+                                     TAG))
+            for name, (start, before) in side.holders.items()}
+
+
+_SIDES: dict[tuple, PyTorchSide] = {}  # the last few PyTorch sides measured in this process
+SIDES_KEPT = 4
+
+
+def _pytorch_side(key: tuple, make) -> PyTorchSide:
+    """``make()``'s ``PyTorchSide``, reused for the next file of the same run under the same
+    settings (``key``: everything it depends on): evaluating several exports of one run, as
+    ``--all``, a study or a joint attack does, measures the PyTorch model once."""
+    if key not in _SIDES:
+        while len(_SIDES) >= SIDES_KEPT:
+            _SIDES.pop(next(iter(_SIDES)))
+        _SIDES[key] = make()
+    return _SIDES[key]
 
 
 def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
@@ -377,36 +401,54 @@ def _evaluate(target: Target, cfg: EvalConfig, json_out: Path | None, data_dir: 
                               f"run has {ds.num_classes} classes")
         after_logits = file_logits(rt, inputs, cfg.chunk, f"{rt.name} {model_file.name}")
         runtime = {"name": rt.name, "version": rt.version, "threads": rt.threads}
-    with open_runtime(rd.model, "torch") as ref:
-        before_logits = file_logits(ref, inputs, cfg.chunk, "torch model.safetensors")
     if not np.isfinite(after_logits).all():
         raise ConfigError(f"{model_file.name} produced non-finite logits in {rt.name}")
 
     # the PyTorch model is attacked with the references' PyTorch models, the file with the
     # references exported like it when they were (--references-export)
-    refs = before_refs = None
-    if cfg.references != 0:
-        index = np.concatenate([splits.known_members, splits.known_nonmembers, um, un])
-        runs = references_of(rd, cfg.references)  # opened once, read twice
-        refs = before_refs = reference_outputs(rd, index, cfg.references, data_dir,
-                                               references=runs)
-        if cfg.references and (refs is None or len(refs) < cfg.references):
-            raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
-                              "models; build them with `safeexport evaluate --references K` "
-                              "or `safeexport compress --references K`")
-        if reference_files is not None:
-            refs = reference_outputs(rd, index, cfg.references, data_dir, reference_files,
-                                     references=runs)
+    index = np.concatenate([splits.known_members, splits.known_nonmembers, um, un])
+    runs = references_of(rd, cfg.references) if cfg.references != 0 else []
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
     args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
-    before, bres = measure(before_logits, *args, before_refs)
+
+    def measure_pytorch() -> PyTorchSide:
+        with open_runtime(rd.model, "torch") as ref:
+            logits = file_logits(ref, inputs, cfg.chunk, "torch model.safetensors")
+        refs = (reference_outputs(rd, index, cfg.references, data_dir, references=runs)
+                if cfg.references != 0 else None)
+        figures, res = measure(logits, *args, refs)
+        holders = {}
+        for name in dict.fromkeys([attack, *HOLDER_TRAINED]):
+            if ATTACKS.get(name)(ds.num_classes, "cpu").trains:
+                start = res.attackers[0] if name == attack else holder_start(
+                    rows_of(logits, pos), ds.y, splits, ds.num_classes, name, epochs,
+                    rc["seed"], TAG, torch.device("cpu"))
+                holders[f"{name}@file"] = (start, fitted_to(rows_of(logits, pos), ds.y, splits,
+                                                            start, epochs, rc["seed"], TAG))
+        return PyTorchSide(logits, refs, figures, res, holders)
+
+    # everything the PyTorch side depends on: the run's recorded files (model, config,
+    # split), the data, the attack settings, the references and the thread count
+    key = (str(rd.path.resolve()), json.dumps(rd.read_report()["files"], sort_keys=True),
+           str(data_dir), attack, epochs, seeds, cfg.references, cfg.chunk, len(needed),
+           tuple((str(r.path), r.report.stat().st_mtime_ns) for r in runs),
+           torch.get_num_threads())
+    side = _pytorch_side(key, measure_pytorch)
+    before_logits, before, bres = side.logits, side.figures, side.result
+    refs = side.refs
+    if cfg.references and (refs is None or len(refs) < cfg.references):
+        raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
+                          "models; build them with `safeexport evaluate --references K` "
+                          "or `safeexport compress --references K`")
+    if reference_files is not None:
+        refs = reference_outputs(rd, index, cfg.references, data_dir, reference_files,
+                                 references=runs)
     # the trained attacker is fitted once, on the PyTorch model, and applied to the file: a
     # file whose outputs equal the model's gets identical scores
     after, ares = measure(after_logits, *args, refs, bres.attackers)
     test_rows = [pos[i] for i in splits.test]
     parity = logit_parity(before_logits[test_rows], after_logits[test_rows], ds.y[splits.test])
-    held = held_by_file(before_logits, after_logits, pos, ds.y, splits, ds.num_classes, attack,
-                        epochs, rc["seed"], bres)
+    held = held_by_file(side, after_logits, pos, ds.y, splits, epochs, rc["seed"])
     verdict = _verdict(before, after, bres, ares, cfg, len(ds), held)
     keys = ("task_acc", "train_acc", "mia_acc", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
             "tm_score")

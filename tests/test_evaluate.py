@@ -37,6 +37,7 @@ def test_torch_runtime_reproduces_the_compressors_figures(run, tmp_path, monkeyp
     from safeexport.executors import torch_threads
 
     recorded = json.loads((run / "config.json").read_text())["config"]["threads"]
+    device_eval.run._SIDES.clear()  # the PyTorch side is measured here, not reused
     seen, real = [], device_eval.run.measure
     monkeypatch.setattr(device_eval.run, "measure",
                         lambda *a, **kw: seen.append(torch.get_num_threads()) or real(*a, **kw))
@@ -238,3 +239,29 @@ def test_cli_compress_export_evaluate_on_the_digits_default(tmp_path):
             assert r.returncode == EXIT[outcome] and outcome in r.stdout, r.stderr
             assert report["samples"]["eval_members"] == report["samples"]["eval_nonmembers"]
             assert report["before"]["task_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_a_second_file_of_a_run_reuses_its_pytorch_side_with_the_same_figures(run, tmp_path,
+                                                                             monkeypatch):
+    """The PyTorch model's side of an evaluation (its logits, figures, trained attacker and
+    the holder attackers' fits to it) is measured once per run and settings in a process:
+    the next file of the run reads the same figures a fresh process would, and other
+    settings measure it again."""
+    import device_eval.run
+
+    f = _exp(run, "model-onnx-w8-weight-only.onnx")
+    device_eval.run._SIDES.clear()
+    measured, real = [], device_eval.run.measure
+    monkeypatch.setattr(device_eval.run, "measure",
+                        lambda *a, **kw: measured.append(1) or real(*a, **kw))
+    first = evaluate(f, EvalConfig(), json_out=tmp_path / "a.json").report
+    second = evaluate(f, EvalConfig(), json_out=tmp_path / "b.json").report
+    assert len(measured) == 3  # the PyTorch model once, the file twice
+    device_eval.run._SIDES.clear()
+    fresh = evaluate(f, EvalConfig(), json_out=tmp_path / "c.json").report
+    assert len(measured) == 5
+    for r in (second, fresh):
+        for key in ("before", "after", "verdict", "exposure"):
+            assert r[key] == first[key], key
+    evaluate(f, EvalConfig(attack_epochs=5), json_out=tmp_path / "d.json")
+    assert len(measured) == 7  # other settings: the PyTorch side again

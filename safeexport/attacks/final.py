@@ -91,26 +91,41 @@ def _attacker(attack: str, num_classes: int, seed: int, tags: tuple, device: tor
         return ATTACKS.get(attack)(num_classes, device)
 
 
+def holder_start(before: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
+                 splits: Splits, num_classes: int, attack: str, epochs: int, seed: int,
+                 tag: str, device: torch.device):
+    """Where an attacker who holds a model starts: ``attack`` trained on the ``before``
+    model's known outputs, as ``final_membership`` trains its first seed."""
+    start = _attacker(attack, num_classes, seed, (tag,), device)
+    start.fit(*_signals(before, labels, _indices(splits)[:2]), epochs,
+              generator(seed, "final-attack", tag))
+    return start
+
+
+def fitted_to(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, splits: Splits,
+              start, epochs: int, seed: int, tag: str) -> AttackResult:
+    """A copy of ``start`` trained further on one model's OWN known outputs (the same batches,
+    held-out split and early stopping for every model) and scored on its unknown ones,
+    without intervals."""
+    return fit_and_score(start.clone(), *_signals(logits, labels, _indices(splits)), epochs,
+                         generator(seed, "holder-attack", tag), resamples=0)
+
+
 def fitted_to_each(before: Callable[[np.ndarray], np.ndarray],
                    after: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
                    splits: Splits, num_classes: int, attack: str, epochs: int, seed: int,
                    tag: str, device: torch.device, start=None
                    ) -> tuple[AttackResult, AttackResult]:
     """The trained ``attack`` as an attacker who holds each of two models fits it: from the
-    same start (``start``, or ``attack`` trained on the ``before`` model's known outputs as
-    ``final_membership`` trains its first seed), a copy trained further on each model's OWN
-    known outputs with the same batches, held-out split and early stopping, and scored on
-    that model's unknown ones, without intervals. Equal outputs give equal scores; outputs
-    that barely differ give copies that barely differ (two fits from scratch diverge: on
-    digits their paired AUC interval spanned 10 points for an 8-bit file that agrees on every
-    prediction), while an arrangement only the ``after`` model has is learnt by its copy."""
-    index = _indices(splits)
-    parts = _signals(before, labels, index), _signals(after, labels, index)
+    same start (``start``, or ``holder_start`` on the ``before`` model), ``fitted_to`` each
+    model. Equal outputs give equal scores; outputs that barely differ give copies that
+    barely differ (two fits from scratch diverge: on digits their paired AUC interval spanned
+    10 points for an 8-bit file that agrees on every prediction), while an arrangement only
+    the ``after`` model has is learnt by its copy."""
     if start is None:
-        start = _attacker(attack, num_classes, seed, (tag,), device)
-        start.fit(*parts[0][:2], epochs, generator(seed, "final-attack", tag))
-    b, a = (fit_and_score(start.clone(), *p, epochs, generator(seed, "holder-attack", tag),
-                          resamples=0) for p in parts)
+        start = holder_start(before, labels, splits, num_classes, attack, epochs, seed, tag,
+                             device)
+    b, a = (fitted_to(m, labels, splits, start, epochs, seed, tag) for m in (before, after))
     return b, a
 
 
