@@ -408,6 +408,10 @@ def _evaluate(target: Target, cfg: EvalConfig, json_out: Path | None, data_dir: 
     # references exported like it when they were (--references-export)
     index = np.concatenate([splits.known_members, splits.known_nonmembers, um, un])
     runs = references_of(rd, cfg.references) if cfg.references != 0 else []
+    if cfg.references and len(runs) < cfg.references:  # refused before anything is measured
+        raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
+                          "models; build them with `safeexport evaluate --references K` "
+                          "or `safeexport compress --references K`")
     seeds = cfg.attack_seeds or rc.get("attack_seeds", 1)
     args = (pos, ds.y, splits, ds.num_classes, attack, epochs, rc["seed"], rc["lam"], seeds)
 
@@ -436,10 +440,6 @@ def _evaluate(target: Target, cfg: EvalConfig, json_out: Path | None, data_dir: 
     side = _pytorch_side(key, measure_pytorch)
     before_logits, before, bres = side.logits, side.figures, side.result
     refs = side.refs
-    if cfg.references and (refs is None or len(refs) < cfg.references):
-        raise ConfigError(f"{rd.path} has fewer than {cfg.references} finished reference "
-                          "models; build them with `safeexport evaluate --references K` "
-                          "or `safeexport compress --references K`")
     if reference_files is not None:
         refs = reference_outputs(rd, index, cfg.references, data_dir, reference_files,
                                  references=runs)

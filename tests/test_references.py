@@ -565,3 +565,15 @@ def test_evaluate_opens_each_run_once_and_hashes_each_file_once(with_refs, tmp_p
     assert opened == {p.path.resolve(): 1 for p in (run, *refs)}
     assert hashed and max(hashed.values()) == 1, hashed
     assert hashed[exported.path.resolve()] == 1 and hashed[run.model.resolve()] == 1
+
+
+def test_too_few_references_are_refused_before_anything_is_measured(with_refs, tmp_path,
+                                                                     monkeypatch):
+    import device_eval.run
+
+    _, run, exported = with_refs
+    have = len(references_of(RunDir(run.path)))
+    monkeypatch.setattr(device_eval.run, "measure", lambda *a, **kw: pytest.fail("measured"))
+    with pytest.raises(SafeExportError, match=f"fewer than {have + 2} finished reference"):
+        evaluate(exported.path, EvalConfig(references=have + 2), json_out=tmp_path / "e.json")
+    assert not (tmp_path / "e.json").exists()
