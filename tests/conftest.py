@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,28 @@ def tiny_config(**overrides) -> CompressConfig:
     return CompressConfig(**base)
 
 
+class RunsOnDemand(Mapping):
+    """``key -> run path`` for the keys given, each run made by ``make(key)`` when a test first
+    asks for it: a module's tests share the runs, and no single test waits for all of them (a
+    fast test takes at most 30 s). Iterating gives the keys; the values make every run."""
+
+    def __init__(self, keys, make: Callable[[object], Path]) -> None:
+        self._keys, self._make, self._made = tuple(keys), make, {}
+
+    def __getitem__(self, key) -> Path:
+        if key not in self._keys:
+            raise KeyError(key)
+        if key not in self._made:
+            self._made[key] = self._make(key)
+        return self._made[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def write_agnews_csv(folder: Path, n: int = 400) -> None:
     """A two-topic AG-News-layout train.csv in ``folder/ag_news`` that a tiny BERT learns."""
     rng = np.random.default_rng(0)
@@ -116,6 +139,21 @@ def pytest_addoption(parser):
     parser.addoption("--full", action="store_true",
                      help="the full suite (what CI runs): also the tests marked slow, the "
                           "real-data tier and the emulated phone")
+    parser.addoption("--threads", type=int, default=1,
+                     help="torch CPU threads of each test process and the commands it starts "
+                          "(default 1: with one test process per core, more threads only "
+                          "fight over the cores, and another job on the machine multiplies "
+                          "the time of tests that spin more threads than it has cores)")
+
+
+def pytest_configure(config):
+    """Every test process trains on ``--threads`` threads, whatever the machine's core count;
+    a test that needs another count sets it itself (torch_threads)."""
+    threads = config.getoption("--threads")
+    if threads < 1:
+        raise pytest.UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the commands a test starts as processes
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,18 +18,22 @@ from exporters.config import ExportConfig
 from safeexport.errors import ConfigError
 from safeexport.rundir import RunDir
 from safeexport.runio import load_model, open_run
-from tests.conftest import FAST_EXPORT, cli, one_error_line, tiny_config
+from tests.conftest import FAST_EXPORT, RunsOnDemand, cli, one_error_line, tiny_config
 from tests.test_compress import _rebuild
 
 BASELINES = ["dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd", "kd-dp", "kd-advreg",
              "kd-dmp", "mia-pr"]
 
 
+# the module's tests share its runs: one test process runs them all
+pytestmark = pytest.mark.xdist_group("baselines")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory) -> RunsOnDemand:
     root = tmp_path_factory.mktemp("baselines")
-    return {m: compress(tiny_config(method=m, retrain_epochs=2), root / m).path
-            for m in ("safecompress", *BASELINES)}
+    return RunsOnDemand(("safecompress", *BASELINES), lambda m: compress(
+        tiny_config(method=m, retrain_epochs=2), root / m).path)
 
 
 def _report(run) -> dict:

@@ -97,10 +97,19 @@ def test_verdict_and_exit_codes(run, tmp_path):
         r = cli("evaluate", two_bit, "--json", tmp_path / "c2.json", "--max-task-drop", "1",
                 "--max-mia-rise", "0", "--inconclusive-ok")
         assert r.returncode == 0 and "INCONCLUSIVE" in r.stdout and "warning" in r.stderr
-    # the same command through the module entry point
-    m = cli_process(two_bit, "--json", tmp_path / "d.json", "--max-task-drop", "1",
-                    "--max-mia-rise", "1", module="device_eval")
+
+
+def test_the_module_entry_point_gives_the_commands_verdict(run, tmp_path):
+    """``python -m device_eval FILE``, a process of its own, is ``safeexport evaluate FILE``."""
+    two_bit = _exp(run, "model-tflite-w2-weight-only.tflite")
+    flags = ("--max-task-drop", "1", "--max-mia-rise", "1")
+    m = cli_process(two_bit, "--json", tmp_path / "m.json", *flags, module="device_eval")
     assert m.returncode == 0 and "PASS" in m.stdout, m.stderr
+    r = cli("evaluate", two_bit, "--json", tmp_path / "c.json", *flags)
+    assert r.returncode == 0
+    by_module, by_command = (json.loads((tmp_path / f).read_text())["verdict"]
+                             for f in ("m.json", "c.json"))
+    assert by_module == by_command
 
 
 def _rule(v: dict) -> str:

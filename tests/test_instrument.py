@@ -30,7 +30,7 @@ from safeexport.metrics import (
 )
 from safeexport.plots import fmt_interval
 from study.tables import Column, Row, markdown
-from tests.conftest import FAST_EXPORT, tiny_config
+from tests.conftest import FAST_EXPORT, RunsOnDemand, tiny_config
 
 
 def _gap_signals(n: int, margin: float, spread: float, g: torch.Generator,
@@ -412,24 +412,30 @@ def test_attack_seeds_give_mean_and_std_of_the_trained_attacker(tmp_path):
     assert spread["auc"]["std"] == pytest.approx(np.std(values, ddof=1))
 
 
+@pytest.fixture(scope="module")
+def lossless_runs(tmp_path_factory) -> RunsOnDemand:
+    """A tiny run per seed whose trained attacker has time to learn (40 epochs)."""
+    root = tmp_path_factory.mktemp("lossless")
+    return RunsOnDemand((1, 2), lambda seed: compress(tiny_config(
+        seed=seed, final_attack_epochs=40, dense_reference=False), root / str(seed)).path)
+
+
+@pytest.mark.parametrize("fmt,bits", [("onnx", 32), ("onnx", 16), ("tflite", 32)])
 @pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_lossless_exports_pass_the_verdict(seed, tmp_path):
+def test_lossless_exports_pass_the_verdict(seed, fmt, bits, lossless_runs, tmp_path):
     """float32 and float16 files differ from PyTorch by rounding only: whatever the attacks
     read, the paired comparison must not call that a privacy loss."""
-    run = compress(tiny_config(seed=seed, final_attack_epochs=40, dense_reference=False),
-                   tmp_path / "r").path
-    for fmt, bits in (("onnx", 32), ("onnx", 16), ("tflite", 32)):
-        exp = export(ExportConfig(format=fmt, bits=bits, **FAST_EXPORT), run)
-        res = evaluate(exp.path, EvalConfig(), json_out=tmp_path / f"{fmt}{bits}.json")
-        v = res.report["verdict"]
-        assert res.passed and v["outcome"] == "PASS", (fmt, bits, v)
-        # every attack is compared, the trained one fitted once on PyTorch and applied to the
-        # file (on a float32 file it gives the same ranking), and the trained ones fitted to
-        # each model as the file's holder would fit them
-        assert set(v["attacks"]) == {"nasr", "loss", "confidence", "entropy", "modified_entropy",
-                                     "nasr@file", "class-relative@file"}
-        if bits == 32:
-            assert v["rises"]["attacks"]["nasr"]["auc"]["delta"] == pytest.approx(0, abs=1e-3)
+    exp = export(ExportConfig(format=fmt, bits=bits, **FAST_EXPORT), lossless_runs[seed])
+    res = evaluate(exp.path, EvalConfig(), json_out=tmp_path / "e.json")
+    v = res.report["verdict"]
+    assert res.passed and v["outcome"] == "PASS", v
+    # every attack is compared, the trained one fitted once on PyTorch and applied to the
+    # file (on a float32 file it gives the same ranking), and the trained ones fitted to the
+    # file as its holder would fit them
+    assert set(v["attacks"]) == {"nasr", "loss", "confidence", "entropy", "modified_entropy",
+                                 "nasr@file", "class-relative@file"}
+    if bits == 32:
+        assert v["rises"]["attacks"]["nasr"]["auc"]["delta"] == pytest.approx(0, abs=1e-3)
 
 
 def trojan(logits: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from tests.device import rig
 
 REQUIRED = os.environ.get("SAFEEXPORT_DEVICE_RIG") == "require"
 STATE = {"device": "device", "unauthorized": "unauthorized", "offline": "offline"}
-# (file, runner, inputs, max |logit difference|, argmax agreement, membership agreement)
+# (file, runner, inputs, max |logit difference|, argmax agreement, membership agreement), from
+# each test's "comparison" property: the reports reach this process from every test process
 COMPARISONS: list[tuple] = []
 SPENT = {"seconds": 0.0, "tests": 0}
 
@@ -83,6 +84,7 @@ def pytest_runtest_logreport(report):
     if report.nodeid.startswith("tests/device/"):
         SPENT["seconds"] += report.duration
         SPENT["tests"] += report.when == "call"
+        COMPARISONS.extend(v for k, v in report.user_properties if k == "comparison")
 
 
 def pytest_terminal_summary(terminalreporter):

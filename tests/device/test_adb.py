@@ -20,11 +20,12 @@ from safeexport.attacks.final import final_membership
 from safeexport.errors import DeviceError
 from safeexport.runio import inputs_of, load_data, open_run
 from safeexport.runtimes import open_runtime
-from tests.device.conftest import COMPARISONS
 from tests.device.rig import Device
 from tests.test_compress import cli
 
 HERE = Path(__file__).parent
+# one test process runs them all: they share the arm64 root, which a session cleans at its start
+pytestmark = pytest.mark.xdist_group("arm64-root")
 FLOAT_TFLITE = "model-tflite-w32-weight-only.tflite"
 
 
@@ -51,8 +52,10 @@ def _decisions(logits: np.ndarray, run: Path) -> tuple[np.ndarray, dict]:
     return res.scores > 0.5, res.metrics
 
 
-def _compare(run: Path, name: str, serial: str, runner: str, rows: int | None = None) -> None:
-    """Same file, same inputs: logits from the phone against the host runtime's."""
+def _compare(run: Path, name: str, serial: str, runner: str, record, rows: int | None = None
+             ) -> None:
+    """Same file, same inputs: logits from the phone against the host runtime's, recorded
+    (``record_property``) for the tier's summary table."""
     path = _exp(run, name)
     ds, _ = load_data(open_run(run))
     x = inputs_of(ds, np.arange(rows or len(ds.y)))
@@ -69,7 +72,7 @@ def _compare(run: Path, name: str, serial: str, runner: str, rows: int | None = 
         membership = float((dec_got == dec_want).mean())
         assert membership == 1.0
         assert m_got["mia_acc"] == m_want["mia_acc"]
-    COMPARISONS.append((name, runner, len(x), diff, argmax, membership))
+    record("comparison", (name, runner, len(x), diff, argmax, membership))
     assert argmax == 1.0
     assert diff < 1e-3 * max(1.0, float(np.abs(want).max()))
     assert _device_state(serial) == ("", "")
@@ -78,18 +81,19 @@ def _compare(run: Path, name: str, serial: str, runner: str, rows: int | None = 
 @pytest.mark.parametrize("name", ["model-onnx-w32-weight-only.onnx",
                                   "model-onnx-w8-weight-only.onnx", FLOAT_TFLITE,
                                   "model-tflite-w8-static.tflite"])
-def test_python_runner_on_the_phone_matches_the_host(run, phone, name):
-    _compare(run, name, phone.serial, "python")
+def test_python_runner_on_the_phone_matches_the_host(run, phone, name, record_property):
+    _compare(run, name, phone.serial, "python", record_property)
 
 
 @pytest.mark.parametrize("name", [FLOAT_TFLITE, "model-tflite-w8-static.tflite"])
-def test_benchmark_model_runner_on_the_phone_matches_the_host(run, phone, name):
+def test_benchmark_model_runner_on_the_phone_matches_the_host(run, phone, name,
+                                                             record_property):
     adb = Adb("adb", phone.serial, 60)
     adb.run("push", str(HERE / "benchmark_model.py"), "/data/local/tmp/benchmark_model")
     adb.shell("chmod", "755", "/data/local/tmp/benchmark_model")
     try:
         # one invocation per batch of 25: 50 inputs keep the emulated imports to two
-        _compare(run, name, phone.serial, "benchmark_model", rows=50)
+        _compare(run, name, phone.serial, "benchmark_model", record_property, rows=50)
     finally:
         adb.shell("rm", "-f", "/data/local/tmp/benchmark_model")
 
