@@ -25,7 +25,7 @@ from safeexport.attacks.evaluate import (
     joint_attack,
     write_exposure_csv,
 )
-from safeexport.attacks.final import final_membership, fitted_to, holder_start, model_figures
+from safeexport.attacks.final import final_membership, held_pair, holder_start, model_figures
 from safeexport.attacks.reference import References, reference_outputs
 from safeexport.data.splits import balanced
 from safeexport.errors import ConfigError
@@ -166,32 +166,32 @@ HOLDER_TRAINED = ("class-relative",)  # trained for the file's holder besides --
 class PyTorchSide:
     """What an evaluation measures on the run's PyTorch model, the same for every file of the
     run under the same settings: its logits on the rows ``pos`` maps, the references'
-    outputs, its figures and ``MembershipResult``, and each holder attacker's start and fit
-    to it (``held_by_file``)."""
+    outputs, its figures and ``MembershipResult``, and where each holder attacker starts
+    (``held_by_file``)."""
 
     logits: np.ndarray
     refs: References | None
     figures: dict
     result: MembershipResult
-    holders: dict[str, tuple]  # "ATTACK@file" -> (start, the fit to the PyTorch model)
+    holders: dict[str, object]  # "ATTACK@file" -> the attacker it starts from
 
 
 def held_by_file(side: PyTorchSide, after_logits: np.ndarray, pos: dict, y: np.ndarray,
                  splits, epochs: int, seed: int) -> dict[str, tuple[AttackResult, AttackResult]]:
     """The trained attackers (``attack`` and ``HOLDER_TRAINED``) as an attacker who holds the
-    file fits them to it, each paired with the same fit to the PyTorch model (before, after;
-    ``fitted_to_each``), named ``ATTACK@file``. Every other attack of the verdict is fitted
-    once, on the PyTorch model, and applied to the file: it cannot learn what only the file
-    does (a class arrangement the model never had). The threshold attacks are not refitted:
-    the best threshold a holder could pick is bounded by the ROC curve, which AUC and TPR
-    measure without one, while a threshold refitted on 224 + 224 digits samples moved MIA
-    accuracy by up to 4.5 points for an 8-bit file that agrees on every prediction. For the
-    same reason these pairs are compared on AUC and TPR only: a trained attacker's threshold
-    is fitted on a fifth of the known data (90 + 44 on digits), and the 8-bit file's nasr@file
-    read +1.34 points of MIA accuracy [+0.45, +2.46] from it, with AUC +0.05."""
-    return {name: (before, fitted_to(rows_of(after_logits, pos), y, splits, start, epochs, seed,
-                                     TAG))
-            for name, (start, before) in side.holders.items()}
+    file fits them to it, each scoring the PyTorch model and the file (``held_pair``), named
+    ``ATTACK@file``. Every other attack of the verdict is fitted once, on the PyTorch model,
+    and applied to the file: it cannot learn what only the file does (a class arrangement the
+    model never had). The threshold attacks are not refitted: the best threshold a holder
+    could pick is bounded by the ROC curve, which AUC and TPR measure without one, while a
+    threshold refitted on 224 + 224 digits samples moved MIA accuracy by up to 4.5 points for
+    an 8-bit file that agrees on every prediction. For the same reason these pairs are
+    compared on AUC and TPR only: a trained attacker's threshold is fitted on a fifth of the
+    known data (90 + 44 on digits), and the 8-bit file's nasr@file read +1.34 points of MIA
+    accuracy [+0.45, +2.46] from it, with AUC +0.05."""
+    return {name: held_pair(rows_of(side.logits, pos), rows_of(after_logits, pos), y, splits,
+                            start, epochs, seed, TAG)
+            for name, start in side.holders.items()}
 
 
 _SIDES: dict[tuple, PyTorchSide] = {}  # the last few PyTorch sides measured in this process
@@ -214,7 +214,7 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
              held: dict[str, tuple[AttackResult, AttackResult]] | None = None) -> dict:
     """PASS, FAIL or INCONCLUSIVE (SPEC §9), from the SAME samples scored by every attack on
     both models: the attacks fitted once, on the PyTorch model's known outputs, and applied to
-    both, and those of ``held`` (``held_by_file``), fitted on each model's own outputs.
+    both, and those of ``held`` (``held_by_file``), fitted to the file and applied to both.
 
     The burden of proof is on safety: for each of ``VERDICT_FIGURES`` (folded MIA accuracy,
     folded AUC, TPR at 1% FPR), the rise after − before of every attack, and the largest of
@@ -236,7 +236,7 @@ def _verdict(before: dict, after: dict, bres, ares, cfg: EvalConfig,
     # every attacker is fitted once, on the PyTorch model: its decision threshold too, so a
     # file whose outputs barely moved gets the same decisions (refitted on a few hundred known
     # samples, a threshold jumps, and a float16 file read +3 points on 50 + 50 samples)
-    # ``held``: the attacks fitted on each model's own outputs, each at its own threshold
+    # ``held``: the attacks fitted to the file, applied to both at their own threshold
     pairs = {k: (bres.results[k], ares.results[k], bres.results[k].threshold) for k in shared}
     pairs.update({k: (b, a, a.threshold) for k, (b, a) in (held or {}).items()})
     names = list(pairs)
@@ -424,11 +424,9 @@ def _evaluate(target: Target, cfg: EvalConfig, json_out: Path | None, data_dir: 
         holders = {}
         for name in dict.fromkeys([attack, *HOLDER_TRAINED]):
             if ATTACKS.get(name)(ds.num_classes, "cpu").trains:
-                start = res.attackers[0] if name == attack else holder_start(
-                    rows_of(logits, pos), ds.y, splits, ds.num_classes, name, epochs,
-                    rc["seed"], TAG, torch.device("cpu"))
-                holders[f"{name}@file"] = (start, fitted_to(rows_of(logits, pos), ds.y, splits,
-                                                            start, epochs, rc["seed"], TAG))
+                holders[f"{name}@file"] = res.attackers[0] if name == attack else \
+                    holder_start(rows_of(logits, pos), ds.y, splits, ds.num_classes, name,
+                                 epochs, rc["seed"], TAG, torch.device("cpu"))
         return PyTorchSide(logits, refs, figures, res, holders)
 
     # everything the PyTorch side depends on: the run's recorded files (model, config,
