@@ -84,28 +84,31 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> tuple[float, flo
 
 def _figures(scores: np.ndarray, is_member: np.ndarray, threshold: float,
              n_nonmembers: int) -> np.ndarray:
-    """[accuracy at ``threshold``, AUC, TPR at each FPR target (NaN when not measurable)]: the
-    statistic of every bootstrap resample. The same figures as scikit-learn's ROC gives
-    (tests/test_attack_metrics.py checks it on tied scores) from one sort in NumPy: this runs
-    1000 times per figure, and scikit-learn's per-call input validation made it most of a
-    run's final evaluation (24 of 33 s on the test config)."""
+    """[accuracy at ``threshold``, AUC, TPR at each FPR target (NaN when not measurable)]
+    along the first axis, for every row of ``scores`` (..., samples; ``is_member`` marks the
+    same columns in each): the statistic of the bootstrap, all resamples in one call. The same
+    figures as scikit-learn's ROC gives (tests/test_attack_metrics.py checks it on tied
+    scores) from one sort in NumPy: scikit-learn's per-call input validation made a run's
+    final evaluation 24 of 33 s on the test config, and a call per resample (scipy's
+    ``vectorized=False``) half of a study's time in the fast tests."""
     from scipy.stats import rankdata
 
-    sm, sn = scores[is_member], scores[~is_member]
-    n_m, n_n = len(sm), len(sn)
-    ranks = rankdata(scores)  # average ranks: a tie counts one half, as in the ROC's AUC
-    auc = (ranks[is_member].sum() - n_m * (n_m + 1) / 2) / (n_m * n_n)
-    out = [float(((scores > threshold) == is_member).mean()), float(auc)]
-    desc = np.sort(sn)[::-1]
+    scores = np.asarray(scores, dtype=np.float64)
+    sm, sn = scores[..., is_member], scores[..., ~is_member]
+    n_m, n_n = sm.shape[-1], sn.shape[-1]
+    ranks = rankdata(scores, axis=-1)  # average ranks: a tie counts one half, as in the AUC
+    auc = (ranks[..., is_member].sum(-1) - n_m * (n_m + 1) / 2) / (n_m * n_n)
+    out = [((scores > threshold) == is_member).mean(-1), auc]
+    desc = np.flip(np.sort(sn, axis=-1), axis=-1)
     for target in FPR_TARGETS.values():
         if not measurable(target, n_nonmembers):
-            out.append(np.nan)
+            out.append(np.full(auc.shape, np.nan))
             continue
         # the best threshold flags at most k non-members: every member above the (k+1)-th
         # highest non-member score (all of them when k covers every non-member)
         k = int(np.floor(target * n_n + 1e-9))
-        out.append(1.0 if k >= n_n else float((sm > desc[k]).mean()))
-    return np.array(out)
+        out.append(np.ones(auc.shape) if k >= n_n else (sm > desc[..., k:k + 1]).mean(-1))
+    return np.stack(out)
 
 
 class Bootstrap(NamedTuple):
@@ -117,23 +120,36 @@ class Bootstrap(NamedTuple):
     replicates: np.ndarray
 
 
+BOOTSTRAP_CELLS = 4_000_000  # resampled scores held at once per sample set (32 MB of float64)
+
+
 def _bootstrap(statistic, n_members: int, n_nonmembers: int, resamples: int,
                seed: int) -> Bootstrap:
     """Percentile interval of a vector ``statistic(member_idx, nonmember_idx)`` over stratified
     resamples of the evaluated members and non-members; NaN where the statistic is NaN (a TPR
-    that is not measurable), which is left out of the resampling."""
+    that is not measurable), which is left out of the resampling. The statistic takes index
+    arrays of shape (..., count) and gives (entries, ...): scipy draws the resamples in
+    batches of at most ``BOOTSTRAP_CELLS`` indices and passes each batch whole."""
     from scipy.stats import bootstrap
 
     full = np.arange(n_members), np.arange(n_nonmembers)
     defined = ~np.isnan(statistic(*full))
-    res = bootstrap(full, lambda i, j: statistic(i, j)[defined], n_resamples=resamples,
-                    confidence_level=LEVEL, method="percentile", vectorized=False,
+    batch = max(1, BOOTSTRAP_CELLS // (n_members + n_nonmembers))
+    res = bootstrap(full, lambda i, j, axis=-1: statistic(i, j)[defined],
+                    n_resamples=resamples, confidence_level=LEVEL, method="percentile",
+                    vectorized=True, batch=None if batch >= resamples else batch,
                     random_state=np.random.default_rng(seed))
     lo, hi = np.full(len(defined), np.nan), np.full(len(defined), np.nan)
     lo[defined], hi[defined] = res.confidence_interval.low, res.confidence_interval.high
     replicates = np.full((len(defined), resamples), np.nan)
     replicates[defined] = np.reshape(res.bootstrap_distribution, (int(defined.sum()), -1))
     return Bootstrap(lo, hi, replicates)
+
+
+def _joined(members: np.ndarray, nonmembers: np.ndarray, i: np.ndarray,
+            j: np.ndarray) -> np.ndarray:
+    """The scores of resampled members ``i`` then non-members ``j`` (..., count each)."""
+    return np.concatenate([members[i], nonmembers[j]], axis=-1)
 
 
 def simultaneous_lower(point: np.ndarray, replicates: np.ndarray) -> np.ndarray:
@@ -197,7 +213,7 @@ def mia_metrics(scores: np.ndarray, is_member: np.ndarray, threshold: float = 0.
     out.update(n_members=n_m, n_nonmembers=n_n, not_measurable=not_measurable,
                degenerate=bool(decisions.all() or not decisions.any()))
     if resamples:
-        lo, hi, _ = _bootstrap(lambda i, j: _figures(np.r_[sm[i], sn[j]], y, threshold, n_n),
+        lo, hi, _ = _bootstrap(lambda i, j: _figures(_joined(sm, sn, i, j), y, threshold, n_n),
                                n_m, n_n, resamples, seed)
         out["ci"] = {k: _interval(a, b) for k, a, b in zip(FIGURES, lo, hi, strict=True)}
     return out
@@ -215,8 +231,8 @@ def paired_difference(before: np.ndarray, after: np.ndarray, is_member: np.ndarr
     n_n = len(bn)
 
     def diff(i, j):
-        return (_figures(np.r_[am[i], an[j]], y, thresholds[1], n_n)
-                - _figures(np.r_[bm[i], bn[j]], y, thresholds[0], n_n))
+        return (_figures(_joined(am, an, i, j), y, thresholds[1], n_n)
+                - _figures(_joined(bm, bn, i, j), y, thresholds[0], n_n))
 
     point = diff(np.arange(len(bm)), np.arange(n_n))
     lo, hi, _ = _bootstrap(diff, len(bm), n_n, resamples, seed)
@@ -277,16 +293,15 @@ def paired_rises(before: dict[str, tuple[np.ndarray, float]],
         return f
 
     def rises(i, j):
-        d = np.array([folded(_figures(np.r_[am[i], an[j]], y, after[k][1], n_n))
-                      - folded(_figures(np.r_[bm[i], bn[j]], y, before[k][1], n_n))
+        # (attacks, figures, ...resamples)
+        d = np.array([folded(_figures(_joined(am, an, i, j), y, after[k][1], n_n))
+                      - folded(_figures(_joined(bm, bn, i, j), y, before[k][1], n_n))
                       for k, ((bm, bn), (am, an)) in split.items()]).round(12)
         if acc_at is not None:
             d[unranked, acc_at] = np.nan
-        with np.errstate(all="ignore"):  # a figure no attack measures stays NaN
-            worst = np.full(d.shape[1], np.nan)
-            ok = ~np.isnan(d).all(0)
-            worst[ok] = np.nanmax(d[:, ok], axis=0)
-        return np.r_[d.ravel(), worst]
+        missing = np.isnan(d)  # a figure no attack measures stays NaN in the maximum
+        worst = np.where(missing.all(0), np.nan, np.where(missing, -np.inf, d).max(0))
+        return np.concatenate([d.reshape(-1, *d.shape[2:]), worst])
 
     point = rises(np.arange(len(y) - n_n), np.arange(n_n))
     lo, hi, replicates = _bootstrap(rises, len(y) - n_n, n_n, resamples, seed)

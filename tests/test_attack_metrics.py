@@ -92,6 +92,29 @@ def test_bootstrap_statistic_equals_scikit_learns_roc(n_nonmembers):
             assert (np.isnan(fast[2 + k]) if want is None else fast[2 + k] == want)
 
 
+def test_the_bootstrap_takes_all_resamples_at_once_and_in_batches(monkeypatch):
+    """The statistic on a batch of resamples (rows) is the statistic of each row, and a
+    bootstrap whose resamples come in several batches (large sample sets) gives intervals of
+    the same width as one batch."""
+    import safeexport.metrics as metrics
+
+    rng = np.random.default_rng(2)
+    member = np.r_[np.ones(60, bool), np.zeros(140, bool)]
+    rows = np.round(rng.normal(member * 0.8, 1.0, (5, 200)), 1)
+    batch = metrics._figures(rows, member, 0.2, 140)
+    assert batch.shape == (4, 5)
+    for r in range(5):
+        np.testing.assert_array_equal(batch[:, r], metrics._figures(rows[r], member, 0.2, 140))
+    m = mia_metrics(rows[0], member, 0.2)
+    monkeypatch.setattr(metrics, "BOOTSTRAP_CELLS", 200 * 64)  # batches of 64 resamples
+    batched = mia_metrics(rows[0], member, 0.2)["ci"]
+    assert batched != m["ci"]  # other draws
+    for key in ("mia_acc", "auc"):
+        assert batched[key][0] < m[key] < batched[key][1], key
+        width = np.diff(m["ci"][key])[0]
+        assert np.diff(batched[key])[0] == pytest.approx(width, rel=0.25), key
+
+
 def test_mia_metrics_accuracy_at_half_and_tm_score():
     m = mia_metrics(np.array([0.9, 0.6, 0.4, 0.2]), np.array([1, 0, 1, 0], bool))
     assert m["mia_acc"] == 0.5 and m["n_members"] == 2
