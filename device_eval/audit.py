@@ -34,8 +34,8 @@ from device_eval.run import (
     measure,
     open_file_runtime,
 )
-from safeexport.attacks.base import Signals
 from safeexport.attacks.evaluate import exposure_for_report, rank_members, write_exposure_csv
+from safeexport.attacks.final import attack_parts, part_signals
 from safeexport.attacks.reference import (
     References,
     lira_scores,
@@ -150,10 +150,9 @@ def _swapped_figures(logits: np.ndarray, y: np.ndarray, swapped: Splits,
                      refs: References) -> dict:
     """LiRA's and RMIA's figures on the known half, from the references trained on the
     measured one (the cross-fitted fold; the thresholds fitted on the measured half)."""
-    parts = [swapped.known_members, swapped.known_nonmembers,
-             *balanced(swapped.unknown_members, swapped.unknown_nonmembers)]
-    signals = [Signals.from_logits(logits[i], y[i]) for i in parts]
-    scored, settings = reference_attacks(signals, parts, refs)
+    parts = attack_parts(swapped)
+    scored, settings = reference_attacks(part_signals(lambda i: logits[i], y, parts), parts,
+                                         refs)
     return {**{k: {**r.metrics, "threshold": r.threshold} for k, r in scored.items()},
             "settings": settings}
 

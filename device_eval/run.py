@@ -334,7 +334,9 @@ def open_targets(model_files: list[Path | str], run: Path | str | None = None) -
         regular_file(f)
         manifest = _manifest(f)
         where = run_of(f, run, manifest).resolve()
-        rd = opened.get(where) or opened.setdefault(where, open_run(where))
+        if where not in opened:
+            opened[where] = open_run(where)
+        rd = opened[where]
         # open_run checked model.safetensors against the hash its report records
         if manifest and manifest["source"]["model_sha256"] != \
                 rd.read_report()["files"][rd.model.name]:

@@ -123,8 +123,8 @@ def _tensors(path: Path) -> dict:
 def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path):
     # augmented, so the augmentation's random crops and flips are resumed exactly too
     flags = [*TINY_FLAGS, "--epochs", "8", "--update-frequency", "4", "--augment", "crop-flip"]
-    ref = tmp_path / "ref"
-    assert cli_process("compress", *flags, "--out", ref).returncode == 0
+    ref = tmp_path / "ref"  # uninterrupted, in this process (the same thread count: --threads)
+    assert cli("compress", *flags, "--out", ref).returncode == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "safeexport", "compress", *flags, "--out",

@@ -45,8 +45,8 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
     ``fitted``: the attackers (one per seed) of another model's evaluation, applied here as
     they are instead of trained on this model's outputs, so that a model whose outputs equal
     that one's gets identical scores (device_eval's comparison of a file with its model)."""
-    index = _indices(splits)
-    parts = _signals(logits, labels, index)
+    index = attack_parts(splits)
+    parts = part_signals(logits, labels, index)
     runs = []
     for k in range(attack_seeds):
         tags = (tag,) if k == 0 else (tag, k)
@@ -72,15 +72,15 @@ def final_membership(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndar
                             [a for a, _ in runs])
 
 
-def _indices(splits: Splits) -> list[np.ndarray]:
+def attack_parts(splits: Splits) -> list[np.ndarray]:
     """The known members, known non-members and the balanced unknown members and non-members
     (the order ``fit_and_score`` takes)."""
     return [splits.known_members, splits.known_nonmembers,
             *balanced(splits.unknown_members, splits.unknown_nonmembers)]
 
 
-def _signals(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
-             index: list[np.ndarray]) -> list[Signals]:
+def part_signals(logits: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
+                 index: list[np.ndarray]) -> list[Signals]:
     """A model's signals on each part of ``index``."""
     return [Signals.from_logits(logits(i), labels[i]) for i in index]
 
@@ -97,7 +97,7 @@ def holder_start(before: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
     """Where an attacker who holds a model starts: ``attack`` trained on the ``before``
     model's known outputs, as ``final_membership`` trains its first seed."""
     start = _attacker(attack, num_classes, seed, (tag,), device)
-    start.fit(*_signals(before, labels, _indices(splits)[:2]), epochs,
+    start.fit(*part_signals(before, labels, attack_parts(splits)[:2]), epochs,
               generator(seed, "final-attack", tag))
     return start
 
@@ -116,8 +116,8 @@ def held_pair(before: Callable[[np.ndarray], np.ndarray],
     training amplifies a float16 rounding, and on a tiny synthetic run the two copies' paired
     AUC interval spanned -2.8 to +3.8 points (one thread; -1.2 to +1.5 with the early
     stopping off), so lossless files were INCONCLUSIVE."""
-    index = _indices(splits)
-    parts = [_signals(m, labels, index) for m in (before, after)]
+    index = attack_parts(splits)
+    parts = [part_signals(m, labels, index) for m in (before, after)]
     gen = generator(seed, "holder-attack", tag)
     attacker = start.clone()
     attacker.fit(*parts[1][:2], epochs, gen)
