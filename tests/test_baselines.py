@@ -25,10 +25,6 @@ BASELINES = ["dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd", "kd-dp", "k
              "kd-dmp", "mia-pr"]
 
 
-# the module's tests share its runs: one test process runs them all
-pytestmark = pytest.mark.xdist_group("baselines")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> RunsOnDemand:
     root = tmp_path_factory.mktemp("baselines")

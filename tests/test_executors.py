@@ -31,11 +31,6 @@ def _starting_environment(keys: tuple[str, ...]) -> dict[str, str]:
     return {k: v for k, v in pairs if k in keys}
 
 
-# one test process runs the module in order: its first test needs no Ray instance running on
-# the machine, and the others share one
-pytestmark = pytest.mark.xdist_group("ray")
-
-
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray")

@@ -21,10 +21,6 @@ FLAGS = ["--dataset", "synthetic", "--model", "cnn", "--sparsity", "0.2", "--epo
          "--max-samples", "400", "--device", "cpu", "--retrain-epochs", "2", "--no-progress"]
 
 
-# the module's tests share its study: one test process runs them all
-pytestmark = pytest.mark.xdist_group("study")
-
-
 @pytest.fixture(scope="module")
 def studied(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "s"

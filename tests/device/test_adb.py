@@ -24,8 +24,6 @@ from tests.device.rig import Device
 from tests.test_compress import cli
 
 HERE = Path(__file__).parent
-# one test process runs them all: they share the arm64 root, which a session cleans at its start
-pytestmark = pytest.mark.xdist_group("arm64-root")
 FLOAT_TFLITE = "model-tflite-w32-weight-only.tflite"
 
 
