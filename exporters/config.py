@@ -43,6 +43,11 @@ class ExportConfig(StageConfig):
                                  "relative to max(1, max |logit|)")
     batch_size: int = opt(1, "batch size of a TFLite file (litert-torch fixes it; ONNX files "
                           "take any batch)")
+    finetune_epochs: int = opt(0, "epochs of quantization-aware fine-tuning on the run's "
+                               "members before an 8/4/3/2-bit weight-only or dynamic export "
+                               "(the stored levels in the forward pass, pruned weights held "
+                               "at zero); 0: round the run's weights as they are")
+    finetune_lr: float = opt(3e-4, "Adam learning rate of --finetune-epochs")
 
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""
@@ -58,8 +63,18 @@ class ExportConfig(StageConfig):
             out.append("min_agreement must be in [0, 1]")
         if self.float_tolerance <= 0:
             out.append("float_tolerance must be positive")
+        if self.finetune_epochs < 0:
+            out.append("finetune_epochs must be >= 0")
+        elif self.finetune_epochs and (self.bits > 8 or self.scheme == "static"):
+            out.append(f"finetune_epochs fine-tunes against 8/4/3/2-bit weights of the "
+                       f"weight-only or dynamic scheme, not {self.bits}-bit {self.scheme} "
+                       f"(static weights come from the runtime's own quantizer)")
+        if self.finetune_lr <= 0:
+            out.append("finetune_lr must be positive")
         return out
 
     def name(self) -> str:
-        """The export's file stem, e.g. ``model-tflite-w4-weight-only``."""
-        return f"model-{self.format}-w{self.bits}-{self.scheme}"
+        """The export's file stem, e.g. ``model-tflite-w4-weight-only`` (``-ft3`` after it:
+        fine-tuned for 3 epochs)."""
+        tuned = f"-ft{self.finetune_epochs}" if self.finetune_epochs else ""
+        return f"model-{self.format}-w{self.bits}-{self.scheme}{tuned}"

@@ -7,6 +7,7 @@ only then renamed into place, followed by its manifest.
 
 import gzip
 import platform
+import tempfile
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from exporters import onnx_format, tflite_format
+from exporters import onnx_format, qat, tflite_format
 from exporters.config import SUPPORTED, ExportConfig
 from exporters.quantize import floor_bytes, nonzero_value_bits
 from safeexport import names
 from safeexport.console import quiet
+from safeexport.data.base import ArrayDataset
 from safeexport.errors import ConfigError, ExportError, SafeExportError
 from safeexport.metrics import logit_parity
 from safeexport.registry import Registry
@@ -72,6 +74,8 @@ class Source:
     #                     the last update may still be exactly zero)
     params: dict[str, int]  # parameter name -> count
     fingerprint: str  # the dataset's, as the run recorded it
+    data: ArrayDataset  # the run's data, and its members (training split): --finetune-epochs
+    members: np.ndarray
 
     @classmethod
     def load(cls, run: RunDir | Path | str | None, parity_samples: int, calibration: int,
@@ -94,7 +98,7 @@ class Source:
         return cls(rd, model, inputs, ds.y[test], reference,
                    inputs_of(ds, splits.known_members[:calibration]), layers,
                    {n: p.numel() for n, p in params.items()},
-                   rd.read_config()["dataset_fingerprint"])
+                   rd.read_config()["dataset_fingerprint"], ds, splits.members)
 
 
 @dataclass
@@ -194,6 +198,27 @@ def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
     return []
 
 
+def _left_float(fmt: ModuleType, model: torch.nn.Module, sample: np.ndarray, cfg: ExportConfig,
+                keep: set[str], calibration: np.ndarray | None) -> set[str]:
+    """The modules a conversion of ``model`` stores in float (``keep``, and the converter's
+    own choices: ai-edge-quantizer leaves a depthwise first convolution in float), found by
+    converting it once: fine-tuning must quantize exactly what the file will."""
+    data = fmt.convert(model, sample, cfg.bits, cfg.scheme, keep, calibration)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"probe{fmt.SUFFIX}"
+        path.write_bytes(data)
+        return {w.module for w in fmt.inspect(path) if not w.storage.startswith("int")}
+
+
+def _finetuned(src: Source, cfg: ExportConfig, keep: set[str]) -> qat.FineTuned:
+    """The run's model fine-tuned against ``cfg``'s stored weights (``qat.finetune``) on its
+    members, with the run's batch size and seed."""
+    rc = src.run.read_config()["config"]
+    return qat.finetune(src.model, lambda idx: inputs_of(src.data, idx), src.data.y,
+                        src.members, src.inputs, cfg.bits, cfg.finetune_epochs, cfg.finetune_lr,
+                        rc["batch_size"], rc["seed"], keep)
+
+
 def _weight_quantizer(cfg: ExportConfig) -> str | None:
     """Who chose the stored integer weights."""
     if cfg.bits > 8:
@@ -223,8 +248,14 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
     batch = cfg.batch_size if cfg.format == "tflite" else 2
     sample = np.repeat(src.inputs[:1], batch, axis=0)
     calibration = src.calibration if cfg.scheme == "static" else None
+    tuned = None
+    if cfg.finetune_epochs:
+        with quiet():
+            floats = _left_float(fmt, src.model, sample, cfg, keep, calibration)
+        tuned = _finetuned(src, cfg, keep | floats)
     with quiet():
-        data = fmt.convert(src.model, sample, cfg.bits, cfg.scheme, keep, calibration)
+        data = fmt.convert(tuned.model if tuned else src.model, sample, cfg.bits, cfg.scheme,
+                           keep, calibration)
 
     with staged(path) as tmp:
         tmp.write_bytes(data)
@@ -235,6 +266,14 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
         stored = fmt.inspect(tmp)
         problems = check_weights(stored, src.layers, cfg, keep)
         low = _parity_problems(parity, cfg)
+        if tuned:
+            tuned.record["parity_with_finetuned"] = exact = logit_parity(
+                tuned.quantized_logits, logits, src.labels)
+            limit = cfg.float_tolerance * max(1.0, exact["max_abs_logit"])
+            if cfg.scheme == "weight-only" and exact["max_abs_diff"] > limit:
+                problems.append(f"the file's logits differ from the fine-tuned model's with "
+                                f"the same weight levels by {exact['max_abs_diff']:.3g} "
+                                f"(tolerance {limit:.3g})")
         if problems or (low and not cfg.warn_only):
             raise ExportError(f"{cfg.name()}: " + "; ".join(problems + low))
         manifest = {
@@ -244,6 +283,7 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
             "effective_bits": max((w.effective_bits for w in stored
                                    if w.storage.startswith("int")), default=cfg.bits),
             "weight_quantizer": _weight_quantizer(cfg),
+            "finetune": tuned.record if tuned else None,
             "file": path.name, "sha256": sha256_file(tmp),
             "source": {"run": str(src.run.path.resolve()), "model": src.run.model.name,
                        "model_sha256": sha256_file(src.run.model),
@@ -274,14 +314,16 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
 
 def export_all(base: ExportConfig, run: Path | str | None = None, overwrite: bool = False,
                data_dir: Path | None = None, progress: bool | None = None) -> list[dict]:
-    """Every format × bit width with ``base``'s other settings (the weight-only scheme); a
-    variant that fails is a row with its reason, the rest still export."""
+    """Every format × bit width with ``base``'s other settings (the weight-only scheme; float
+    widths are not fine-tuned); a variant that fails is a row with its reason, the rest still
+    export."""
     src = Source.load(run, base.parity_samples, base.calibration, data_dir)
     rows = []
     variants = [(f, b) for (f, s), bits in SUPPORTED.items() if s == "weight-only" for b in bits]
     for fmt, bits in tqdm(variants, desc="export", unit="file",
                           disable=None if progress is None else not progress):
-        cfg = replace(base, format=fmt, bits=bits, scheme="weight-only")
+        cfg = replace(base, format=fmt, bits=bits, scheme="weight-only",
+                      finetune_epochs=base.finetune_epochs if bits <= 8 else 0)
         try:
             res = export(cfg, out=None, overwrite=overwrite, source=src)
             rows.append({"name": cfg.name(), "status": "ok", "path": str(res.path),

@@ -13,7 +13,7 @@ from safeexport.errors import ConfigError
 from tests.conftest import REPO, cli
 
 # flags the docs name that belong to other programs
-OTHERS = {"--full": "pytest (tests/conftest.py)", "--head": "ray start",
+OTHERS = {"--full": "pytest (tests/conftest.py)", "--dist": "pytest-xdist", "--head": "ray start",
           "--address": "ray start", "--cpu": "a phone's performance daemon",
           "--variant": "debootstrap", "--graph": "benchmark_model",
           "--input": "benchmark_model", "--num": "benchmark_model",

@@ -148,6 +148,54 @@ def test_every_bit_width_exports_loads_and_reads_back(runs, model, fmt, tmp_path
     assert sizes[32] > sizes[16] > sizes[8] > sizes[4]
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_finetuning_trains_against_the_stored_levels_with_pruned_weights_held_at_zero(
+        runs, fmt, tmp_path, monkeypatch):
+    """--finetune-epochs: after every step each pruned weight is exactly zero; the file stores
+    the levels the model was fine-tuned with (its logits are the fine-tuned model's with those
+    levels), and at 2 bits it agrees with the run's model more than rounding alone."""
+    import exporters.qat as qat
+
+    run = runs["cnn"]
+    zero = {k.removesuffix(".weight"): v == 0
+            for k, v in load_tensors(run / "model.safetensors").items()
+            if k.endswith(".weight")}
+    steps = []
+
+    def on_step(model: torch.nn.Module) -> None:
+        for name, m in qat.quantized_modules(model, set()):  # those left float too
+            assert not qat.float_weight(m)[zero[name]].any(), name
+        steps.append(1)
+
+    finetune = qat.finetune
+    monkeypatch.setattr(qat, "finetune", lambda *a, **kw: finetune(*a, **kw, on_step=on_step))
+    plain = export(ExportConfig(format=fmt, bits=2, **FAST), run, out=tmp_path / f"p.{fmt}")
+    cfg = ExportConfig(format=fmt, bits=2, finetune_epochs=3, finetune_lr=1e-3, **FAST)
+    tuned = export(cfg, run, out=tmp_path / f"t.{fmt}")
+    _check_export(tuned, run, cfg)
+    record = tuned.manifest["finetune"]
+    members = record["samples"]["count"]
+    assert len(steps) == 3 * -(-members // 32) > 0  # every step of 3 epochs, batch 32
+    # fine-tuned against exactly the layers the file stores as integers
+    stored = INSPECT[fmt](tuned.path)
+    assert set(record["layers"]) == {w.module for w in stored if w.storage.startswith("int")}
+    exact = record["parity_with_finetuned"]
+    assert exact["agreement"] == 1.0
+    assert exact["max_abs_diff"] <= 1e-4 * max(1.0, exact["max_abs_logit"])
+    assert tuned.manifest["parity"]["agreement"] > plain.manifest["parity"]["agreement"], (
+        tuned.manifest["parity"], plain.manifest["parity"])
+    assert cfg.name().endswith("-ft3") and plain.manifest["finetune"] is None
+
+
+def test_finetuning_is_refused_where_no_weights_of_ours_are_stored():
+    for bad, pattern in ((dict(bits=32), "not 32-bit weight-only"),
+                         (dict(bits=8, scheme="static"), "not 8-bit static"),
+                         (dict(bits=4, finetune_epochs=-1), "finetune_epochs must be >= 0"),
+                         (dict(bits=4, finetune_lr=0.0), "finetune_lr must be positive")):
+        with pytest.raises(ConfigError, match=pattern):
+            ExportConfig(**{"finetune_epochs": 2, **bad})
+
+
 def test_zero_channels_survive_int4(runs, tmp_path):
     """A conv filter and a linear row pruned entirely get scale 1, stay zero, and XNNPACK (and
     onnxruntime) run the int4 file."""
