@@ -293,9 +293,10 @@ def _audit_training(model: str | None, train_config: Path | str | None, trust_co
 
 def study(out: Path | str, *, compare: list[str] | None = None,
           bits: list[int] = (8, 4, 3, 2), format: str = "tflite", seeds: int = 1,
-          progress: bool | None = None, **options):
-    """``safeexport study``: the prune → retrain → quantize study (``bits`` in ``format``), or
-    with ``compare=[methods]`` the methods side by side, ``seeds`` seeds each, into ``out``;
+          finetune_epochs: int = 0, progress: bool | None = None, **options):
+    """``safeexport study``: the prune → retrain → quantize study (``bits`` in ``format``;
+    with ``finetune_epochs``, each width also fine-tuned before export), or with
+    ``compare=[methods]`` the methods side by side, ``seeds`` seeds each, into ``out``;
     ``options`` are the training fields of CompressConfig. Returns the ``StudyResult``
     (``rows``, ``markdown``, ``files``)."""
     from study import compare as run_compare
@@ -304,8 +305,11 @@ def study(out: Path | str, *, compare: list[str] | None = None,
     cfg = CompressConfig(**options)
     _trust(cfg)  # the caller named them
     if compare is not None:
+        if finetune_epochs:
+            raise ConfigError("--finetune-epochs adds rows to the pruning/quantization study; "
+                              "--compare exports nothing (drop one of them)")
         return run_compare(cfg, out, list(compare), seeds, progress)
-    return run_study(cfg, out, list(bits), format, seeds, progress)
+    return run_study(cfg, out, list(bits), format, seeds, progress, finetune_epochs)
 
 
 def report(run: Path | str | None = None, *, out: Path | str | None = None,

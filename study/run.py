@@ -160,10 +160,13 @@ def _write(out: Path, name: str, rows: list[Row], text_cols: list[str], cols: li
 
 
 def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tflite",
-          seeds: int = 1, progress: bool | None = None) -> StudyResult:
+          seeds: int = 1, progress: bool | None = None,
+          finetune_epochs: int = 0) -> StudyResult:
     """Original → pruned without retraining → retrained → quantized (``fmt``, each of
     ``bits``, weight-only), measured on every row with the run's final attack; quantized rows
-    on the exported files in their runtime (device_eval), the others in PyTorch."""
+    on the exported files in their runtime (device_eval), the others in PyTorch. With
+    ``finetune_epochs``, each width also gets a row exported after that many epochs of
+    quantization-aware fine-tuning (``export --finetune-epochs``)."""
     from device_eval import evaluate
     from device_eval.config import EvalConfig
     from exporters import export
@@ -177,9 +180,14 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
         raise ConfigError(f"--bits must list widths {fmt} can store below float "
                           f"({', '.join(str(b) for b in allowed if b <= 8)}), got "
                           f"{','.join(map(str, bits)) or 'none'}")
+    if finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     seed_list = seeds_of(cfg, seeds)
+    # (bits, fine-tuning epochs) of each quantized row, in the table's order
+    quantized = [(b, e) for b in bits for e in dict.fromkeys((0, finetune_epochs))]
     labels = ["original (dense)", "pruned, no retraining", "pruned + retrained",
-              *(f"{fmt} {b}-bit" for b in bits)]
+              *(f"{fmt} {b}-bit" + (f" + fine-tuned ({e} ep)" if e else "")
+                for b, e in quantized)]
     rows = {label: Row(label) for label in labels}
     for seed in seed_list:
         base, sdir = _base(cfg, seed), out / f"seed-{seed}"
@@ -193,10 +201,11 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
             rows[label].add(*row_figures(rep["compressed"], STUDY_COLUMNS))
             rows[label].text = {"Measured by": "PyTorch", **_sizes(rep["compressed"]),
                                 "Strongest": rep["compressed"]["strongest"]["attack"]}
-        for b, label in tqdm(list(zip(bits, labels[3:], strict=True)), desc="quantize",
-                             unit="file", disable=None if progress is None else not progress):
-            exp = export(ExportConfig(format=fmt, bits=b, warn_only=True), sdir / "prune",
-                         overwrite=True)
+        for (b, e), label in tqdm(list(zip(quantized, labels[3:], strict=True)),
+                                  desc="quantize", unit="file",
+                                  disable=None if progress is None else not progress):
+            exp = export(ExportConfig(format=fmt, bits=b, warn_only=True, finetune_epochs=e),
+                         sdir / "prune", overwrite=True)
             ev = evaluate(exp.path, EvalConfig()).report
             figures, intervals = row_figures(ev["after"], STUDY_COLUMNS)
             rows[label].add(figures | {"agreement": ev["parity"]["agreement"]}, intervals)
@@ -211,7 +220,10 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
             "threshold attacks; 'Strongest' names the attack with the highest MIA accuracy on "
             "that row. One seed: [95% bootstrap interval]. Quantized "
             f"rows are the retrained model exported to {fmt} (weight-only) and run in that "
-            "runtime; 'Agreement' is their top-1 agreement with the PyTorch model.")
+            "runtime; 'Agreement' is their top-1 agreement with the PyTorch model."
+            + (f" '+ fine-tuned' rows were exported after {finetune_epochs} epochs of "
+               "quantization-aware fine-tuning on the members (export --finetune-epochs), "
+               "so their training saw the members again." if finetune_epochs else ""))
     cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
     return _write(out, "study", list(rows.values()), ["Measured by", *SIZE_COLUMNS, "Strongest"],
                   cols, [], title, note, plot_study)

@@ -76,6 +76,27 @@ def test_study_reruns_reuse_finished_runs(studied):
     assert [r.label for r in res.rows][-1] == "tflite 8-bit"
 
 
+def test_study_adds_a_fine_tuned_row_per_width(studied):
+    """--finetune-epochs: each width is also exported after quantization-aware fine-tuning,
+    measured on that file as its own row (the finished runs are reused)."""
+    out, _ = studied
+    res = study(tiny_config(**TINY), out, [2], "tflite", finetune_epochs=2)
+    labels = [r.label for r in res.rows]
+    assert labels[-2:] == ["tflite 2-bit", "tflite 2-bit + fine-tuned (2 ep)"]
+    prune = out / "seed-0" / "prune"
+    tuned = json.loads((prune / "exports" / "model-tflite-w2-weight-only-ft2.json").read_text())
+    assert tuned["finetune"]["epochs"] == 2
+    ev = json.loads((prune / "evals" / "model-tflite-w2-weight-only-ft2-litert.json")
+                    .read_text())
+    assert ev["sha256"] == tuned["sha256"]
+    assert res.rows[-1].figures["mia_acc"] == [ev["after"]["mia_acc"]]
+    assert res.rows[-1].figures["agreement"] == [ev["parity"]["agreement"]]
+    assert "fine-tuning on the members" in (out / "study.md").read_text()
+    r = cli("study", *FLAGS, "--compare", "prune", "--finetune-epochs", "2",
+            "--out", out.parent / "c")
+    one_error_line(r, "--finetune-epochs adds rows to the pruning/quantization study")
+
+
 def test_study_refuses_other_settings_in_the_same_folder(studied):
     out, _ = studied
     with pytest.raises(Exception, match="holds a run with other settings .*epochs"):

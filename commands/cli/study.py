@@ -29,6 +29,10 @@ def _bit_widths(ctx, param, value):
 @click.option("--format", "fmt", default="tflite", show_default=True,
               type=click.Choice(names.FORMATS),
               help="Format the quantized rows are exported to and run in.")
+@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+              help="Also export each --bits width after this many epochs of quantization-aware "
+                   "fine-tuning on the members (export --finetune-epochs) and measure it as "
+                   "its own row.")
 @click.option("--seeds", type=int, default=1, show_default=True,
               help="Repeat every row with this many seeds (from --seed) and report mean ± std.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -36,8 +40,8 @@ def _bit_widths(ctx, param, value):
                    "study.md/.csv/.png (or compare.md/.csv/.png). Running the same command "
                    "again reuses the finished runs.")
 @progress()
-def command(methods: list[str] | None, bits: list[int], fmt: str, seeds: int, out: Path,
-            progress: bool | None, **flags) -> None:
+def command(methods: list[str] | None, bits: list[int], fmt: str, finetune_epochs: int,
+            seeds: int, out: Path, progress: bool | None, **flags) -> None:
     """Measure what compression does to membership-inference risk, from one dense model.
 
     Without --compare: original → pruned (no retraining) → retrained → quantized to each of
@@ -48,6 +52,6 @@ def command(methods: list[str] | None, bits: list[int], fmt: str, seeds: int, ou
     paper's table: task accuracy, MIA accuracy, TM-score, AUC, TPR, wall time).
     """
     res = api.study(out, compare=methods, bits=bits, format=fmt, seeds=seeds,
-                    progress=progress, **flags)
+                    finetune_epochs=finetune_epochs, progress=progress, **flags)
     click.echo(res.markdown)
     click.echo("wrote " + ", ".join(str(p) for p in res.files))
