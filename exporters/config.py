@@ -43,6 +43,9 @@ class ExportConfig(StageConfig):
                                  "relative to max(1, max |logit|)")
     batch_size: int = opt(1, "batch size of a TFLite file (litert-torch fixes it; ONNX files "
                           "take any batch)")
+    levels: str = opt("symmetric", "symmetric: 2^k - 1 levels around zero ({-1,0,1} at 2 "
+                      "bits); asymmetric: every code of a k-bit integer ({-2,-1,0,1} at 2 bits, "
+                      "{-4..3} at 3), weight-only or dynamic", choices=names.LEVELS)
     finetune_epochs: int = opt(0, "epochs of quantization-aware fine-tuning on the run's "
                                "members before an 8/4/3/2-bit weight-only or dynamic export "
                                "(the stored levels in the forward pass, pruned weights held "
@@ -69,12 +72,16 @@ class ExportConfig(StageConfig):
             out.append(f"finetune_epochs fine-tunes against 8/4/3/2-bit weights of the "
                        f"weight-only or dynamic scheme, not {self.bits}-bit {self.scheme} "
                        f"(static weights come from the runtime's own quantizer)")
+        if self.levels == "asymmetric" and (self.bits > 8 or self.scheme == "static"):
+            out.append(f"asymmetric levels are for 8/4/3/2-bit weights of the weight-only or "
+                       f"dynamic scheme, not {self.bits}-bit {self.scheme}")
         if self.finetune_lr <= 0:
             out.append("finetune_lr must be positive")
         return out
 
     def name(self) -> str:
-        """The export's file stem, e.g. ``model-tflite-w4-weight-only`` (``-ft3`` after it:
-        fine-tuned for 3 epochs)."""
+        """The export's file stem, e.g. ``model-tflite-w4-weight-only`` (``-asym`` after it:
+        asymmetric levels; ``-ft3``: fine-tuned for 3 epochs)."""
+        asym = "-asym" if self.levels == "asymmetric" else ""
         tuned = f"-ft{self.finetune_epochs}" if self.finetune_epochs else ""
-        return f"model-{self.format}-w{self.bits}-{self.scheme}{tuned}"
+        return f"model-{self.format}-w{self.bits}-{self.scheme}{asym}{tuned}"

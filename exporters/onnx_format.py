@@ -57,7 +57,7 @@ def _replace(graph, init, new_inits: list, node) -> None:
     graph.node.insert(0, node)
 
 
-def _weight_only(proto, bits: int, keep: set[str]) -> None:
+def _weight_only(proto, bits: int, keep: set[str], asymmetric: bool) -> None:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -73,7 +73,7 @@ def _weight_only(proto, bits: int, keep: set[str]) -> None:
         if w.ndim < 2:
             continue
         axis = _axis(node, w)
-        q, scale = quantize_channels(w, bits, axis)
+        q, scale = quantize_channels(w, bits, axis, asymmetric)
         dtype = np.int8 if bits == 8 else ml_dtypes.int4
         zp = np.zeros(len(scale), dtype)
         _replace(graph, inits[name],
@@ -135,13 +135,14 @@ def _static(proto, calibration: np.ndarray, keep: set[str], text: bool):
 
 
 def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
-            keep: set[str], calibration: np.ndarray | None) -> bytes:
-    """The ONNX file's bytes for ``model`` at ``bits`` with ``scheme``."""
+            keep: set[str], calibration: np.ndarray | None, asymmetric: bool = False) -> bytes:
+    """The ONNX file's bytes for ``model`` at ``bits`` with ``scheme`` (``asymmetric``
+    levels: ``quantize_channels``)."""
     proto = _float_export(model, sample)
     if scheme == "static":
         proto = _static(proto, calibration, keep, sample.dtype == np.int64)
     elif bits == 16:
         _float16(proto, keep)
     elif bits < 16:
-        _weight_only(proto, bits, keep)
+        _weight_only(proto, bits, keep, asymmetric)
     return proto.SerializeToString()

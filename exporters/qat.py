@@ -37,12 +37,13 @@ class _FakeQuant(nn.Module):
     """``w`` as the exporter stores it at ``bits`` (levels × per-output-channel scale) in the
     forward pass; the identity for the gradient."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, asymmetric: bool) -> None:
         super().__init__()
-        self.bits = bits
+        self.bits, self.asymmetric = bits, asymmetric
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        levels, scale = quantize_channels(w.detach().cpu().numpy(), self.bits, 0)
+        levels, scale = quantize_channels(w.detach().cpu().numpy(), self.bits, 0,
+                                          self.asymmetric)
         stored = torch.from_numpy(dequantize(levels, scale, 0)).to(w)
         return w + (stored - w).detach()
 
@@ -73,7 +74,8 @@ class FineTuned:
 
 def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], labels: np.ndarray,
              members: np.ndarray, parity_inputs: np.ndarray, bits: int, epochs: int, lr: float,
-             batch_size: int, seed: int, keep: set[str], progress: bool | None = None,
+             batch_size: int, seed: int, keep: set[str], asymmetric: bool = False,
+             progress: bool | None = None,
              on_step: Callable[[nn.Module], None] | None = None) -> FineTuned:
     """``epochs`` epochs of Adam (``lr``) on the ``members`` (``inputs(idx)``, ``labels``) with
     the quantized weights in the forward pass, from a copy of ``model``. Batch norm keeps its
@@ -84,7 +86,7 @@ def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], label
     masks = [m.weight.detach() != 0 for _, m in every]
     layers = quantized_modules(model, keep)
     for _, m in layers:
-        parametrize.register_parametrization(m, "weight", _FakeQuant(bits))
+        parametrize.register_parametrization(m, "weight", _FakeQuant(bits, asymmetric))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = generator(seed, "quantization-aware fine-tuning", bits)
     loss_fn = nn.CrossEntropyLoss()

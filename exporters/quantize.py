@@ -1,11 +1,13 @@
-"""Symmetric per-output-channel weight quantization that keeps pruned weights exactly zero.
+"""Per-output-channel weight quantization that keeps pruned weights exactly zero.
 
 A k-bit weight takes one of the 2^k − 1 levels {−(2^(k−1)−1), …, 0, …, 2^(k−1)−1} times its
-channel's scale: zero is a level, so a pruned weight stays exactly zero and the sparsity
-survives. The scale of each channel is searched to minimise the squared error of the channel's
-weights (clipping the largest weights when that lowers the error), not only set from max |w|.
-A channel that is entirely zero (a pruned filter) gets scale 1, never 0: runtimes such as
-XNNPACK refuse a zero scale, and with all levels 0 the value is exact anyway.
+channel's scale (symmetric), or one of all 2^k codes of a k-bit two's complement number,
+−2^(k−1) included (asymmetric): zero is a level either way, so a pruned weight stays exactly
+zero and the sparsity survives. The scale of each channel is searched to minimise the squared
+error of the channel's weights (clipping the largest weights when that lowers the error), not
+only set from max |w|. A channel that is entirely zero (a pruned filter) gets scale 1, never
+0: runtimes such as XNNPACK refuse a zero scale, and with all levels 0 the value is exact
+anyway.
 """
 
 import math
@@ -21,23 +23,35 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_channels(w: np.ndarray, bits: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def lowest(bits: int, asymmetric: bool) -> int:
+    """Smallest level: −(2^(k−1) − 1) symmetric, −2^(k−1) with every code of a k-bit two's
+    complement number used (asymmetric: {−2, −1, 0, 1} at 2 bits, 4 levels instead of 3)."""
+    return -qmax(bits) - (1 if asymmetric else 0)
+
+
+def quantize_channels(w: np.ndarray, bits: int, axis: int,
+                      asymmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Integer levels (int8 array, same shape as ``w``) and float32 per-channel scales along
-    ``axis`` with ``w ≈ levels * scale``; zeros map to level 0 exactly."""
-    top = qmax(bits)
+    ``axis`` with ``w ≈ levels * scale``; zeros map to level 0 exactly. ``asymmetric`` adds
+    the level −2^(k−1) (``lowest``) and also tries the scales that put the most negative
+    weight on it; the symmetric scales stay candidates, so its error is never larger."""
+    top, low = qmax(bits), lowest(bits, asymmetric)
     moved = np.moveaxis(np.asarray(w, np.float64), axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
-    amax = np.abs(flat).max(axis=1)
+    bases = [np.abs(flat).max(axis=1) / top]
+    if asymmetric:
+        bases.append(np.maximum(-flat.min(axis=1), 0) / -low)
     best_err = np.full(len(flat), np.inf)
     best_scale = np.ones(len(flat))
-    for ratio in _RATIOS:
-        scale = np.where(amax > 0, ratio * amax / top, 1.0)
-        q = np.clip(np.rint(flat / scale[:, None]), -top, top)
-        err = ((q * scale[:, None] - flat) ** 2).sum(axis=1)
-        better = err < best_err
-        best_err[better], best_scale[better] = err[better], scale[better]
+    for base in bases:
+        for ratio in _RATIOS:
+            scale = np.where(base > 0, ratio * base, 1.0)
+            q = np.clip(np.rint(flat / scale[:, None]), low, top)
+            err = ((q * scale[:, None] - flat) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err[better], best_scale[better] = err[better], scale[better]
     scale = best_scale.astype(np.float32)
-    q = np.clip(np.rint(flat / scale[:, None].astype(np.float64)), -top, top).astype(np.int8)
+    q = np.clip(np.rint(flat / scale[:, None].astype(np.float64)), low, top).astype(np.int8)
     return np.moveaxis(q.reshape(moved.shape), 0, axis), scale
 
 
@@ -66,7 +80,9 @@ def floor_bytes(numel: int, nnz: int, value_bits: float) -> float:
     return (positions + nnz * value_bits) / 8
 
 
-def nonzero_value_bits(bits: int) -> float:
-    """Bits a non-zero level of a symmetric ``bits``-bit code carries (2^k − 2 choices);
-    float formats carry their full width."""
-    return float(bits) if bits >= 16 else math.log2(2 * qmax(bits))
+def nonzero_value_bits(bits: int, asymmetric: bool = False) -> float:
+    """Bits a non-zero level of a ``bits``-bit code carries (2^k − 2 choices symmetric, 2^k − 1
+    asymmetric); float formats carry their full width."""
+    if bits >= 16:
+        return float(bits)
+    return math.log2(2 * qmax(bits) + (1 if asymmetric else 0))

@@ -145,11 +145,15 @@ def _check_keep(src: Source, keep: list[str]) -> set[str]:
     return set(keep)
 
 
-def _floor(src: Source, bits: int) -> float:
+def _asymmetric(cfg: ExportConfig) -> bool:
+    return cfg.levels == "asymmetric"
+
+
+def _floor(src: Source, bits: int, asymmetric: bool = False) -> float:
     """Information-theoretic size of the run's model at ``bits``: positions and values of the
     masked layers' non-zeros, plus the dense parameters at float width."""
     masked = {layer["name"] for layer in src.layers}
-    total = sum(floor_bytes(layer["size"], layer["nnz"], nonzero_value_bits(bits))
+    total = sum(floor_bytes(layer["size"], layer["nnz"], nonzero_value_bits(bits, asymmetric))
                 for layer in src.layers)
     dense_bits = 16 if bits == 16 else 32
     return total + sum(n for k, n in src.params.items() if k not in masked) * dense_bits / 8
@@ -203,7 +207,7 @@ def _left_float(fmt: ModuleType, model: torch.nn.Module, sample: np.ndarray, cfg
     """The modules a conversion of ``model`` stores in float (``keep``, and the converter's
     own choices: ai-edge-quantizer leaves a depthwise first convolution in float), found by
     converting it once: fine-tuning must quantize exactly what the file will."""
-    data = fmt.convert(model, sample, cfg.bits, cfg.scheme, keep, calibration)
+    data = fmt.convert(model, sample, cfg.bits, cfg.scheme, keep, calibration, _asymmetric(cfg))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"probe{fmt.SUFFIX}"
         path.write_bytes(data)
@@ -216,7 +220,7 @@ def _finetuned(src: Source, cfg: ExportConfig, keep: set[str]) -> qat.FineTuned:
     rc = src.run.read_config()["config"]
     return qat.finetune(src.model, lambda idx: inputs_of(src.data, idx), src.data.y,
                         src.members, src.inputs, cfg.bits, cfg.finetune_epochs, cfg.finetune_lr,
-                        rc["batch_size"], rc["seed"], keep)
+                        rc["batch_size"], rc["seed"], keep, _asymmetric(cfg))
 
 
 def _weight_quantizer(cfg: ExportConfig) -> str | None:
@@ -225,7 +229,7 @@ def _weight_quantizer(cfg: ExportConfig) -> str | None:
         return None
     if cfg.scheme == "static":
         return f"{'onnxruntime' if cfg.format == 'onnx' else 'ai-edge-quantizer'} min/max"
-    return "safeexport per-channel MSE scale"
+    return f"safeexport per-channel MSE scale, {cfg.levels} levels"
 
 
 def export(cfg: ExportConfig, run: RunDir | Path | str | None = None, out: Path | None = None,
@@ -255,7 +259,7 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
         tuned = _finetuned(src, cfg, keep | floats)
     with quiet():
         data = fmt.convert(tuned.model if tuned else src.model, sample, cfg.bits, cfg.scheme,
-                           keep, calibration)
+                           keep, calibration, _asymmetric(cfg))
 
     with staged(path) as tmp:
         tmp.write_bytes(data)
@@ -291,7 +295,7 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
             "input": {"shape": [batch if cfg.format == "tflite" else None,
                                 *src.inputs.shape[1:]], "dtype": str(src.inputs.dtype)},
             "sizes": {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)),
-                      "floor_bytes": round(_floor(src, cfg.bits)),
+                      "floor_bytes": round(_floor(src, cfg.bits, _asymmetric(cfg))),
                       "torch_fp32_bytes": 4 * sum(src.params.values())},
             "parity": {**parity, "split": "test", "runtime": runtime.name,
                        "runtime_version": runtime.version, "threads": runtime.threads},

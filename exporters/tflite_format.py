@@ -89,7 +89,7 @@ def _quantize(float_bytes: bytes, bits: int, scheme: str, keep: set[str],
             raise ExportError(f"ai-edge-quantizer failed for {bits}-bit {scheme}: {e}") from e
 
 
-def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int) -> bytes:
+def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int, asymmetric: bool) -> bytes:
     """Replace every int8/int4 weight's levels and scales by ``quantize_channels`` of the float
     file's same tensor."""
     from ai_edge_litert.tools import flatbuffer_utils
@@ -104,7 +104,7 @@ def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int) -> bytes:
         ft = ftensors[t.name]
         w = np.frombuffer(bytes(fmodel.buffers[ft.buffer].data), np.float32).reshape(ft.shape)
         axis = t.quantization.quantizedDimension
-        levels, scale = quantize_channels(w, bits, axis)
+        levels, scale = quantize_channels(w, bits, axis, asymmetric)
         model.buffers[t.buffer].data = np.frombuffer(
             levels.tobytes() if t.type == INT8 else pack_int4(levels), np.uint8)
         t.quantization.scale = scale.tolist()
@@ -113,12 +113,13 @@ def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int) -> bytes:
 
 
 def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
-            keep: set[str], calibration: np.ndarray | None) -> bytes:
-    """The TFLite file's bytes for ``model`` (batch fixed to ``len(sample)``) at ``bits``."""
+            keep: set[str], calibration: np.ndarray | None, asymmetric: bool = False) -> bytes:
+    """The TFLite file's bytes for ``model`` (batch fixed to ``len(sample)``) at ``bits``
+    (``asymmetric`` levels: ``quantize_channels``)."""
     float_bytes = _float_tflite(model, sample)
     if bits == 32:
         return float_bytes
     data = _quantize(float_bytes, bits, scheme, keep, calibration)
     if bits <= 8 and scheme != "static":
-        data = _rewrite_weights(data, float_bytes, bits)
+        data = _rewrite_weights(data, float_bytes, bits, asymmetric)
     return data

@@ -30,6 +30,7 @@ EXECUTORS = ("local", "ray")
 FORMATS = ("onnx", "tflite")
 BITS = (32, 16, 8, 4, 3, 2)
 SCHEMES = ("weight-only", "dynamic", "static")
+LEVELS = ("symmetric", "asymmetric")  # the integer levels of a quantized weight
 HOST_RUNTIMES = ("torch", "onnxruntime", "tflite")  # safeexport.runtimes.RUNTIMES
 RUNTIMES = ("auto", *HOST_RUNTIMES, "adb")  # `evaluate --runtime`; device_eval registers adb
 RUNNERS = ("benchmark_model", "python")

@@ -5,7 +5,6 @@ or embedding layer, for ONNX and TFLite files. The exporters read their files ba
 run.
 """
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,8 +28,8 @@ class StoredWeight:
     shape: list[int]
     storage: str  # float32, float16, int8 or int4
     container_bits: int  # bits per stored value
-    effective_bits: int  # bits of the smallest symmetric code holding its levels (= container
-    #                     bits for floats)
+    effective_bits: int  # bits of the smallest two's-complement integer holding its levels
+    #                     (= container bits for floats)
     levels: int | None  # most distinct integer levels in one channel (None for floats)
     numel: int
     nnz: int
@@ -46,9 +45,12 @@ def levels_per_channel(q: np.ndarray, axis: int) -> int:
     return max((len(np.unique(row)) for row in moved), default=0)
 
 
-def effective_bits(levels: int) -> int:
-    """Bits of the smallest symmetric code with at least ``levels`` levels (2^k − 1 ≥ levels)."""
-    return max(1, math.ceil(math.log2(levels + 1)))
+def effective_bits(values: np.ndarray) -> int:
+    """Bits of the smallest two's-complement integer holding every level in ``values``
+    (−2^(k−1) … 2^(k−1) − 1): a symmetric k-bit code's ±(2^(k−1) − 1) and an asymmetric one's
+    extra −2^(k−1) both take k bits, and one level beyond either takes k + 1."""
+    lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    return max(1, (max(hi, -lo - 1)).bit_length() + 1)
 
 
 def unpack_int4(data: bytes | np.ndarray, count: int) -> np.ndarray:
@@ -66,7 +68,7 @@ def record(name: str, module: str, values: np.ndarray, storage: str, axis: int |
     container = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}[storage]
     if storage.startswith("int"):
         levels = levels_per_channel(values, axis)
-        eff = effective_bits(levels)
+        eff = effective_bits(values)
     else:
         levels, eff = None, container
     zero_scales = 0 if scale is None else int((np.asarray(scale) == 0).sum())

@@ -62,6 +62,26 @@ def test_quantizer_keeps_zeros_levels_and_beats_max_abs(bits):
     assert err <= err_max + 1e-12
 
 
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_asymmetric_levels_use_every_code_and_never_add_error(bits):
+    """Asymmetric levels add −2^(k−1): at 2 bits {−2, −1, 0, 1}, all 4 codes. Zeros stay zero,
+    and no channel's error exceeds the symmetric levels' (whose scales stay candidates)."""
+    from exporters.quantize import lowest
+
+    rng = np.random.default_rng(10 + bits)
+    w = rng.standard_t(3, (32, 40)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    sym_q, sym_s = quantize_channels(w, bits, axis=0)
+    q, scale = quantize_channels(w, bits, axis=0, asymmetric=True)
+    assert q.min() == lowest(bits, True) == -2 ** (bits - 1) and q.max() <= qmax(bits)
+    if bits <= 3:  # few codes: some channel uses every one of them
+        assert max(len(np.unique(row)) for row in q) == 2 ** bits
+    assert np.all(q[w == 0] == 0)
+    err = ((q * scale[:, None] - w) ** 2).sum(1)
+    sym_err = ((sym_q * sym_s[:, None] - w) ** 2).sum(1)
+    assert np.all(err <= sym_err + 1e-12) and err.sum() < sym_err.sum()
+
+
 def test_quantizer_axis_and_int4_packing():
     w = np.arange(-12, 12, dtype=np.float32).reshape(4, 6)
     q0, s0 = quantize_channels(w, 4, axis=1)
@@ -120,8 +140,9 @@ def _check_export(res, run: Path, cfg: ExportConfig) -> None:
         container = 8 if cfg.bits == 8 else 4
         assert {w.storage for w in ints} == {f"int{container}"}
         assert m["container_bits"] == container and m["effective_bits"] <= cfg.bits
+        codes = 2 ** cfg.bits - (0 if cfg.levels == "asymmetric" else 1)
         for w in ints:
-            assert w.levels <= 2 ** cfg.bits - 1 and w.zero_scales == 0
+            assert w.levels <= codes and w.zero_scales == 0
         for w in stored:  # quantization may round weights to zero, never revive one
             if w.numel in run_nnz:
                 assert w.nnz <= max(run_nnz[w.numel])
@@ -187,11 +208,26 @@ def test_finetuning_trains_against_the_stored_levels_with_pruned_weights_held_at
     assert cfg.name().endswith("-ft3") and plain.manifest["finetune"] is None
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_asymmetric_exports_store_every_code_in_int4(runs, fmt, tmp_path):
+    """3 and 2 bits with asymmetric levels: int4 containers holding up to 8 and 4 levels per
+    channel, read back as 3 and 2 effective bits."""
+    for bits, levels in ((3, "asymmetric"), (2, "asymmetric")):
+        cfg = ExportConfig(format=fmt, bits=bits, levels=levels, **FAST)
+        res = export(cfg, runs["cnn"], out=tmp_path / f"{bits}{levels}.{fmt}")
+        _check_export(res, runs["cnn"], cfg)
+        ints = [w for w in INSPECT[fmt](res.path) if w.storage.startswith("int")]
+        assert {w.storage for w in ints} == {"int4"} and res.manifest["effective_bits"] == bits
+        assert max(w.levels for w in ints) > 2 ** bits - 1  # the extra code is used
+        assert res.manifest["weight_quantizer"].endswith("asymmetric levels")
+
+
 def test_finetuning_is_refused_where_no_weights_of_ours_are_stored():
     for bad, pattern in ((dict(bits=32), "not 32-bit weight-only"),
                          (dict(bits=8, scheme="static"), "not 8-bit static"),
                          (dict(bits=4, finetune_epochs=-1), "finetune_epochs must be >= 0"),
-                         (dict(bits=4, finetune_lr=0.0), "finetune_lr must be positive")):
+                         (dict(bits=4, finetune_lr=0.0), "finetune_lr must be positive"),
+                         (dict(bits=16, levels="asymmetric"), "asymmetric levels are for")):
         with pytest.raises(ConfigError, match=pattern):
             ExportConfig(**{"finetune_epochs": 2, **bad})
 

@@ -24,7 +24,7 @@ from exporters.config import ExportConfig
 @config_options(ExportConfig)
 @DATA_DIR
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file (default RUN/exports/model-<format>-w<bits>-<scheme>[-ft<N>]"
+              help="Output file (default RUN/exports/model-<format>-w<bits>-<scheme>[-asym][-ft<N>]"
                    ".<suffix>); its manifest is written beside it as .json.")
 @click.option("--all", "all_variants", is_flag=True,
               help="Export every format x bit width (weight-only) and print one table.")
