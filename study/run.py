@@ -167,13 +167,11 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
     on the exported files in their runtime (device_eval), the others in PyTorch. With
     ``finetune_epochs``, each width also gets a row exported after that many epochs of
     quantization-aware fine-tuning (``export --finetune-epochs``)."""
-    from device_eval import evaluate
-    from device_eval.config import EvalConfig
-    from exporters import export
-    from exporters.config import SUPPORTED, ExportConfig
+    from exporters.config import SUPPORTED
 
     out = Path(out)
     _check_out(out)
+    cfg.check_executor()
     allowed = SUPPORTED[(fmt, "weight-only")] if (fmt, "weight-only") in SUPPORTED else ()
     bad = [b for b in bits if b not in allowed or b > 8]
     if bad or not bits:
@@ -189,31 +187,53 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
               *(f"{fmt} {b}-bit" + (f" + fine-tuned ({e} ep)" if e else "")
                 for b, e in quantized)]
     rows = {label: Row(label) for label in labels}
-    for seed in seed_list:
-        base, sdir = _base(cfg, seed), out / f"seed-{seed}"
-        dense = run_method(replace(base, method="dense"), sdir / "dense", progress)
-        pruned = run_method(replace(base, method="prune", retrain_epochs=0),
-                            sdir / "prune-no-retrain", progress, sdir / "dense")
-        # the same folder `--compare prune` uses, so a study and a comparison share it
-        retrained = run_method(replace(base, method="prune"), sdir / "prune", progress,
-                               sdir / "dense")
-        for label, rep in zip(labels, (dense, pruned, retrained), strict=False):
-            rows[label].add(*row_figures(rep["compressed"], STUDY_COLUMNS))
-            rows[label].text = {"Measured by": "PyTorch", **_sizes(rep["compressed"]),
-                                "Strongest": rep["compressed"]["strongest"]["attack"]}
-        for (b, e), label in tqdm(list(zip(quantized, labels[3:], strict=True)),
-                                  desc="quantize", unit="file",
-                                  disable=None if progress is None else not progress):
-            exp = export(ExportConfig(format=fmt, bits=b, warn_only=True, finetune_epochs=e),
-                         sdir / "prune", overwrite=True)
-            ev = evaluate(exp.path, EvalConfig()).report
-            figures, intervals = row_figures(ev["after"], STUDY_COLUMNS)
-            rows[label].add(figures | {"agreement": ev["parity"]["agreement"]}, intervals)
-            rt = ev["runtime"]
-            retrained_text = rows["pruned + retrained"].text
-            rows[label].text = {"Measured by": f"{rt['name']} {rt['version']}",
-                                **{k: retrained_text[k] for k in SIZE_COLUMNS},
-                                "Strongest": ev["after"]["strongest"]["attack"]}
+    # through the executor seam, in three waves of independent tasks (every seed's dense
+    # model, then both pruned models that start from it, then every export and its
+    # evaluation); a task that fails is reported, the others go on
+    inner = progress if cfg.executor == "local" else False
+    sdir = {seed: out / f"seed-{seed}" for seed in seed_list}
+    failed = []
+
+    def wave(tasks: list[Task]) -> list:
+        outcomes = run_tasks(tasks, cfg.executor, progress, **cfg.executor_options())
+        failed.extend(o for o in outcomes if not o.ok)
+        return outcomes
+
+    dense = wave([Task(f"seed {seed} dense", run_method,
+                       (replace(_base(cfg, seed), method="dense"), sdir[seed] / "dense", inner))
+                  for seed in seed_list])
+    trained = [seed for seed, o in zip(seed_list, dense, strict=True) if o.ok]
+    # the same folder `--compare prune` uses for the retrained one, so both share it
+    pruning = [(seed, label, folder, epochs) for seed in trained
+               for label, folder, epochs in (
+                   (labels[1], "prune-no-retrain", 0), (labels[2], "prune", cfg.retrain_epochs))]
+    pruned = wave([Task(f"seed {seed} {folder}", run_method,
+                        (replace(_base(cfg, seed), method="prune", retrain_epochs=epochs),
+                         sdir[seed] / folder, inner, sdir[seed] / "dense"))
+                   for seed, _, folder, epochs in pruning])
+    retrained = {}  # seed -> the retrained row's text, which its quantized rows share
+    for o in dense:
+        if o.ok:
+            _pytorch_row(rows[labels[0]], o.value)
+    for (seed, label, folder, _), o in zip(pruning, pruned, strict=True):
+        if o.ok:
+            _pytorch_row(rows[label], o.value)
+            if folder == "prune":
+                retrained[seed] = rows[label].text
+    exports = [(seed, b, e, label) for seed in retrained
+               for (b, e), label in zip(quantized, labels[3:], strict=True)]
+    evaluated = wave([Task(f"seed {seed} {label}", quantized_row,
+                           (sdir[seed] / "prune", fmt, b, e)) for seed, b, e, label in exports])
+    for (seed, _, _, label), o in zip(exports, evaluated, strict=True):
+        if not o.ok:
+            continue
+        ev = o.value
+        figures, intervals = row_figures(ev["after"], STUDY_COLUMNS)
+        rows[label].add(figures | {"agreement": ev["parity"]["agreement"]}, intervals)
+        rt = ev["runtime"]
+        rows[label].text = {"Measured by": f"{rt['name']} {rt['version']}",
+                            **{k: retrained[seed][k] for k in SIZE_COLUMNS},
+                            "Strongest": ev["after"]["strongest"]["attack"]}
     title = f"Pruning and quantization study: {_describe(cfg, seed_list)}"
     note = ("Every row is measured by the same final attack (the run's attack, trained on "
             "the known members/non-members, tested on the balanced unknown ones) and by the "
@@ -225,8 +245,34 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
                "quantization-aware fine-tuning on the members (export --finetune-epochs), "
                "so their training saw the members again." if finetune_epochs else ""))
     cols = [*STUDY_COLUMNS, Column("agreement", "Agreement", ".3f")]
-    return _write(out, "study", list(rows.values()), ["Measured by", *SIZE_COLUMNS, "Strongest"],
-                  cols, [], title, note, plot_study)
+    done = [r for r in rows.values() if r.figures]
+    result = _write(out, "study", done, ["Measured by", *SIZE_COLUMNS, "Strongest"], cols, [],
+                    title, note, plot_study) if done else None
+    if failed:  # after writing what finished
+        raise ConfigError("; ".join(f"{o.name} failed: {o.error}" for o in failed)
+                          + f" (the finished runs are in {out}; the same command resumes)")
+    return result
+
+
+def _pytorch_row(row: Row, report: dict) -> None:
+    """A row measured on a run's PyTorch model: its own final evaluation."""
+    c = report["compressed"]
+    row.add(*row_figures(c, STUDY_COLUMNS))
+    row.text = {"Measured by": "PyTorch", **_sizes(c), "Strongest": c["strongest"]["attack"]}
+
+
+def quantized_row(run: Path, fmt: str, bits: int, finetune_epochs: int) -> dict:
+    """The evaluation report of the run's model exported to ``fmt`` at ``bits`` (weight-only,
+    kept below the agreement floor: the study measures it), after ``finetune_epochs`` of
+    quantization-aware fine-tuning."""
+    from device_eval import evaluate
+    from device_eval.config import EvalConfig
+    from exporters import export
+    from exporters.config import ExportConfig
+
+    exp = export(ExportConfig(format=fmt, bits=bits, warn_only=True,
+                              finetune_epochs=finetune_epochs), run, overwrite=True)
+    return evaluate(exp.path, EvalConfig()).report
 
 
 # what every row of a comparison shares: a variant may not change them

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from safeexport.errors import ConfigError
+from safeexport.executors import run_tasks
 from safeexport.rundir import sha256_file
 from study import compare, study
 from study.run import STUDY_COLUMNS, parse_variant, row_figures
@@ -95,6 +96,40 @@ def test_study_adds_a_fine_tuned_row_per_width(studied):
     r = cli("study", *FLAGS, "--compare", "prune", "--finetune-epochs", "2",
             "--out", out.parent / "c")
     one_error_line(r, "--finetune-epochs adds rows to the pruning/quantization study")
+
+
+def test_the_study_grid_goes_through_the_executor(studied, monkeypatch):
+    """Every run, export and evaluation of the study is a task of the executor seam, in
+    three waves (dense models, pruned models, quantized rows), so --executor ray fans them
+    out; the finished runs are reused."""
+    from study import run as study_run
+
+    waves = []
+
+    def recording(tasks, executor, progress, **options):
+        waves.append([t.name for t in tasks])
+        return run_tasks(tasks, executor, progress, **options)
+
+    monkeypatch.setattr(study_run, "run_tasks", recording)
+    out, _ = studied
+    res = study(tiny_config(**TINY), out, [8, 2], "tflite")
+    assert waves == [["seed 0 dense"], ["seed 0 prune-no-retrain", "seed 0 prune"],
+                     ["seed 0 tflite 8-bit", "seed 0 tflite 2-bit"]]
+    assert [r.label for r in res.rows][-2:] == ["tflite 8-bit", "tflite 2-bit"]
+    # a task that fails is reported after the rows that finished are written
+    real = study_run.quantized_row
+
+    def broken(run, fmt, bits, epochs):
+        if bits == 2:
+            raise RuntimeError("the worker died")
+        return real(run, fmt, bits, epochs)
+
+    monkeypatch.setattr(study_run, "quantized_row", broken)
+    with pytest.raises(ConfigError, match="seed 0 tflite 2-bit failed: RuntimeError: the "
+                                          "worker died .*the same command resumes"):
+        study(tiny_config(**TINY), out, [8, 2], "tflite")
+    table = (out / "study.md").read_text()
+    assert "| tflite 8-bit" in table and "tflite 2-bit" not in table
 
 
 def test_study_refuses_other_settings_in_the_same_folder(studied):
