@@ -56,7 +56,8 @@ class ExportConfig(StageConfig):
         """Every invalid value, each with what is allowed (all reported at once)."""
         out = []
         supported = SUPPORTED.get((self.format, self.scheme), ())
-        if not self.choice_problems() and self.bits not in supported:
+        valid = not self.choice_problems()
+        if valid and self.bits not in supported:
             out.append(f"{self.format} cannot store {self.bits}-bit weights with the "
                        f"{self.scheme} scheme; supported: {supported_text()}")
         for name, lo in (("calibration", 1), ("parity_samples", 1), ("batch_size", 1)):
@@ -66,13 +67,15 @@ class ExportConfig(StageConfig):
             out.append("min_agreement must be in [0, 1]")
         if self.float_tolerance <= 0:
             out.append("float_tolerance must be positive")
+        # bits is compared only once it is one of its choices (choice_problems reports the rest)
+        not_own_levels = valid and (self.bits > 8 or self.scheme == "static")
         if self.finetune_epochs < 0:
             out.append("finetune_epochs must be >= 0")
-        elif self.finetune_epochs and (self.bits > 8 or self.scheme == "static"):
+        elif self.finetune_epochs and not_own_levels:
             out.append(f"finetune_epochs fine-tunes against 8/4/3/2-bit weights of the "
                        f"weight-only or dynamic scheme, not {self.bits}-bit {self.scheme} "
                        f"(static weights come from the runtime's own quantizer)")
-        if self.levels == "asymmetric" and (self.bits > 8 or self.scheme == "static"):
+        if self.levels == "asymmetric" and not_own_levels:
             out.append(f"asymmetric levels are for 8/4/3/2-bit weights of the weight-only or "
                        f"dynamic scheme, not {self.bits}-bit {self.scheme}")
         if self.finetune_lr <= 0:

@@ -187,13 +187,18 @@ def check_weights(stored: list[StoredWeight], layers: list[dict], cfg: ExportCon
     return problems
 
 
+def _beyond_float_tolerance(parity: dict, cfg: ExportConfig, what: str) -> list[str]:
+    """``what`` differ from the logits they should equal by more than the float tolerance
+    (relative to max(1, max |logit|)): one problem line, or none."""
+    limit = cfg.float_tolerance * max(1.0, parity["max_abs_logit"])
+    if parity["max_abs_diff"] > limit:
+        return [f"{what} by {parity['max_abs_diff']:.3g} (tolerance {limit:.3g})"]
+    return []
+
+
 def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
     if cfg.bits == 32 and cfg.scheme == "weight-only":
-        limit = cfg.float_tolerance * max(1.0, parity["max_abs_logit"])
-        if parity["max_abs_diff"] > limit:
-            return [f"float32 logits differ from PyTorch by {parity['max_abs_diff']:.3g} "
-                    f"(tolerance {limit:.3g})"]
-        return []
+        return _beyond_float_tolerance(parity, cfg, "float32 logits differ from PyTorch")
     if parity["agreement"] < cfg.min_agreement:
         return [f"top-1 agreement with PyTorch is {parity['agreement']:.3f}, below the floor "
                 f"{cfg.min_agreement} (accuracy {parity['acc_before']:.3f} -> "
@@ -273,11 +278,10 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
         if tuned:
             tuned.record["parity_with_finetuned"] = exact = logit_parity(
                 tuned.quantized_logits, logits, src.labels)
-            limit = cfg.float_tolerance * max(1.0, exact["max_abs_logit"])
-            if cfg.scheme == "weight-only" and exact["max_abs_diff"] > limit:
-                problems.append(f"the file's logits differ from the fine-tuned model's with "
-                                f"the same weight levels by {exact['max_abs_diff']:.3g} "
-                                f"(tolerance {limit:.3g})")
+            if cfg.scheme == "weight-only":
+                problems += _beyond_float_tolerance(
+                    exact, cfg, "the file's logits differ from the fine-tuned model's with the "
+                    "same weight levels")
         if problems or (low and not cfg.warn_only):
             raise ExportError(f"{cfg.name()}: " + "; ".join(problems + low))
         manifest = {

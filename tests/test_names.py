@@ -106,6 +106,13 @@ def test_a_name_outside_its_list_is_refused_naming_the_list(cls):
             cls(**{name: bad})
 
 
+def test_an_unknown_bit_width_is_refused_with_options_that_compare_it():
+    # fine-tuning and asymmetric levels check the bit width: an unknown one is named, not
+    # compared with 8
+    with pytest.raises(ConfigError, match="unknown bits 'nonesuch'"):
+        ExportConfig(bits="nonesuch", levels="asymmetric", finetune_epochs=3)
+
+
 def test_the_help_names_every_dataset_model_and_method():
     text = {p.name: p.help for p in main.commands["compress"].params}
     assert all(d in text["dataset"] for d in names.DATASETS)
