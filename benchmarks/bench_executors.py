@@ -1,17 +1,24 @@
-"""The executor seam: N tiny runs through the local executor and through Ray on this machine,
-the wall time of each, the per-task overhead of Ray and the ratio, measured in one process.
+"""The executor seam on a study grid: `study --compare` over methods x seeds of tiny runs, once
+through the local executor and once through Ray, the wall time of each and the ratio, measured
+in one process.
 
-The local executor runs the tasks one after another with torch on every core; Ray runs as many
-at once as it has CPUs (one CPU and one torch thread each). Ray's start (a local instance) is
-timed apart from the tasks.
+The local executor runs the grid's runs one after another with torch on every core; Ray runs
+as many at once as it has CPUs (one CPU and one torch thread each). Ray's start (a local
+instance, or joining --ray-address) is timed apart from the grid. On a 2-core machine expect
+parity, not a speed-up: the local runs already keep both cores busy.
 
-Run:  .venv/bin/python benchmarks/bench_executors.py [--tasks 8] [--cpus 2]
+Run:  .venv/bin/python benchmarks/bench_executors.py [--methods dense,prune,safecompress]
+      [--seeds 2] [--cpus 2]
+A cluster:  ray start --head (on the head node), ray start --address HEAD_IP:6379 (on every
+other node), then  ... bench_executors.py --ray-address HEAD_IP:6379 --out /shared/bench
+(--out: a folder every node mounts at the same path; the grid's runs are written there)
 """
 
 import safeexport  # noqa: F401 - first: OpenMP's wait policy before torch loads (openmp.py)
 
 # isort: split
 import argparse
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -19,50 +26,53 @@ from pathlib import Path
 
 import torch
 
-from compressor import compress
 from compressor.config import CompressConfig
-from safeexport.executors import Task, run_tasks
-
-
-def _tiny(out: str, seed: int) -> str:
-    cfg = CompressConfig(dataset="synthetic", model="cnn", method="dense", epochs=2,
-                         batch_size=32, max_samples=400, attack="loss", final_attack_epochs=2,
-                         dense_reference=False, device="cpu")
-    compress(replace(cfg, seed=seed), out, progress=False)
-    return out
+from study import compare
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--methods", default="dense,prune,safecompress")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10, help="each run's (its size)")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--ray-address", default=None, help="join this cluster instead")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the grids' runs go (default: a temporary folder)")
     args = parser.parse_args()
     import ray
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tasks = lambda tag: [Task(f"run {i}", _tiny, (str(Path(tmp) / tag / str(i)), i))  # noqa: E731
-                             for i in range(args.tasks)]
-        _tiny(str(Path(tmp) / "warm-up"), 99)  # imports and first-use costs, outside the timing
+    methods = args.methods.split(",")
+    cfg = CompressConfig(dataset="synthetic", model="cnn", epochs=args.epochs,
+                         update_frequency=20, batch_size=32, max_samples=800, attack="loss",
+                         final_attack_epochs=2, retrain_epochs=2, dense_reference=False,
+                         device="cpu")
+    root = args.out or Path(tempfile.mkdtemp(prefix="bench-executors-"))
+    try:
+        compare(cfg, root / "warm-up", methods[:1], progress=False)  # first-use costs
         t = time.perf_counter()
-        local = run_tasks(tasks("local"), "local", False)
+        compare(cfg, root / "local", methods, args.seeds, progress=False)
         t_local = time.perf_counter() - t
         t = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
+                 **({} if args.ray_address else {"num_cpus": args.cpus}))
         t_start = time.perf_counter() - t
+        cpus = int(ray.cluster_resources().get("CPU", 0))
         t = time.perf_counter()
-        remote = run_tasks(tasks("ray"), "ray", False, cpus_per_task=1)
+        compare(replace(cfg, executor="ray", ray_address=args.ray_address), root / "ray",
+                methods, args.seeds, progress=False)
         t_ray = time.perf_counter() - t
         ray.shutdown()
-    assert all(o.ok for o in local + remote), [o.error for o in local + remote if not o.ok]
-    per_local = t_local / args.tasks
-    # the ideal of Ray's schedule is the local time per task on `cpus` workers at once
-    overhead = (t_ray - per_local * args.tasks / args.cpus) / args.tasks
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads here, {args.cpus} CPUs "
-          "for Ray")
-    print(f"{args.tasks} tiny runs: local {t_local:6.1f} s ({per_local:5.2f} s per run); Ray "
-          f"{t_ray:6.1f} s after a {t_start:4.1f} s start; ratio Ray/local "
-          f"{t_ray / t_local:4.2f}; Ray's overhead against a perfect {args.cpus}-way split "
-          f"{overhead:+5.2f} s per task")
+    finally:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    runs = len(methods) * args.seeds
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads here; Ray: "
+          f"{'cluster ' + args.ray_address if args.ray_address else 'local instance'}, "
+          f"{cpus} CPUs")
+    print(f"study grid {'+'.join(methods)} x {args.seeds} seeds ({runs} runs, each seed's "
+          f"dense run first): local {t_local:6.1f} s; Ray {t_ray:6.1f} s after a "
+          f"{t_start:4.1f} s start; ratio Ray/local {t_ray / t_local:4.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The compressor's config: everything that decides what ``safeexport compress`` produces."""
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,8 +52,8 @@ class CompressConfig(StageConfig):
     update_frequency: int = opt(40, "training iterations between two mask updates (paper: "
                                 "4000)")
     batch_size: int = opt(128, "target batch size")
-    optimizer: str = opt("auto", "auto = sgd for images and tables (as in the paper), adamw for "
-                         "bert/roberta; or sgd, adamw",
+    optimizer: str = opt("auto", "auto = sgd for CNNs (as in the paper), adamw for MLPs "
+                         "and bert/roberta; or sgd, adamw",
                          choices=("auto", *names.OPTIMIZERS))
     lr: float | None = opt(None, "learning rate, scheduled by --lr-schedule (default: 0.05 "
                            "for sgd, 1e-3 for adamw, 5e-5 for adamw on a --pretrained model)")
@@ -165,13 +166,34 @@ class CompressConfig(StageConfig):
             d = {**d, "score": d.get("attack", "nasr")}
         return super().from_recorded(d)
 
-    def check_executor(self) -> None:
-        """The Ray cluster this config names answers (checked before any training, by every
-        command that will use the executor)."""
+    @classmethod
+    def from_run_record(cls, record: dict) -> "CompressConfig":
+        """As ``StageConfig.from_run_record``; a run whose ``optimizer: auto`` resolved to
+        another optimizer or rate than it does now (MLPs trained with SGD before ``auto``
+        meant AdamW for them) gets the ones it trained with (recorded beside its config), so
+        it resumes, replays and compares as what it is."""
+        from compressor.train import resolve_optimizer  # torch: only when a run is read
+
+        cfg = cls.from_recorded(record["config"])
+        used = record.get("optimizer")
+        if cfg.optimizer != "auto" or not isinstance(used, dict) \
+                or used.get("name") not in names.OPTIMIZERS:
+            return cfg
+        now = resolve_optimizer("auto", record.get("model", cfg.model), cfg.lr,
+                                bool(cfg.pretrained))
+        if now == (used["name"], used.get("lr")):
+            return cfg
+        return dataclasses.replace(cfg, optimizer=used["name"], lr=used.get("lr"))
+
+    def check_executor(self, writes: Path) -> None:
+        """The Ray cluster this config names answers, and its workers can write into
+        ``writes`` (checked before any training, by every command that will use the
+        executor)."""
         if self.executor == "ray":
-            from safeexport.executors import check_ray_cluster
+            from safeexport.executors import check_ray_cluster, check_workers_write
 
             check_ray_cluster(self.ray_address)
+            check_workers_write(writes, **self.executor_options())
 
     def executor_options(self) -> dict:
         """``run_tasks``' options for this config's executor."""

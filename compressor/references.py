@@ -112,7 +112,7 @@ def _recorded_key(ref: RunDir) -> str | None:
     if not ref.is_run():
         return None
     try:
-        cfg = CompressConfig.from_recorded(ref.read_config()["config"])
+        cfg = CompressConfig.from_run_record(ref.read_config())
         return settings_key(cfg, Splits.load(ref.splits))
     except SafeExportError:
         return None
@@ -164,7 +164,7 @@ def ensure_references(run: RunDir, cfg: CompressConfig, splits: Splits, y: np.nd
                                progress))))
     failed = {}
     if tasks:
-        cfg.check_executor()
+        cfg.check_executor(run.path)
         outcomes = run_tasks([t for _, t in tasks], cfg.executor, progress,
                              **cfg.executor_options())
         for (i, _), o in zip(tasks, outcomes, strict=True):
@@ -189,7 +189,7 @@ def ensure_run_references(run: RunDir, k: int, build: Build,
     """``ensure_references`` for ``run`` (a finished run ``open_run`` verified: its own config
     and split), for ``safeexport evaluate --references K``; holds the run's shared lock
     meanwhile."""
-    cfg = CompressConfig.from_recorded(run.read_config()["config"])
+    cfg = CompressConfig.from_run_record(run.read_config())
     if data_dir is not None:
         cfg = replace(cfg, data_dir=str(data_dir))
     with run.lock(shared=True):

@@ -131,7 +131,7 @@ def compress(cfg: CompressConfig, out: Path | str, resume: bool = False, overwri
     check_out(run, resume, overwrite)  # refuse at once, before the folder is made or locked
     # the same seed gives the same run only on the same number of threads (floating-point
     # sums): a new run records the count it runs on, and a resumed run runs on the recorded one
-    threads = CompressConfig.from_recorded(run.read_config()["config"]).threads if resume \
+    threads = CompressConfig.from_run_record(run.read_config()).threads if resume \
         else cfg.threads
     # a second process writing this folder is refused
     with run.lock(create=not resume), torch_threads(threads):
@@ -318,12 +318,14 @@ def _finish(setup: Setup, state: TrainState, history: list[dict], compress_time:
         report["dense"] = dense_metrics
         curves.update(roc_curves(dres, "dense", thresholds=False))
     write_exposure_csv(run.exposure_csv, exposure)
-    write_json(run.report, report)
     title = f"{setup.model_name} on {cfg.dataset}, keeping {100 * cfg.sparsity:g}% of weights"
     if history:  # a baseline has no mask updates: no learning curve to draw
         plot_curve(history, run.curve_png, title)
     plot_roc(curves, run.roc_png, f"final MIA (unknown members vs non-members)\n{title}",
              res.metrics["n_nonmembers"])
+    # the report last: a run killed before it is unfinished (resumed), never complete and
+    # missing a file
+    write_json(run.report, report)
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
     _print_summary(report)
     if ref_error:

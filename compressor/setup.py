@@ -288,14 +288,14 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
     run folder's lock."""
     check_out(run, resume, overwrite)
     if resume:
-        cfg = CompressConfig.from_recorded(run.read_config()["config"])
+        cfg = CompressConfig.from_run_record(run.read_config())
         if run.report.exists():
             open_run(run.path)  # a damaged finished run is refused, not called complete
             run.read_history()
             tqdm.write(f"{run.path} is already complete; nothing to resume")
             return cfg, None
     if cfg.references:
-        cfg.check_executor()  # the references run on it, after the training below
+        cfg.check_executor(run.path)  # the references run on it, after the training below
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download,
                       cfg.max_samples, cfg.seed if cfg.data_seed is None else cfg.data_seed)
@@ -352,7 +352,7 @@ def prepare(cfg: CompressConfig, run: RunDir, resume: bool, overwrite: bool,
 
 def check_dense_from(dense: RunDir, setup: Setup) -> RunDir:
     """``dense`` if it is a finished dense run that trained the model this run would."""
-    recorded = (CompressConfig.from_recorded(dense.read_config()["config"]).to_dict()
+    recorded = (CompressConfig.from_run_record(dense.read_config()).to_dict()
                 if dense.is_run() else {})
     if not dense.report.exists() or recorded.get("method") != "dense":
         raise ConfigError(f"{dense.path} is not a finished `--method dense` run")

@@ -117,7 +117,7 @@ class StageConfig:
             and "dataset_fingerprint" in data
         try:
             # a run's config.json: the resolved config it ran with
-            return cls.from_recorded(data["config"]) if recorded else cls.from_dict(data)
+            return cls.from_run_record(data) if recorded else cls.from_dict(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
 
@@ -126,6 +126,11 @@ class StageConfig:
         """The config a run recorded (its config.json's ``config``), keys it predates filled
         with what it ran with (``RECORDED_DEFAULTS``)."""
         return cls.from_dict({**cls.RECORDED_DEFAULTS, **d} if isinstance(d, dict) else d)
+
+    @classmethod
+    def from_run_record(cls, record: dict) -> "StageConfig":
+        """The config of a run's whole config.json (``from_recorded`` of its ``config``)."""
+        return cls.from_recorded(record["config"])
 
     def to_json(self) -> str:
         """JSON text of the config."""

@@ -8,6 +8,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -112,13 +113,17 @@ def check_ray_cluster(address: str | None) -> None:
                         "start the cluster there (`ray start --head`) or fix the address")
 
 
+RETRIES = 2  # Ray's retries of a task whose worker died
+
+
 def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | None = None,
             cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> list[Outcome]:
     """Every task as a Ray task (``ray.remote`` with ``cpus_per_task``/``gpus_per_task``:
     scheduling labels, so a task must fit its share of a GPU's memory). Joins the running Ray
     instance of this process, or the cluster at ``address`` ("auto": the local node's), or
     starts a local instance that is shut down afterwards. Results come back in the tasks'
-    order; a task that raised is reported with its error while the others finish."""
+    order; a task that raised, or whose worker died ``RETRIES + 1`` times, is reported with
+    its error while the others finish."""
     import ray
 
     started = not ray.is_initialized()
@@ -130,7 +135,10 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
     try:
         # A worker starts with this process's OpenMP wait policy: it must be in the worker's
         # environment before the task imports torch (safeexport/openmp.py).
+        # a worker that dies (killed, out of memory, its node lost) is retried RETRIES times
+        # on a fresh one; an exception the task raised is its answer, not retried
         remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
+                            max_retries=RETRIES, retry_exceptions=False,
                             runtime_env={"env_vars": policy_env()})(_call_with_threads)
         threads = max(1, int(cpus_per_task))
         pending = {remote.remote(t.fn, t.args, t.kwargs, threads): i
@@ -147,6 +155,12 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
                 except ray.exceptions.RayTaskError as e:
                     cause = e.cause if isinstance(e.cause, BaseException) else e
                     out[i] = Outcome(tasks[i].name, error=_error_line(cause))
+                except ray.exceptions.RayError as e:  # the worker or its node died
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    out[i] = Outcome(tasks[i].name, error=(
+                        f"its Ray worker died {RETRIES + 1} times ({type(e).__name__}: "
+                        f"{first}); a run it was writing is left unfinished (no report.json) "
+                        "and the same command resumes it"))
                 failed = sum(1 for o in out if o is not None and not o.ok)
                 bar.set_postfix_str(f"running {len(waiting)}, failed {failed}")
                 bar.update(1)
@@ -154,6 +168,40 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
     finally:
         if started:
             ray.shutdown()
+
+
+def _write_probe(folder: str, name: str, token: str) -> str:
+    """In a worker: write ``token`` into ``folder/name``; the worker's host name."""
+    import socket
+
+    (Path(folder) / name).write_text(token)
+    return socket.gethostname()
+
+
+def check_workers_write(folder: Path, **options: Any) -> None:
+    """Refuse, in one line and before any training, an output ``folder`` that a Ray worker
+    cannot write, or that the workers see on another filesystem than this process (a cluster
+    without shared storage): one probe task writes a file into the nearest folder of
+    ``folder`` that exists (nothing is created), this process reads it back and removes it.
+    ``options``: run_ray's (the cluster's address)."""
+    import uuid
+
+    token = uuid.uuid4().hex
+    name = f".safeexport-probe-{token}"
+    where = next(p for p in (folder.resolve(), *folder.resolve().parents) if p.exists())
+    [out] = run_ray([Task("probe", _write_probe, (str(where), name, token))], False, **options)
+    probe = where / name
+    try:
+        if not out.ok:
+            raise ConfigError(f"a Ray worker cannot write into {where} ({out.error}); give "
+                              "--out a folder every worker can write")
+        if not probe.is_file() or probe.read_text() != token:
+            raise ConfigError(f"a Ray worker (on {out.value}) wrote into {where} on another "
+                              "filesystem than this machine's; give --out a folder every node "
+                              "mounts at the same path")
+    finally:
+        with contextlib.suppress(OSError):  # not written, or not where this process looks
+            probe.unlink(missing_ok=True)
 
 
 EXECUTORS: Registry[Callable[..., list[Outcome]]] = Registry("executor")

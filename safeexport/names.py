@@ -11,7 +11,7 @@ METHODS = ("safecompress", "dense", "prune", "pr-dp", "pr-advreg", "pr-dmp", "kd
            "kd-advreg", "kd-dmp", "mia-pr")
 BASELINES = METHODS[1:]  # compressor.baselines registers one function under each
 DATASETS = ("digits", "synthetic", "fashionmnist", "mnist", "cifar10", "cifar100",
-            "tinyimagenet", "purchase100", "texas100", "agnews", "yelp5")
+            "tinyimagenet", "purchase100", "texas100", "purchase-like", "agnews", "yelp5")
 DATASET_PREFIXES = ("npz:", "folder:", "torch:")  # a user's own data
 MODELS = ("cnn", "mlp", "alexnet", "vgg16", "resnet18", "bert", "roberta")
 OPTIMIZERS = ("sgd", "adamw")

@@ -8,6 +8,8 @@ trained once per seed (``dense/``) and the other runs start from it. A run alrea
 with the same settings is reused, so a stopped study resumes by running the same command again.
 """
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +26,7 @@ from safeexport.errors import ConfigError
 from safeexport.executors import Task, run_tasks
 from safeexport.models import resolved_model
 from safeexport.rundir import RunDir, atomic_write
+from safeexport.runio import REFERENCE_INDEX, REFERENCES
 from study.tables import (
     Column,
     Row,
@@ -100,7 +103,7 @@ def run_method(cfg: CompressConfig, path: Path, progress: bool | None,
     settings, continued when unfinished, started otherwise."""
     run = RunDir(path)
     if run.is_run():
-        recorded = run.read_config()["config"]
+        recorded = CompressConfig.from_run_record(run.read_config()).to_dict()
         own = cfg.to_dict()
         diff = sorted(k for k in own if recorded.get(k) != own[k] and k not in EXECUTION_KEYS)
         if diff:
@@ -110,6 +113,24 @@ def run_method(cfg: CompressConfig, path: Path, progress: bool | None,
     else:
         compress(cfg, path, progress=progress, dense_from=dense_from)
     return run.read_report()
+
+
+def references_used(run: Path, dense: Path) -> str:
+    """Which reference models ``run`` read: the first 8 hex digits of the hash of their
+    settings keys (references/index.json), and whether they are the seed's ``dense`` run's
+    (the same keys: the same models, trained once) or its own."""
+    def keys(path: Path) -> list[str]:
+        index = path / REFERENCES / REFERENCE_INDEX
+        return ([m["settings_sha256"] for m in json.loads(index.read_text())["models"].values()]
+                if index.is_file() else [])
+
+    own = keys(run)
+    if not own:
+        return "none"
+    name = hashlib.sha256("".join(own).encode()).hexdigest()[:8]
+    if run == dense:
+        return f"{name} (trained here)"
+    return f"{name} ({'the dense run' if own == keys(dense) else 'its own'})"
 
 
 def _base(cfg: CompressConfig, seed: int) -> CompressConfig:
@@ -171,7 +192,7 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
 
     out = Path(out)
     _check_out(out)
-    cfg.check_executor()
+    cfg.check_executor(out)
     allowed = SUPPORTED[(fmt, "weight-only")] if (fmt, "weight-only") in SUPPORTED else ()
     bad = [b for b in bits if b not in allowed or b > 8]
     if bad or not bits:
@@ -333,7 +354,7 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     (``parse_variant``: ``safecompress/select=random``), so ablations share the table."""
     out = Path(out)
     _check_out(out)
-    cfg.check_executor()
+    cfg.check_executor(out)
     if not methods:
         raise ConfigError(f"--compare: no method given; known: {', '.join(names.METHODS)}")
     variants = {v.spec: v for v in (parse_variant(m, cfg) for m in methods)}
@@ -372,6 +393,9 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
             figures["tm_decided"] = rep["selection_rules"].get("tm", 0) / rep["rounds"]
         rows[m].add(figures, intervals, seed)
         rows[m].text = {**_sizes(c), "Strongest": c["strongest"]["attack"]}
+        if cfg.references:
+            rows[m].text["References"] = references_used(sdir[seed] / variants[m].folder,
+                                                         sdir[seed] / "dense")
         for w in c["warnings"]:
             flagged.setdefault(m, []).append(f"seed {seed}: {w}")
             tqdm.write(f"seed {seed} {m}: warning: {w}")
@@ -399,12 +423,16 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
         note += (f" LiRA and RMIA (offline): {cfg.references} reference models per run, "
                  f"trained with {'each row' if cfg.reference_method == 'same' else 'a dense'}"
                  "'s method on halves of the known members and non-members; AUC and TPR at "
-                 "1% FPR on the same balanced unknown samples.")
+                 "1% FPR on the same balanced unknown samples. References: the set a row's "
+                 "LiRA and RMIA read (of its last seed), named by the hash of its models' "
+                 "settings: rows with one name read the same models, trained once in the "
+                 "seed's dense run and copied (its own: trained for that row).")
     note += "".join(f"\n\n(!) {rows[m].label}: {w}" for m, ws in flagged.items() for w in ws)
     cols = [*columns, Column("epsilon", "DP ε", ".2f"),
             Column("tm_decided", "Rounds decided by TM", ".2f")]
     done = [r for r in rows.values() if r.figures]
-    result = _write(out, "compare", done, [*SIZE_COLUMNS, "Strongest"], cols, ranked, title, note,
+    text_cols = [*SIZE_COLUMNS, "Strongest", *(["References"] if cfg.references else [])]
+    result = _write(out, "compare", done, text_cols, cols, ranked, title, note,
                     plot_tradeoff) if done else None
     if result is not None:  # every seed's figures with their intervals
         write_seeds_csv(out / "compare-seeds.csv", done, cols)

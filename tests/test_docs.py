@@ -19,7 +19,7 @@ OTHERS = {"--full": "pytest (tests/conftest.py)", "--dist": "pytest-xdist", "--h
           "--input": "benchmark_model", "--num": "benchmark_model",
           "--output": "benchmark_model", "--ratio": "benchmarks/bench_compress.py",
           "--set": "benchmarks/bench_compress.py", "--spincount": "bench_contention.py",
-          "--tasks": "benchmarks/bench_executors.py", "--cpus": "bench_executors.py"}
+          "--methods": "benchmarks/bench_executors.py", "--cpus": "bench_executors.py"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 EXAMPLE = re.compile(r"safeexport (compress|run|export|evaluate|study|report)\b(.*)")
 

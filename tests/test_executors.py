@@ -3,6 +3,7 @@ dashboard, shut down after) give the same outcomes in the same order; a task tha
 reported while the others finish; reference models built through Ray equal the local ones."""
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def _starting_environment(keys: tuple[str, ...]) -> dict[str, str]:
     """The variables this process STARTED with (what libgomp reads when torch loads it)."""
     pairs = (e.split("=", 1) for e in Path("/proc/self/environ").read_text().split("\0") if e)
     return {k: v for k, v in pairs if k in keys}
+
+
+def _dies_once(marker: str) -> str:
+    """Kills its worker the first time (as the kernel's out-of-memory killer would), answers
+    the second."""
+    if not Path(marker).exists():
+        Path(marker).write_text("died once")
+        os._exit(1)
+    return "answered"
+
+
+def _always_dies() -> None:
+    os._exit(1)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +143,29 @@ def test_a_ray_worker_starts_with_the_drivers_openmp_spin(ray_instance, monkeypa
     keys = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     [out] = run_tasks([Task("env", _starting_environment, (keys,))], "ray", False)
     assert out.value == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "4321"}, out
+
+
+def test_a_task_whose_ray_worker_dies_is_retried_then_reported(ray_instance, tmp_path):
+    from safeexport.executors import RETRIES
+
+    out = run_tasks([Task("once", _dies_once, (str(tmp_path / "marker"),)),
+                     Task("always", _always_dies), Task("t2", _square, (2,))], "ray", False)
+    assert out[0].value == "answered", out[0]  # retried on a fresh worker
+    assert not out[1].ok and f"its Ray worker died {RETRIES + 1} times" in out[1].error, out[1]
+    assert "resumes" in out[1].error
+    assert out[2].value == 4  # the others finish
+
+
+def test_a_ray_study_refuses_a_folder_its_workers_cannot_write_before_training(
+        ray_instance, tmp_path):
+    from safeexport.executors import check_workers_write
+    from study import compare
+
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = tiny_config(attack="loss", epochs=2, dense_reference=False, executor="ray")
+    with pytest.raises(ConfigError, match=r"^a Ray worker cannot write into \S*a-file "
+                                          r"\(NotADirectoryError.*give --out a folder"):
+        compare(cfg, tmp_path / "a-file" / "study", ["dense"], progress=False)
+    # a folder the workers can write passes, and the probe creates and leaves nothing
+    check_workers_write(tmp_path / "new" / "study")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

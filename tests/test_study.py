@@ -4,6 +4,7 @@ models and the synthetic data."""
 import csv
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,8 +225,16 @@ def test_a_variant_row_runs_with_its_own_settings(tmp_path):
 def test_dense_references_are_built_once_per_seed_and_shared_by_every_row(tmp_path):
     out = tmp_path / "c"
     cfg = tiny_config(**TINY, dense_reference=False, references=2, reference_method="dense")
-    compare(cfg, out, ["prune", "safecompress/score=lira/regularizer=re2"])
+    res = compare(cfg, out, ["prune", "safecompress/score=lira/regularizer=re2"])
     seed = out / "seed-0"
+    # the table says which references each row read: one set, named by its settings hash
+    from study.run import references_used
+
+    used = {r.label.removesuffix(" (!)"): r.text["References"] for r in res.rows}
+    name = references_used(seed / "dense", seed / "dense").split()[0]
+    assert used == {"prune": f"{name} (the dense run)",
+                    "SafeCompress (score=lira, regularizer=re2)": f"{name} (the dense run)"}
+    assert "| References |" in res.markdown
     dense = seed / "dense" / "references"
     for row in ("prune", "safecompress.score-lira.regularizer-re2"):
         index = json.loads((seed / row / "references" / "index.json").read_text())
@@ -238,6 +247,23 @@ def test_dense_references_are_built_once_per_seed_and_shared_by_every_row(tmp_pa
                 == sha256_file(dense / f"ref-{i}" / "model.safetensors")
     history = (seed / "safecompress.score-lira.regularizer-re2" / "history.jsonl").read_text()
     assert all(json.loads(r)["score"] == "lira" for r in history.splitlines())
+
+
+def test_a_row_with_references_of_other_settings_reads_its_own(tmp_path):
+    from study.run import references_used
+
+    def index(run: str, keys: list[str]) -> Path:
+        (tmp_path / run / "references").mkdir(parents=True)
+        (tmp_path / run / "references" / "index.json").write_text(json.dumps(
+            {"models": {f"ref-{i}": {"settings_sha256": k} for i, k in enumerate(keys)}}))
+        return tmp_path / run
+
+    dense = index("dense", ["a1", "b2"])
+    same, other = index("prune", ["a1", "b2"]), index("kd", ["c3", "d4"])
+    assert references_used(same, dense).endswith("(the dense run)")
+    assert references_used(other, dense).endswith("(its own)")
+    assert references_used(other, dense).split()[0] != references_used(same, dense).split()[0]
+    assert references_used(tmp_path / "none", dense) == "none"
 
 
 @pytest.mark.parametrize("spec, message", [

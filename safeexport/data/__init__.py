@@ -28,7 +28,7 @@ from safeexport.data.images import (
     memory_bytes,
     npz_header,
 )
-from safeexport.data.tabular import load_purchase100, load_texas100
+from safeexport.data.tabular import load_purchase100, load_texas100, make_purchase_like
 from safeexport.data.text import AGNEWS_CLASSES, load_text_csv
 from safeexport.errors import DataError
 from safeexport.registry import Registry
@@ -101,6 +101,10 @@ DATASETS.register("purchase100", DatasetInfo(
 DATASETS.register("texas100", DatasetInfo(
     lambda d, m, s: load_texas100(d), "tabular",
     "Texas100 (texas/100/feats, labels): 6,169 binary features, 100 classes"))
+DATASETS.register("purchase-like", DatasetInfo(
+    lambda d, m, s: make_purchase_like(), "tabular",
+    "a seeded Purchase-like stand-in (no download): 5,000 records, 600 binary features, "
+    "40 classes; its dense MLP overfits and leaks (for tests and benchmarks)"))
 DATASETS.register("agnews", DatasetInfo(
     lambda d, m, s: load_text_csv("agnews", d, ["ag_news_csv", "ag_news"], 4, AGNEWS_CLASSES,
                                   "get ag_news_csv (train.csv, test.csv) and pass --data-dir"),
