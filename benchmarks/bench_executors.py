@@ -47,6 +47,9 @@ def main() -> None:
                          update_frequency=20, batch_size=32, max_samples=800, attack="loss",
                          final_attack_epochs=2, retrain_epochs=2, dense_reference=False,
                          device="cpu")
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"--out {args.out} is not empty: its finished runs would be reused, and "
+                     "nothing timed")
     root = args.out or Path(tempfile.mkdtemp(prefix="bench-executors-"))
     try:
         compare(cfg, root / "warm-up", methods[:1], progress=False)  # first-use costs

@@ -1,7 +1,6 @@
 """The compressor's config: everything that decides what ``safeexport compress`` produces."""
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -183,7 +182,7 @@ class CompressConfig(StageConfig):
                                 bool(cfg.pretrained))
         if now == (used["name"], used.get("lr")):
             return cfg
-        return dataclasses.replace(cfg, optimizer=used["name"], lr=used.get("lr"))
+        return replace(cfg, optimizer=used["name"], lr=used.get("lr"))
 
     def check_executor(self, writes: Path) -> None:
         """The Ray cluster this config names answers, and its workers can write into
@@ -193,7 +192,7 @@ class CompressConfig(StageConfig):
             from safeexport.executors import check_ray_cluster, check_workers_write
 
             check_ray_cluster(self.ray_address)
-            check_workers_write(writes, **self.executor_options())
+            check_workers_write(writes, self.ray_address)
 
     def executor_options(self) -> dict:
         """``run_tasks``' options for this config's executor."""

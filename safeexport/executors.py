@@ -116,14 +116,11 @@ def check_ray_cluster(address: str | None) -> None:
 RETRIES = 2  # Ray's retries of a task whose worker died
 
 
-def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | None = None,
-            cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> list[Outcome]:
-    """Every task as a Ray task (``ray.remote`` with ``cpus_per_task``/``gpus_per_task``:
-    scheduling labels, so a task must fit its share of a GPU's memory). Joins the running Ray
-    instance of this process, or the cluster at ``address`` ("auto": the local node's), or
-    starts a local instance that is shut down afterwards. Results come back in the tasks'
-    order; a task that raised, or whose worker died ``RETRIES + 1`` times, is reported with
-    its error while the others finish."""
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """The ``ray`` module, joined to this process's running instance, or to the cluster at
+    ``address`` ("auto": the local node's), or to a local instance started here and shut
+    down afterwards."""
     import ray
 
     started = not ray.is_initialized()
@@ -133,10 +130,29 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
         except ConnectionError as e:  # "auto" with no cluster on this node
             raise ConfigError(f"--ray-address {address}: {str(e).splitlines()[0]}") from e
     try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _died(ray: Any, e: BaseException) -> bool:
+    """Whether a task's error is its worker's (or node's) death, which Ray retried."""
+    x = ray.exceptions
+    return isinstance(e, (x.WorkerCrashedError, x.NodeDiedError, x.OutOfMemoryError))
+
+
+def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | None = None,
+            cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> list[Outcome]:
+    """Every task as a Ray task (``ray.remote`` with ``cpus_per_task``/``gpus_per_task``:
+    scheduling labels, so a task must fit its share of a GPU's memory), in ``ray_session``.
+    Results come back in the tasks' order; a task that raised, or whose worker died
+    ``RETRIES + 1`` times, is reported with its error while the others finish."""
+    with ray_session(address) as ray:
         # A worker starts with this process's OpenMP wait policy: it must be in the worker's
-        # environment before the task imports torch (safeexport/openmp.py).
-        # a worker that dies (killed, out of memory, its node lost) is retried RETRIES times
-        # on a fresh one; an exception the task raised is its answer, not retried
+        # environment before the task imports torch (safeexport/openmp.py). A worker that
+        # dies (killed, out of memory, its node lost) is retried RETRIES times on a fresh
+        # one; an exception the task raised is its answer, not retried.
         remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
                             max_retries=RETRIES, retry_exceptions=False,
                             runtime_env={"env_vars": policy_env()})(_call_with_threads)
@@ -155,53 +171,77 @@ def run_ray(tasks: Sequence[Task], progress: bool | None = None, address: str | 
                 except ray.exceptions.RayTaskError as e:
                     cause = e.cause if isinstance(e.cause, BaseException) else e
                     out[i] = Outcome(tasks[i].name, error=_error_line(cause))
-                except ray.exceptions.RayError as e:  # the worker or its node died
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                except ray.exceptions.RayError as e:  # Ray's own: not the task's answer
+                    line = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
                     out[i] = Outcome(tasks[i].name, error=(
-                        f"its Ray worker died {RETRIES + 1} times ({type(e).__name__}: "
-                        f"{first}); a run it was writing is left unfinished (no report.json) "
-                        "and the same command resumes it"))
+                        f"its Ray worker died {RETRIES + 1} times ({line}); a run it was "
+                        "writing is left unfinished (no report.json) and the same command "
+                        "resumes it" if _died(ray, e) else line))
                 failed = sum(1 for o in out if o is not None and not o.ok)
                 bar.set_postfix_str(f"running {len(waiting)}, failed {failed}")
                 bar.update(1)
         return [o for o in out if o is not None]
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _write_probe(folder: str, name: str, token: str) -> str:
-    """In a worker: write ``token`` into ``folder/name``; the worker's host name."""
+    """On one node: write ``token`` into ``folder/name``; the node's host name."""
     import socket
 
     (Path(folder) / name).write_text(token)
     return socket.gethostname()
 
 
-def check_workers_write(folder: Path, **options: Any) -> None:
-    """Refuse, in one line and before any training, an output ``folder`` that a Ray worker
-    cannot write, or that the workers see on another filesystem than this process (a cluster
-    without shared storage): one probe task writes a file into the nearest folder of
-    ``folder`` that exists (nothing is created), this process reads it back and removes it.
-    ``options``: run_ray's (the cluster's address)."""
+def _remove_probe(folder: str, name: str) -> None:
+    (Path(folder) / name).unlink(missing_ok=True)
+
+
+PROBE_TIMEOUT = 120  # s a node may take to write or remove its probe file
+
+
+def check_workers_write(folder: Path, address: str | None = None) -> None:
+    """Refuse, in one line and before any training, an output ``folder`` that a Ray node
+    cannot write, or that a node sees on another file system than this process (a cluster
+    without shared storage). One probe task per alive node (no CPU or GPU reserved, so it
+    never waits behind the runs) writes a file of its own into the nearest folder of
+    ``folder`` that exists (nothing is created); this process reads each back, and each node
+    removes its own. Inside a Ray task it does nothing: the driver that started the task has
+    probed. ``address``: the cluster's, as run_ray takes it."""
     import uuid
 
-    token = uuid.uuid4().hex
-    name = f".safeexport-probe-{token}"
-    where = next(p for p in (folder.resolve(), *folder.resolve().parents) if p.exists())
-    [out] = run_ray([Task("probe", _write_probe, (str(where), name, token))], False, **options)
-    probe = where / name
-    try:
-        if not out.ok:
-            raise ConfigError(f"a Ray worker cannot write into {where} ({out.error}); give "
-                              "--out a folder every worker can write")
-        if not probe.is_file() or probe.read_text() != token:
-            raise ConfigError(f"a Ray worker (on {out.value}) wrote into {where} on another "
-                              "filesystem than this machine's; give --out a folder every node "
-                              "mounts at the same path")
-    finally:
-        with contextlib.suppress(OSError):  # not written, or not where this process looks
-            probe.unlink(missing_ok=True)
+    absolute = folder.absolute()  # as the tasks will name it: symlinks are not followed
+    where = next(p for p in (absolute, *absolute.parents) if p.exists())
+    with ray_session(address) as ray:
+        if ray.get_runtime_context().get_task_id() is not None:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        write, remove = (ray.remote(num_cpus=0, max_retries=0)(f)
+                         for f in (_write_probe, _remove_probe))
+        on = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)}
+              for n in ray.nodes() if n["Alive"]]
+        tokens = [uuid.uuid4().hex for _ in on]
+        names = [f".safeexport-probe-{t}" for t in tokens]
+        writes = [write.options(**o).remote(str(where), n, t)
+                  for o, n, t in zip(on, names, tokens, strict=True)]
+        try:
+            for ref, name, token in zip(writes, names, tokens, strict=True):
+                try:
+                    host = ray.get(ref, timeout=PROBE_TIMEOUT)
+                except (ray.exceptions.RayError, TimeoutError) as e:
+                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                    raise ConfigError(f"a Ray worker cannot write into {where} "
+                                      f"({_error_line(cause)}); give --out a folder every "
+                                      "node can write") from None
+                probe = where / name
+                seen = probe.is_file() and probe.read_text() == token
+                if not seen:
+                    raise ConfigError(f"a Ray worker on {host} wrote into {where} on another "
+                                      "file system than this machine's; give --out a folder "
+                                      "every node mounts at the same path")
+        finally:
+            ray.wait([remove.options(**o).remote(str(where), n)
+                      for o, n in zip(on, names, strict=True)], num_returns=len(on),
+                     timeout=PROBE_TIMEOUT)
 
 
 EXECUTORS: Registry[Callable[..., list[Outcome]]] = Registry("executor")

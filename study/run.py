@@ -107,8 +107,13 @@ def run_method(cfg: CompressConfig, path: Path, progress: bool | None,
         own = cfg.to_dict()
         diff = sorted(k for k in own if recorded.get(k) != own[k] and k not in EXECUTION_KEYS)
         if diff:
-            raise ConfigError(f"{path} holds a run with other settings ({', '.join(diff)}); "
-                              "remove it or choose another --out for this study")
+            pinned = ("; it trained with --optimizer "
+                      f"{recorded['optimizer']} --lr {recorded['lr']}, what --optimizer auto "
+                      "meant for its model then: pass those to continue this study"
+                      if set(diff) <= {"optimizer", "lr"} and own["optimizer"] == "auto"
+                      else "")
+            raise ConfigError(f"{path} holds a run with other settings ({', '.join(diff)})"
+                              f"{pinned}; remove it or choose another --out for this study")
         compress(cfg, path, resume=True, progress=progress, dense_from=dense_from)
     else:
         compress(cfg, path, progress=progress, dense_from=dense_from)
@@ -190,15 +195,15 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
     quantization-aware fine-tuning (``export --finetune-epochs``)."""
     from exporters.config import SUPPORTED
 
-    out = Path(out)
+    out = Path(out).absolute()  # Ray tasks may start in another working directory
     _check_out(out)
-    cfg.check_executor(out)
     allowed = SUPPORTED[(fmt, "weight-only")] if (fmt, "weight-only") in SUPPORTED else ()
     bad = [b for b in bits if b not in allowed or b > 8]
     if bad or not bits:
         raise ConfigError(f"--bits must list widths {fmt} can store below float "
                           f"({', '.join(str(b) for b in allowed if b <= 8)}), got "
                           f"{','.join(map(str, bits)) or 'none'}")
+    cfg.check_executor(out)
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     seed_list = seeds_of(cfg, seeds)
@@ -352,15 +357,15 @@ def compare(cfg: CompressConfig, out: Path | str, methods: list[str], seeds: int
     paper's table (Task Acc, MIA Acc, TM-score, AUC, TPR at 1% FPR, wall time), the best
     compressed method's figure in bold. A method may carry its own settings
     (``parse_variant``: ``safecompress/select=random``), so ablations share the table."""
-    out = Path(out)
+    out = Path(out).absolute()  # Ray tasks may start in another working directory
     _check_out(out)
-    cfg.check_executor(out)
     if not methods:
         raise ConfigError(f"--compare: no method given; known: {', '.join(names.METHODS)}")
     variants = {v.spec: v for v in (parse_variant(m, cfg) for m in methods)}
     folders = [v.folder for v in variants.values()]
     if len(set(folders)) < len(folders):
         raise ConfigError("--compare: two methods would share one run folder; name each once")
+    cfg.check_executor(out)
     methods = list(variants)
     seed_list = seeds_of(cfg, seeds)
     rows = {m: Row(variants[m].label) for m in methods}

@@ -41,7 +41,9 @@ def _dies_once(marker: str) -> str:
     return "answered"
 
 
-def _always_dies() -> None:
+def _always_dies(attempts: str) -> None:
+    with open(attempts, "a") as f:
+        f.write("attempt\n")
     os._exit(1)
 
 
@@ -148,11 +150,14 @@ def test_a_ray_worker_starts_with_the_drivers_openmp_spin(ray_instance, monkeypa
 def test_a_task_whose_ray_worker_dies_is_retried_then_reported(ray_instance, tmp_path):
     from safeexport.executors import RETRIES
 
+    attempts = tmp_path / "attempts"
     out = run_tasks([Task("once", _dies_once, (str(tmp_path / "marker"),)),
-                     Task("always", _always_dies), Task("t2", _square, (2,))], "ray", False)
+                     Task("always", _always_dies, (str(attempts),)),
+                     Task("t2", _square, (2,))], "ray", False)
     assert out[0].value == "answered", out[0]  # retried on a fresh worker
     assert not out[1].ok and f"its Ray worker died {RETRIES + 1} times" in out[1].error, out[1]
-    assert "resumes" in out[1].error
+    assert "WorkerCrashedError" in out[1].error and "resumes" in out[1].error
+    assert attempts.read_text().count("attempt") == RETRIES + 1
     assert out[2].value == 4  # the others finish
 
 

@@ -59,6 +59,8 @@ def test_the_dense_mlp_memorises_the_table_and_leaks(runs):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_safecompress_keeps_90_percent_of_prunings_accuracy(runs, density):
     # with SGD at the paper's rate (the default for MLPs before) it kept 71% and 59%
+    used = json.loads((runs["safecompress", density] / "config.json").read_text())["optimizer"]
+    assert used["name"] == "adamw"  # what --optimizer auto means for an MLP
     prune = _figures(runs["prune", density])["task_acc"]
     safe = _figures(runs["safecompress", density])["task_acc"]
     assert prune > 0.25, prune  # pruning learns the table at this density (30 classes)
@@ -74,3 +76,21 @@ def test_a_run_keeps_the_optimizer_auto_resolved_to_when_it_ran():
     assert (now.optimizer, now.lr) == ("auto", None)  # what auto means now: left as recorded
     cnn = CompressConfig.from_run_record({**record, "model": "cnn"})
     assert (cnn.optimizer, cnn.lr) == ("auto", None)
+
+
+def test_a_study_names_the_optimizer_an_older_mlp_run_trained_with(tmp_path):
+    from safeexport.errors import ConfigError
+    from study.run import run_method
+    from tests.conftest import write_tabular_npz
+
+    write_tabular_npz(tmp_path / "t.npz")
+    cfg = tiny_config(dataset=f"npz:{tmp_path / 't.npz'}", model="mlp", method="dense",
+                      epochs=1, dense_reference=False)
+    run = compress(cfg, tmp_path / "run")
+    record = json.loads(run.config.read_text())
+    assert record["optimizer"] == {"name": "adamw", "lr": 1e-3}  # what auto means for MLPs
+    record["optimizer"] = {"name": "sgd", "lr": 0.05}  # as a run from before recorded it
+    run.config.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"other settings \(lr, optimizer\); it trained with "
+                                          r"--optimizer sgd --lr 0.05"):
+        run_method(cfg, tmp_path / "run", False)
