@@ -4,8 +4,10 @@ For one finished run (default: the newest under runs/), every format × bit widt
 is exported into a scratch folder and measured:
 - file bytes and gzip bytes as a ratio of the fp32 PyTorch weights (4 bytes per parameter), and
   as a ratio of the information-theoretic floor for the run's sparsity and that bit width;
-- latency at batch 1 and batch 256 of the file in its runtime, relative to PyTorch eager on the
-  same inputs and threads (a TFLite file has a fixed batch, so batch 256 is a second file).
+- the time its runtime takes to load it (best of 3), and its latency at batch 1 and batch 256,
+  relative to PyTorch eager on the same inputs and threads (a TFLite file has a fixed batch, so
+  batch 256 is a second file);
+- ONNX files both with sparse storage (the default) and dense (``--no-sparse-storage``).
 
 Run:  .venv/bin/python benchmarks/bench_export.py [--run RUN_DIR] [--repeats N]
 """
@@ -56,34 +58,35 @@ def main() -> None:
     print(f"run {src.run.path}: {sum(src.params.values()):,} parameters, fp32 weights "
           f"{fp32:,} bytes; torch {torch.__version__}, {threads} threads")
     print(f"PyTorch eager: batch 1 {1e3 * eager1:.3f} ms, batch 256 {1e3 * eager256:.2f} ms")
-    print(f"{'export':30}{'bytes':>10}{'/fp32':>7}{'gzip/fp32':>10}{'/floor':>8}"
-          f"{'gzip/floor':>11}{'b1 ms':>8}{'/eager':>8}{'b256 ms':>9}{'/eager':>8}{'agree':>7}")
+    print(f"{'export':37}{'bytes':>10}{'/fp32':>7}{'gzip/fp32':>10}{'/floor':>8}"
+          f"{'gzip/floor':>11}{'load ms':>9}{'b1 ms':>8}{'/eager':>8}{'b256 ms':>9}"
+          f"{'/eager':>8}{'agree':>7}")
+    variants = [(fmt, bits, sparse) for (fmt, scheme), bits_list in SUPPORTED.items()
+                if scheme == "weight-only" for bits in bits_list
+                for sparse in ((True, False) if fmt == "onnx" else (False,))]
     with tempfile.TemporaryDirectory() as d:
-        for (fmt, scheme), bits_list in SUPPORTED.items():
-            if scheme != "weight-only":
-                continue
-            for bits in bits_list:
-                cfg = replace(base, format=fmt, bits=bits)
-                suffix = f".{fmt}"
-                res = export(cfg, out=Path(d) / f"{cfg.name()}{suffix}", source=src)
-                s = res.manifest["sizes"]
-                with quiet():
-                    rt1 = open_runtime(res.path, threads=threads)
-                    if fmt == "tflite":  # fixed batch: a second file at batch 256
-                        big = export(replace(cfg, batch_size=256),
-                                     out=Path(d) / f"{cfg.name()}-b256{suffix}", source=src)
-                        rt256 = open_runtime(big.path, threads=threads)
-                    else:
-                        rt256 = rt1
-                    t1 = _best(lambda rt=rt1: rt(x1), args.repeats)
-                    t256 = _best(lambda rt=rt256: rt(x256, chunk=256),
-                                 max(3, args.repeats // 5))
-                print(f"{cfg.name():30}{s['bytes']:10,}{s['bytes'] / fp32:7.3f}"
-                      f"{s['gzip_bytes'] / fp32:10.3f}{s['bytes'] / s['floor_bytes']:8.2f}"
-                      f"{s['gzip_bytes'] / s['floor_bytes']:11.2f}{1e3 * t1:8.3f}"
-                      f"{t1 / eager1:8.2f}{1e3 * t256:9.2f}{t256 / eager256:8.2f}"
-                      f"{res.manifest['parity']['agreement']:7.3f}")
-
+        for fmt, bits, sparse in variants:
+            cfg = replace(base, format=fmt, bits=bits, sparse_storage=sparse)
+            label = cfg.name() + ("-sparse" if sparse else "")
+            suffix = f".{fmt}"
+            res = export(cfg, out=Path(d) / f"{label}{suffix}", source=src)
+            s = res.manifest["sizes"]
+            with quiet():
+                load = _best(lambda p=res.path: open_runtime(p, threads=threads), 3)
+                rt1 = open_runtime(res.path, threads=threads)
+                if fmt == "tflite":  # fixed batch: a second file at batch 256
+                    big = export(replace(cfg, batch_size=256),
+                                 out=Path(d) / f"{label}-b256{suffix}", source=src)
+                    rt256 = open_runtime(big.path, threads=threads)
+                else:
+                    rt256 = rt1
+                t1 = _best(lambda rt=rt1: rt(x1), args.repeats)
+                t256 = _best(lambda rt=rt256: rt(x256, chunk=256), max(3, args.repeats // 5))
+            print(f"{label:37}{s['bytes']:10,}{s['bytes'] / fp32:7.3f}"
+                  f"{s['gzip_bytes'] / fp32:10.3f}{s['bytes'] / s['floor_bytes']:8.2f}"
+                  f"{s['gzip_bytes'] / s['floor_bytes']:11.2f}{1e3 * load:9.1f}"
+                  f"{1e3 * t1:8.3f}{t1 / eager1:8.2f}{1e3 * t256:9.2f}{t256 / eager256:8.2f}"
+                  f"{res.manifest['parity']['agreement']:7.3f}")
 
 if __name__ == "__main__":
     main()

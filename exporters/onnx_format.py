@@ -5,6 +5,8 @@
 - 8/4/3/2 bits, weight-only: each conv/linear weight replaced by int8 (8 bits) or int4 (4, 3, 2
   bits) levels from ``quantize_channels`` and a per-output-channel DequantizeLinear (opset 21
   is the first with int4). Activations stay float.
+- sparse storage (``--sparse-storage``, any width and scheme): a weight with few enough
+  non-zeros stored as (one-byte gaps, values), decoded in the graph (``_sparse``).
 - 8 bits, static: onnxruntime's quantize_static (QDQ, int8 activations calibrated with min/max
   on the calibration samples, int8 symmetric per-channel weights by its own min/max).
 """
@@ -23,6 +25,7 @@ from safeexport.stored import inspect_onnx as inspect  # noqa: F401 - the format
 
 OPSET = 21
 SUFFIX = ".onnx"
+SPARSE_STORAGE = True  # convert(..., sparse=True) stores weights with few non-zeros compactly
 
 
 def _axis(node, weight: np.ndarray) -> int:
@@ -44,9 +47,16 @@ def _float_export(model: torch.nn.Module, sample: np.ndarray):
                                     verbose=False)
         with tempfile.TemporaryDirectory() as d:
             program.save(str(Path(d) / "m.onnx"))
-            return onnx.load(str(Path(d) / "m.onnx"))
+            proto = onnx.load(str(Path(d) / "m.onnx"))
     except Exception as e:  # the exporter raises many types; its messages name the op
         raise conversion_error("torch.onnx", model, sample, e) from e
+    # the exporter annotates every node with its Python stack trace (this machine's paths)
+    # and module names: most of a small sparse model's bytes, and nothing a runtime reads
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    del proto.graph.metadata_props[:]
+    del proto.graph.value_info[:]
+    return proto
 
 
 def _replace(graph, init, new_inits: list, node) -> None:
@@ -84,6 +94,84 @@ def _weight_only(proto, bits: int, keep: set[str], asymmetric: bool) -> None:
                                                        f"{name}_zero_point"], [name], axis=axis,
                                   name=f"{name}_dequantize"))
         done.add(name)
+
+
+# The sparse storage's stepping stones: a gap is stored in one byte, so a run of zeros longer
+# than this many positions carries a stored zero every STONE positions.
+STONE = 256
+
+
+def sparse_encode(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(gaps minus one as uint8, values) of ``w``'s flattened non-zeros: each stored value sits
+    gap positions after the previous one (the first after position -1), with a stored zero every
+    STONE positions across a longer run of zeros. ``safeexport.stored.sparse_positions``
+    inverts it."""
+    flat = w.reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    previous = np.concatenate([[-1], nonzero[:-1]])
+    stones_per = (nonzero - previous - 1) // STONE
+    owner = np.repeat(np.arange(len(nonzero)), stones_per)
+    step = np.arange(len(owner)) - np.repeat(np.cumsum(stones_per) - stones_per, stones_per) + 1
+    positions = np.sort(np.concatenate([nonzero, previous[owner] + STONE * step]))
+    gaps = np.diff(positions, prepend=-1) - 1
+    return gaps.astype(np.uint8), flat[positions]
+
+
+def _sparse(proto) -> None:
+    """Store every initializer of two or more dimensions (the conv/linear weights, float or
+    integer levels) whose encoding is smaller as (gaps, values): one byte per stored value's
+    gap, the values in their own type. Written by hand: ONNX's sparse_initializer costs an
+    int64 index per value, more than the dense int8 tensor unless over 8/9 of it is zero. A
+    decoding (Cast, Add, CumSum, Sub, ScatterND into ConstantOfShape zeros, Reshape; int4
+    values scattered as int8 and cast back) outputs the original name, so consumers are
+    unchanged; onnxruntime folds it into a dense constant when the session loads (measured:
+    the optimized graph holds no ScatterND)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    shared = {"sparse_one": np.array([1], np.int64), "sparse_axis": np.array(0, np.int64),
+              "sparse_rows": np.array([-1, 1], np.int64)}
+    done = []
+    for init in list(graph.initializer):
+        if len(init.dims) < 2:
+            continue
+        w = numpy_helper.to_array(init)
+        int4 = init.data_type == TensorProto.INT4
+        gaps, values = sparse_encode(w)
+        value_bytes = 0.5 if int4 else w.dtype.itemsize
+        if not len(values) or len(values) * (1 + value_bytes) >= w.size * value_bytes:
+            continue
+        n, t = init.name, f"sparse{len(done)}_"  # t: short names for the decoding's tensors
+        stored = numpy_helper.from_array(values, f"{n}_values")  # keeps int4, float16 ...
+        scatter_type = TensorProto.INT8 if int4 else init.data_type
+        scattered = f"{t}values8" if int4 else stored.name
+        nodes = [
+            helper.make_node("Cast", [f"{n}_gaps"], [f"{t}gaps"], to=TensorProto.INT64),
+            helper.make_node("Add", [f"{t}gaps", "sparse_one"], [f"{t}steps"]),
+            helper.make_node("CumSum", [f"{t}steps", "sparse_axis"], [f"{t}ends"]),
+            helper.make_node("Sub", [f"{t}ends", "sparse_one"], [f"{t}positions"]),
+            helper.make_node("Reshape", [f"{t}positions", "sparse_rows"], [f"{t}index"]),
+            helper.make_node("ConstantOfShape", [f"{n}_size"], [f"{t}zeros"],
+                             value=helper.make_tensor("zero", scatter_type, [1], [0])),
+            helper.make_node("ScatterND", [f"{t}zeros", f"{t}index", scattered], [f"{t}flat"]),
+            helper.make_node("Reshape", [f"{t}flat", f"{n}_shape"],
+                             [f"{t}dense" if int4 else n])]
+        if int4:
+            nodes.insert(0, helper.make_node("Cast", [stored.name], [scattered],
+                                             to=TensorProto.INT8))
+            nodes.append(helper.make_node("Cast", [f"{t}dense"], [n], to=TensorProto.INT4))
+        graph.initializer.remove(init)
+        graph.initializer.extend([
+            numpy_helper.from_array(gaps, f"{n}_gaps"), stored,
+            numpy_helper.from_array(np.array([w.size], np.int64), f"{n}_size"),
+            numpy_helper.from_array(np.array(w.shape, np.int64), f"{n}_shape")])
+        for k, node in enumerate(nodes):
+            graph.node.insert(k, node)
+        done.append(n)
+    if done:
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
+    onnx.checker.check_model(proto)
 
 
 def _float16(proto, keep: set[str]) -> None:
@@ -135,9 +223,11 @@ def _static(proto, calibration: np.ndarray, keep: set[str], text: bool):
 
 
 def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
-            keep: set[str], calibration: np.ndarray | None, asymmetric: bool = False) -> bytes:
+            keep: set[str], calibration: np.ndarray | None, asymmetric: bool = False,
+            sparse: bool = False) -> bytes:
     """The ONNX file's bytes for ``model`` at ``bits`` with ``scheme`` (``asymmetric``
-    levels: ``quantize_channels``)."""
+    levels: ``quantize_channels``; ``sparse``: weights stored as gaps and values where that
+    is smaller)."""
     proto = _float_export(model, sample)
     if scheme == "static":
         proto = _static(proto, calibration, keep, sample.dtype == np.int64)
@@ -145,4 +235,6 @@ def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
         _float16(proto, keep)
     elif bits < 16:
         _weight_only(proto, bits, keep, asymmetric)
+    if sparse:
+        _sparse(proto)
     return proto.SerializeToString()

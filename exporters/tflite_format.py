@@ -24,6 +24,7 @@ from safeexport.stored import INT4, INT8, module_of, read_tflite, tflite_weights
 from safeexport.stored import inspect_tflite as inspect  # noqa: F401 - the format's reader
 
 SUFFIX = ".tflite"
+SPARSE_STORAGE = False  # no sparse encoding: convert takes no sparse argument
 def _float_tflite(model: torch.nn.Module, sample: np.ndarray) -> bytes:
     import litert_torch
 

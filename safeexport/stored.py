@@ -34,6 +34,7 @@ class StoredWeight:
     numel: int
     nnz: int
     zero_scales: int  # channels whose scale is 0 (runtimes such as XNNPACK refuse them)
+    sparse: bool = False  # stored as its non-zeros (ONNX: gaps and values), not every entry
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +63,7 @@ def unpack_int4(data: bytes | np.ndarray, count: int) -> np.ndarray:
 
 
 def record(name: str, module: str, values: np.ndarray, storage: str, axis: int | None = None,
-           scale: np.ndarray | None = None) -> StoredWeight:
+           scale: np.ndarray | None = None, sparse: bool = False) -> StoredWeight:
     """A StoredWeight from decoded values (integer levels for int storage, with their channel
     ``axis`` and scales; floats otherwise)."""
     container = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}[storage]
@@ -73,7 +74,8 @@ def record(name: str, module: str, values: np.ndarray, storage: str, axis: int |
         levels, eff = None, container
     zero_scales = 0 if scale is None else int((np.asarray(scale) == 0).sum())
     return StoredWeight(name, module, [int(d) for d in values.shape], storage, container, eff,
-                        levels, int(values.size), int(np.count_nonzero(values)), zero_scales)
+                        levels, int(values.size), int(np.count_nonzero(values)), zero_scales,
+                        sparse)
 
 
 # ---------------------------------------------------------------- ONNX
@@ -84,8 +86,85 @@ def onnx_module(init_name: str) -> str:
     return init_name.removesuffix(".weight")
 
 
+def sparse_positions(gaps: np.ndarray) -> np.ndarray:
+    """Flat positions of sparsely stored values from their gaps minus one (uint8): position i
+    is the sum of the first i + 1 gaps, minus one. The ONNX graph computes the same with
+    Cast, Add, CumSum and Sub."""
+    return np.cumsum(gaps.astype(np.int64) + 1) - 1
+
+
+class _OnnxConstants:
+    """The constant tensors of an ONNX graph: its initializers, and the tensors that
+    ``exporters.onnx_format``'s sparse storage decodes from (gaps, values) initializers. A
+    decoding is recognised only node by node, every operand checked (a graph that merely names
+    its tensors alike is not decoded), and computed here from the stored arrays."""
+
+    def __init__(self, graph) -> None:
+        from onnx import numpy_helper
+
+        self.to_array = numpy_helper.to_array
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+
+    def _node(self, name: str, op: str):
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    def _init(self, name: str, expect=None) -> np.ndarray | None:
+        if name not in self.inits:
+            return None
+        value = self.to_array(self.inits[name])
+        if expect is not None and not np.array_equal(value, np.asarray(expect)):
+            return None
+        return value
+
+    def stored(self, name: str):
+        """(the initializer that stores ``name``, its value, whether it is stored sparse) for a
+        plain initializer or a sparse decoding; None for anything else."""
+        if name in self.inits:
+            return self.inits[name], self._init(name), False
+        return self._sparse(name)
+
+    def _sparse(self, name: str):
+        from onnx import TensorProto
+
+        cast = self._node(name, "Cast")  # int4: scattered as int8, cast back
+        reshape = self._node(cast.input[0] if cast is not None else name, "Reshape")
+        scatter = reshape and self._node(reshape.input[0], "ScatterND")
+        zeros = scatter and self._node(scatter.input[0], "ConstantOfShape")
+        rows = scatter and self._node(scatter.input[1], "Reshape")
+        sub = rows and self._node(rows.input[0], "Sub")
+        cumsum = sub and self._node(sub.input[0], "CumSum")
+        add = cumsum and self._node(cumsum.input[0], "Add")
+        gaps64 = add and self._node(add.input[0], "Cast")
+        if not gaps64 or self._init(rows.input[1], [-1, 1]) is None \
+                or self._init(sub.input[1], [1]) is None or self._init(add.input[1], [1]) is None \
+                or self._init(cumsum.input[1], 0) is None:
+            return None
+        values_node = self._node(scatter.input[2], "Cast")
+        values_name = values_node.input[0] if values_node is not None else scatter.input[2]
+        gaps, values = self._init(gaps64.input[0]), self._init(values_name)
+        size, shape = self._init(zeros.input[0]), self._init(reshape.input[1])
+        fill = next((a.t for a in zeros.attribute if a.name == "value"), None)
+        if any(v is None for v in (gaps, values, size, shape)) or gaps.dtype != np.uint8 \
+                or fill is None or self.to_array(fill).any() or len(gaps) != len(values) \
+                or (cast is not None and _cast_to(cast) != TensorProto.INT4):
+            return None
+        positions = sparse_positions(gaps)
+        if positions.size and positions[-1] >= int(size[0]):
+            return None  # the runtime refuses it too
+        dense = np.zeros(int(size[0]), values.dtype)
+        dense[positions] = values
+        return self.inits[values_name], dense.reshape([int(d) for d in shape]), True
+
+
+def _cast_to(node) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
 def inspect_onnx(path: Path) -> list[StoredWeight]:
-    """Every conv/linear weight of the file as stored (following DequantizeLinear and Cast)."""
+    """Every conv/linear weight of the file as stored (following DequantizeLinear and Cast, and
+    sparse storage's decoding)."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
@@ -94,8 +173,8 @@ def inspect_onnx(path: Path) -> list[StoredWeight]:
     except Exception as e:  # protobuf's DecodeError and friends
         raise ExportError(f"{path} is not a valid ONNX file ({e})") from e
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    constants = _OnnxConstants(graph)
+    inits, producer = constants.inits, constants.producer
     out, seen = [], set()
     for node in graph.node:
         if node.op_type not in ONNX_WEIGHT_OPS or len(node.input) < 2:
@@ -105,20 +184,22 @@ def inspect_onnx(path: Path) -> list[StoredWeight]:
             continue
         seen.add(name)
         src = producer.get(name)
-        if name in inits:
-            w = numpy_helper.to_array(inits[name])
-            if w.ndim >= 2:
-                out.append(record(name, onnx_module(name), w, "float32"))
-        elif src is not None and src.op_type == "Cast" and src.input[0] in inits:
-            w = numpy_helper.to_array(inits[src.input[0]])
-            out.append(record(name, onnx_module(name), w, "float16"))
-        elif src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
-            x = inits[src.input[0]]
-            q = numpy_helper.to_array(x).astype(np.int8)
+        plain = constants.stored(name)
+        inner = constants.stored(src.input[0]) if plain is None and src is not None \
+            and src.op_type in ("Cast", "DequantizeLinear") else None
+        if plain is not None:
+            if plain[1].ndim >= 2:
+                out.append(record(name, onnx_module(name), plain[1], "float32",
+                                  sparse=plain[2]))
+        elif inner is not None and src.op_type == "Cast":
+            out.append(record(name, onnx_module(name), inner[1], "float16", sparse=inner[2]))
+        elif inner is not None and src.input[1] in inits:
+            x, q, sparse = inner
             scale = numpy_helper.to_array(inits[src.input[1]])
             axis = next((a.i for a in src.attribute if a.name == "axis"), 1)
             storage = "int4" if x.data_type == TensorProto.INT4 else "int8"
-            out.append(record(name, onnx_module(name), q, storage, axis % q.ndim, scale))
+            out.append(record(name, onnx_module(name), q.astype(np.int8), storage,
+                              axis % q.ndim, scale, sparse))
     return out
 
 

@@ -208,6 +208,62 @@ def test_finetuning_trains_against_the_stored_levels_with_pruned_weights_held_at
     assert cfg.name().endswith("-ft3") and plain.manifest["finetune"] is None
 
 
+def test_sparse_encoding_round_trips_through_long_runs_of_zeros():
+    from safeexport.stored import sparse_positions
+
+    w = np.zeros((7, 300), np.float32)
+    w[0, 0], w[0, 1], w[3, 299], w[6, 1] = 1.5, -2.0, 3.0, 4.0  # runs of 1 to 1,000 zeros
+    gaps, values = onnx_format.sparse_encode(w)
+    assert gaps.dtype == np.uint8 and len(gaps) == len(values) < 12  # 4 values, a few stones
+    dense = np.zeros(w.size, np.float32)
+    dense[sparse_positions(gaps)] = values
+    assert np.array_equal(dense.reshape(w.shape), w)
+    assert onnx_format.sparse_encode(np.zeros((2, 3)))[0].size == 0
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4, 2])
+def test_sparse_storage_holds_the_same_weights_in_fewer_bytes(runs, bits, tmp_path):
+    files = {sparse: export(ExportConfig(format="onnx", bits=bits, sparse_storage=sparse,
+                                         **FAST), runs["cnn"], out=tmp_path / f"{sparse}.onnx")
+             for sparse in (True, False)}
+    on, off = (files[s].manifest for s in (True, False))
+    assert on["sparse_storage"]["on"] and on["sparse_storage"]["tensors"]
+    assert off["sparse_storage"] == {"on": False, "tensors": []}
+    assert on["sizes"]["bytes"] < 0.75 * off["sizes"]["bytes"]  # the run keeps 20%
+    # the same weights, read back from each file's own bytes, and the same logits
+    fields = ("name", "storage", "effective_bits", "levels", "numel", "nnz", "zero_scales")
+    stored = {s: [{k: getattr(w, k) for k in fields} for w in onnx_format.inspect(f.path)]
+              for s, f in files.items()}
+    assert stored[True] == stored[False]
+    assert {w.name for w in onnx_format.inspect(files[True].path) if w.sparse} == \
+        set(on["sparse_storage"]["tensors"])
+    inputs = np.random.default_rng(0).random((8, 1, 8, 8)).astype(np.float32)
+    logits = {s: open_runtime(f.path)(inputs) for s, f in files.items()}
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=1e-6)
+    _check_export(files[True], runs["cnn"], ExportConfig(format="onnx", bits=bits, **FAST))
+
+
+def test_a_sparse_decoding_that_does_not_compute_what_it_claims_is_not_read(runs, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    res = export(ExportConfig(format="onnx", bits=8, **FAST), runs["cnn"],
+                 out=tmp_path / "m.onnx")
+    proto = onnx.load(str(res.path))
+    for init in proto.graph.initializer:  # every position one further than the values say
+        if init.name == "sparse_one":
+            init.CopyFrom(numpy_helper.from_array(np.array([2], np.int64), "sparse_one"))
+    onnx.save(proto, str(tmp_path / "tampered.onnx"))
+    read = {w.name for w in onnx_format.inspect(tmp_path / "tampered.onnx")}
+    assert not read & set(res.manifest["sparse_storage"]["tensors"])
+
+
+def test_tflite_files_stay_dense(runs, tmp_path):
+    res = export(ExportConfig(format="tflite", bits=8, **FAST), runs["cnn"],
+                 out=tmp_path / "m.tflite")
+    assert res.manifest["sparse_storage"] == {"on": False, "tensors": []}
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_asymmetric_exports_store_every_code_in_int4(runs, fmt, tmp_path):
     """3 and 2 bits with asymmetric levels: int4 containers holding up to 8 and 4 levels per
@@ -247,8 +303,9 @@ def test_zero_channels_survive_int4(runs, tmp_path):
     write_json(rd.report, report)
     for fmt, scheme in (("tflite", "weight-only"), ("tflite", "dynamic"),
                         ("onnx", "weight-only")):
-        res = export(ExportConfig(format=fmt, bits=4, scheme=scheme, **FAST), run,
-                     out=tmp_path / f"z-{fmt}-{scheme}.{fmt}")
+        # dense storage: the initializers below are read as they are
+        res = export(ExportConfig(format=fmt, bits=4, scheme=scheme, sparse_storage=False,
+                                  **FAST), run, out=tmp_path / f"z-{fmt}-{scheme}.{fmt}")
         stored = {w.module: w for w in INSPECT[fmt](res.path)}
         assert all(w.zero_scales == 0 for w in stored.values())
         # the runtime ran the whole parity sample (the test split has 50 samples)
