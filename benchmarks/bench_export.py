@@ -7,7 +7,8 @@ is exported into a scratch folder and measured:
 - the time its runtime takes to load it (best of 3), and its latency at batch 1 and batch 256,
   relative to PyTorch eager on the same inputs and threads (a TFLite file has a fixed batch, so
   batch 256 is a second file);
-- ONNX files both with sparse storage (the default) and dense (``--no-sparse-storage``).
+- both with sparse storage (the default) and dense (``--no-sparse-storage``), except the float
+  TFLite files (always dense).
 
 Run:  .venv/bin/python benchmarks/bench_export.py [--run RUN_DIR] [--repeats N]
 """
@@ -63,7 +64,7 @@ def main() -> None:
           f"{'/eager':>8}{'agree':>7}")
     variants = [(fmt, bits, sparse) for (fmt, scheme), bits_list in SUPPORTED.items()
                 if scheme == "weight-only" for bits in bits_list
-                for sparse in ((True, False) if fmt == "onnx" else (False,))]
+                for sparse in ((True, False) if bits <= 8 or fmt == "onnx" else (False,))]
     with tempfile.TemporaryDirectory() as d:
         for fmt, bits, sparse in variants:
             cfg = replace(base, format=fmt, bits=bits, sparse_storage=sparse)

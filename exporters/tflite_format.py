@@ -20,11 +20,18 @@ import torch
 from exporters.failures import conversion_error
 from exporters.quantize import pack_int4, quantize_channels
 from safeexport.errors import ExportError
-from safeexport.stored import INT4, INT8, module_of, read_tflite, tflite_weights
+from safeexport.stored import (
+    INT4,
+    INT8,
+    module_of,
+    read_tflite,
+    tflite_weights,
+    unpack_int4,
+)
 from safeexport.stored import inspect_tflite as inspect  # noqa: F401 - the format's reader
 
 SUFFIX = ".tflite"
-SPARSE_STORAGE = False  # no sparse encoding: convert takes no sparse argument
+SPARSE_STORAGE = True  # convert(..., sparse=True) stores weights with few non-zeros compactly
 def _float_tflite(model: torch.nn.Module, sample: np.ndarray) -> bytes:
     import litert_torch
 
@@ -113,14 +120,107 @@ def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int, asymmetric: boo
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def _smallest_uint(top: int) -> tuple[type, int]:
+    """The smallest unsigned type (numpy, TFLite's SparseIndexVector) holding 0..top."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    for dtype, kind in ((np.uint8, fb.SparseIndexVector.Uint8Vector),
+                        (np.uint16, fb.SparseIndexVector.Uint16Vector)):
+        if top <= np.iinfo(dtype).max:
+            return dtype, kind
+    return np.int32, fb.SparseIndexVector.Int32Vector
+
+
+def _index_vector(values: np.ndarray, kind: int):
+    from ai_edge_litert import schema_py_generated as fb
+
+    vector = {fb.SparseIndexVector.Uint8Vector: fb.Uint8VectorT,
+              fb.SparseIndexVector.Uint16Vector: fb.Uint16VectorT,
+              fb.SparseIndexVector.Int32Vector: fb.Int32VectorT}[kind]()
+    vector.values = values.tolist()
+    return vector
+
+
+def _sparse(data: bytes) -> bytes:
+    """Store every quantized weight that a DEQUANTIZE reads, whose non-zeros are few enough,
+    in TFLite's own sparse format: its last dimension compressed (CSR: each row's segment and
+    its non-zeros' column indices, in the smallest unsigned types that hold them), the others
+    dense, the values as int8 (int4 levels too: LiteRT's DENSIFY takes float32, float16 and
+    int8), and a DENSIFY op giving the dense tensor to the DEQUANTIZE. Only where that is
+    smaller than the dense tensor. LiteRT densifies a constant once, on the first run."""
+    import copy
+
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = read_tflite(data)
+    sg = model.subgraphs[0]
+    tensors = sg.tensors
+    densify = None
+    for _, idx, stored in tflite_weights(model):
+        t = tensors[stored]
+        if stored == idx or t.type not in (INT8, INT4) or t.sparsity is not None:
+            continue  # only a quantized weight feeding its DEQUANTIZE
+        shape = [int(d) for d in t.shape]
+        raw = bytes(model.buffers[t.buffer].data)
+        q = (np.frombuffer(raw, np.int8) if t.type == INT8
+             else unpack_int4(raw, int(np.prod(shape)))).reshape(-1, shape[-1])
+        nonzero = q != 0
+        nnz = int(nonzero.sum())
+        index_type, index_kind = _smallest_uint(shape[-1] - 1)
+        segment_type, segment_kind = _smallest_uint(nnz)
+        sparse_bytes = nnz * (1 + np.dtype(index_type).itemsize) \
+            + (len(q) + 1) * np.dtype(segment_type).itemsize
+        if not nnz or sparse_bytes >= len(raw):
+            continue
+        if densify is None:
+            code = fb.OperatorCodeT()
+            code.builtinCode = fb.BuiltinOperator.DENSIFY
+            code.deprecatedBuiltinCode = min(fb.BuiltinOperator.DENSIFY, 127)
+            code.version = 1
+            model.operatorCodes.append(code)
+            densify = len(model.operatorCodes) - 1
+        dims = []
+        for d in shape[:-1]:
+            dense = fb.DimensionMetadataT()
+            dense.format, dense.denseSize = fb.DimensionType.DENSE, d
+            dims.append(dense)
+        csr = fb.DimensionMetadataT()
+        csr.format = fb.DimensionType.SPARSE_CSR
+        csr.arraySegmentsType, csr.arrayIndicesType = segment_kind, index_kind
+        csr.arraySegments = _index_vector(
+            np.concatenate([[0], np.cumsum(nonzero.sum(1))]), segment_kind)
+        csr.arrayIndices = _index_vector(np.nonzero(nonzero)[1], index_kind)
+        dims.append(csr)
+        sparsity = fb.SparsityParametersT()
+        sparsity.traversalOrder, sparsity.blockMap = list(range(len(shape))), []
+        sparsity.dimMetadata = dims
+        out = copy.deepcopy(t)  # the dense int8 tensor DENSIFY gives the DEQUANTIZE
+        out.name, out.buffer, out.type = t.name + b"/dense", 0, INT8
+        tensors.append(out)
+        for reader in sg.operators:
+            reader.inputs = [len(tensors) - 1 if i == stored else i for i in reader.inputs]
+        t.type, t.sparsity = INT8, sparsity
+        model.buffers[t.buffer].data = np.frombuffer(q[nonzero].tobytes(), np.uint8)
+        op_densify = fb.OperatorT()
+        op_densify.opcodeIndex, op_densify.inputs = densify, [stored]
+        op_densify.outputs = [len(tensors) - 1]
+        sg.operators.insert(0, op_densify)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
-            keep: set[str], calibration: np.ndarray | None, asymmetric: bool = False) -> bytes:
+            keep: set[str], calibration: np.ndarray | None, asymmetric: bool = False,
+            sparse: bool = False) -> bytes:
     """The TFLite file's bytes for ``model`` (batch fixed to ``len(sample)``) at ``bits``
-    (``asymmetric`` levels: ``quantize_channels``)."""
+    (``asymmetric`` levels: ``quantize_channels``; ``sparse``: weight-only quantized weights
+    with few non-zeros in TFLite's sparse format, ``_sparse``)."""
     float_bytes = _float_tflite(model, sample)
     if bits == 32:
         return float_bytes
     data = _quantize(float_bytes, bits, scheme, keep, calibration)
     if bits <= 8 and scheme != "static":
         data = _rewrite_weights(data, float_bytes, bits, asymmetric)
+    if sparse and bits <= 8 and scheme == "weight-only":
+        data = _sparse(data)
     return data

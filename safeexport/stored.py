@@ -234,7 +234,8 @@ def module_of(tensor_name: str) -> str:
 
 def tflite_weights(model):
     """(op, weight tensor index, stored tensor index) per conv/linear/embedding weight: the
-    stored tensor is the constant itself or the input of the DEQUANTIZE feeding it."""
+    stored tensor is the constant itself or the input of the DEQUANTIZE feeding it (or of the
+    DENSIFY feeding that DEQUANTIZE)."""
     sg = model.subgraphs[0]
     producer = {o: op for op in sg.operators for o in op.outputs}
     out = []
@@ -243,13 +244,40 @@ def tflite_weights(model):
         if name not in TFLITE_WEIGHT_OPS or len(op.inputs) < 2:
             continue
         idx = op.inputs[0] if name == "GATHER" else op.inputs[1]  # GATHER(params, indices)
-        src = producer.get(idx)
-        stored = (src.inputs[0] if src is not None and tflite_opname(model, src) == "DEQUANTIZE"
-                  else idx)
+        stored = idx
+        for step in ("DEQUANTIZE", "DENSIFY"):  # sparse storage: DENSIFY feeds the DEQUANTIZE
+            src = producer.get(stored)
+            if src is not None and tflite_opname(model, src) == step:
+                stored = src.inputs[0]
         buf = model.buffers[sg.tensors[stored].buffer]
         if buf.data is not None and len(buf.data) > 0:
             out.append((op, idx, stored))
     return out
+
+
+def _densify(sparsity, values: np.ndarray, shape: list[int]) -> np.ndarray | None:
+    """The dense tensor of TFLite sparse storage in the layout exporters.tflite_format
+    writes (every dimension dense but the last, which is CSR; no blocks, natural order); None
+    for any other layout or inconsistent arrays."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    dims = sparsity.dimMetadata or []
+    if list(sparsity.traversalOrder or []) != list(range(len(shape))) or sparsity.blockMap \
+            or len(dims) != len(shape) \
+            or any(d.format != fb.DimensionType.DENSE or d.denseSize != n
+                   for d, n in zip(dims[:-1], shape[:-1], strict=True)) \
+            or dims[-1].format != fb.DimensionType.SPARSE_CSR:
+        return None
+    segments = np.asarray(dims[-1].arraySegments.values, np.int64)
+    columns = np.asarray(dims[-1].arrayIndices.values, np.int64)
+    rows = int(np.prod(shape[:-1]))
+    if len(segments) != rows + 1 or segments[0] != 0 or np.any(np.diff(segments) < 0) \
+            or segments[-1] != len(values) or len(columns) != len(values) \
+            or (columns.size and (columns.min() < 0 or columns.max() >= shape[-1])):
+        return None
+    dense = np.zeros((rows, shape[-1]), values.dtype)
+    dense[np.repeat(np.arange(rows), np.diff(segments)), columns] = values
+    return dense.reshape(shape)
 
 
 def inspect_tflite(path: Path) -> list[StoredWeight]:
@@ -271,7 +299,13 @@ def inspect_tflite(path: Path) -> list[StoredWeight]:
         elif t.type == FLOAT16:
             out.append(record(name, module_of(name), np.frombuffer(raw, np.float16)
                               .reshape(shape), "float16"))
-        elif t.type in (INT8, INT4):
+        elif t.type == INT8 and t.sparsity is not None:
+            q = _densify(t.sparsity, np.frombuffer(raw, np.int8), shape)
+            if q is not None:
+                out.append(record(name, module_of(name), q, "int8",
+                                  t.quantization.quantizedDimension,
+                                  np.asarray(t.quantization.scale), sparse=True))
+        elif t.type in (INT8, INT4) and t.sparsity is None:
             n = int(np.prod(shape))
             q = (np.frombuffer(raw, np.int8) if t.type == INT8 else unpack_int4(raw, n))
             out.append(record(name, module_of(name), q.reshape(shape),
