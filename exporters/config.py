@@ -51,10 +51,11 @@ class ExportConfig(StageConfig):
                                "(the stored levels in the forward pass, pruned weights held "
                                "at zero); 0: round the run's weights as they are")
     finetune_lr: float = opt(3e-4, "Adam learning rate of --finetune-epochs")
-    sparse_storage: bool = opt(True, "ONNX: store each weight whose non-zeros are few enough as "
-                               "one-byte gaps and its values (decoded in the graph when the "
-                               "file loads) where that is smaller than the dense tensor; "
-                               "TFLite files stay dense (no encoding yet)")
+    sparse_storage: bool = opt(True, "store each weight whose non-zeros are few enough "
+                               "sparse where that is smaller than the dense tensor: ONNX as "
+                               "one-byte gaps and its values, decoded in the graph when the "
+                               "file loads; TFLite (weight-only 8/4/3/2 bits) in its own "
+                               "sparse format with a DENSIFY op")
 
     def problems(self) -> list[str]:
         """Every invalid value, each with what is allowed (all reported at once)."""

@@ -25,7 +25,6 @@ from safeexport.stored import inspect_onnx as inspect  # noqa: F401 - the format
 
 OPSET = 21
 SUFFIX = ".onnx"
-SPARSE_STORAGE = True  # convert(..., sparse=True) stores weights with few non-zeros compactly
 
 
 def _axis(node, weight: np.ndarray) -> int:
@@ -171,7 +170,7 @@ def _sparse(proto) -> None:
         done.append(n)
     if done:
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
-    onnx.checker.check_model(proto)
+        onnx.checker.check_model(proto)
 
 
 def _float16(proto, keep: set[str]) -> None:

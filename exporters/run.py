@@ -207,23 +207,20 @@ def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
     return []
 
 
-def _sparse(fmt: ModuleType, cfg: ExportConfig) -> bool:
-    return cfg.sparse_storage and fmt.SPARSE_STORAGE
-
-
 def _convert(fmt: ModuleType, model: torch.nn.Module, sample: np.ndarray, cfg: ExportConfig,
              keep: set[str], calibration: np.ndarray | None) -> bytes:
     """``fmt``'s file of ``model`` with ``cfg``'s width, scheme, levels and storage."""
     return fmt.convert(model, sample, cfg.bits, cfg.scheme, keep, calibration, _asymmetric(cfg),
-                       **({"sparse": True} if _sparse(fmt, cfg) else {}))
+                       cfg.sparse_storage)
 
 
 def _left_float(fmt: ModuleType, model: torch.nn.Module, sample: np.ndarray, cfg: ExportConfig,
                 keep: set[str], calibration: np.ndarray | None) -> set[str]:
     """The modules a conversion of ``model`` stores in float (``keep``, and the converter's
     own choices: ai-edge-quantizer leaves a depthwise first convolution in float), found by
-    converting it once: fine-tuning must quantize exactly what the file will."""
-    data = _convert(fmt, model, sample, cfg, keep, calibration)
+    converting it once (dense: how the weights are stored does not change which are float):
+    fine-tuning must quantize exactly what the file will."""
+    data = _convert(fmt, model, sample, replace(cfg, sparse_storage=False), keep, calibration)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"probe{fmt.SUFFIX}"
         path.write_bytes(data)
@@ -303,7 +300,7 @@ def _export(cfg: ExportConfig, src: Source, out: Path | None, overwrite: bool) -
                                    if w.storage.startswith("int")), default=cfg.bits),
             "weight_quantizer": _weight_quantizer(cfg),
             "finetune": tuned.record if tuned else None,
-            "sparse_storage": {"on": _sparse(fmt, cfg),
+            "sparse_storage": {"on": cfg.sparse_storage,
                                "tensors": [w.name for w in stored if w.sparse]},
             "file": path.name, "sha256": sha256_file(tmp),
             "source": {"run": str(src.run.path.resolve()), "model": src.run.model.name,

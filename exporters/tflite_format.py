@@ -31,7 +31,6 @@ from safeexport.stored import (
 from safeexport.stored import inspect_tflite as inspect  # noqa: F401 - the format's reader
 
 SUFFIX = ".tflite"
-SPARSE_STORAGE = True  # convert(..., sparse=True) stores weights with few non-zeros compactly
 def _float_tflite(model: torch.nn.Module, sample: np.ndarray) -> bytes:
     import litert_torch
 

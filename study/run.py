@@ -203,9 +203,9 @@ def study(cfg: CompressConfig, out: Path | str, bits: list[int], fmt: str = "tfl
         raise ConfigError(f"--bits must list widths {fmt} can store below float "
                           f"({', '.join(str(b) for b in allowed if b <= 8)}), got "
                           f"{','.join(map(str, bits)) or 'none'}")
-    cfg.check_executor(out)
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    cfg.check_executor(out)
     seed_list = seeds_of(cfg, seeds)
     # (bits, fine-tuning epochs) of each quantized row, in the table's order
     quantized = [(b, e) for b in bits for e in dict.fromkeys((0, finetune_epochs))]
