@@ -96,12 +96,9 @@ def _quantize(float_bytes: bytes, bits: int, scheme: str, keep: set[str],
             raise ExportError(f"ai-edge-quantizer failed for {bits}-bit {scheme}: {e}") from e
 
 
-def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int, asymmetric: bool) -> bytes:
-    """Replace every int8/int4 weight's levels and scales by ``quantize_channels`` of the float
-    file's same tensor."""
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    model, fmodel = read_tflite(data), read_tflite(float_bytes)
+def _rewrite_weights(model, fmodel, bits: int, asymmetric: bool) -> None:
+    """Replace every int8/int4 weight's levels and scales in ``model`` by ``quantize_channels``
+    of the float model ``fmodel``'s same tensor."""
     ftensors = {t.name: t for t in fmodel.subgraphs[0].tensors}
     tensors = model.subgraphs[0].tensors
     for _, _, stored in tflite_weights(model):
@@ -116,7 +113,23 @@ def _rewrite_weights(data: bytes, float_bytes: bytes, bits: int, asymmetric: boo
             levels.tobytes() if t.type == INT8 else pack_int4(levels), np.uint8)
         t.quantization.scale = scale.tolist()
         t.quantization.zeroPoint = [0] * len(scale)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _short_names(model) -> None:
+    """Name each weight after its PyTorch module (``features.4``) and leave every other inner
+    tensor unnamed: litert-torch's names spell out each op's whole module scope (hundreds of
+    bytes a tensor, a fifth of a small sparse file). The model's inputs and outputs keep theirs.
+    Empty quantization tables are dropped too (a few bytes each)."""
+    sg = model.subgraphs[0]
+    weights = {idx: module_of(sg.tensors[idx].name.decode()) for _, idx, _ in tflite_weights(model)}
+    io = set(sg.inputs) | set(sg.outputs)
+    for i, t in enumerate(sg.tensors):
+        if i not in io:
+            t.name = weights.get(i, "").encode()
+        q = t.quantization
+        if q is not None and all(getattr(q, f) is None or len(getattr(q, f)) == 0
+                                 for f in ("scale", "zeroPoint", "min", "max")):
+            t.quantization = None
 
 
 def _smallest_uint(top: int) -> tuple[type, int]:
@@ -140,19 +153,36 @@ def _index_vector(values: np.ndarray, kind: int):
     return vector
 
 
-def _sparse(data: bytes) -> bytes:
-    """Store every quantized weight that a DEQUANTIZE reads, whose non-zeros are few enough,
-    in TFLite's own sparse format: its last dimension compressed (CSR: each row's segment and
-    its non-zeros' column indices, in the smallest unsigned types that hold them), the others
-    dense, the values as int8 (int4 levels too: LiteRT's DENSIFY takes float32, float16 and
-    int8), and a DENSIFY op giving the dense tensor to the DEQUANTIZE. Only where that is
-    smaller than the dense tensor. LiteRT densifies a constant once, on the first run."""
+def _csr_layout(shape: list[int], nnz: int) -> tuple[int, int, type, int, type, int]:
+    """The cheapest TFLite sparse layout of a tensor with ``nnz`` non-zeros: one dimension
+    compressed (CSR), the others dense before it in the traversal order. Returns (that
+    dimension, its bytes, segment type and kind, index type and kind): each dense row costs a
+    segment, each non-zero an index, so the compressed dimension is the one that makes the rows
+    fewest while its indices still fit the smallest type (ties: the last, natural order)."""
+    best = None
+    for axis in reversed(range(len(shape))):
+        index_type, index_kind = _smallest_uint(shape[axis] - 1)
+        segment_type, segment_kind = _smallest_uint(nnz)
+        rows = int(np.prod(shape)) // shape[axis]
+        cost = nnz * (1 + np.dtype(index_type).itemsize) \
+            + (rows + 1) * np.dtype(segment_type).itemsize
+        if best is None or cost < best[1]:
+            best = (axis, cost, segment_type, segment_kind, index_type, index_kind)
+    return best
+
+
+def _sparse(model) -> None:
+    """Store every quantized weight of ``model`` that a DEQUANTIZE reads, whose non-zeros are
+    few enough, in TFLite's own sparse format: one dimension compressed (CSR: each dense row's
+    segment and its non-zeros' indices, in the smallest unsigned types that hold them;
+    ``_csr_layout``), the others dense, the values as int8 (int4 levels too: LiteRT's DENSIFY
+    takes float32, float16 and int8), and a DENSIFY op giving the dense tensor, which alone
+    carries the quantization, to the DEQUANTIZE. Only where that is smaller than the dense
+    tensor. LiteRT densifies a constant once, on the first run."""
     import copy
 
     from ai_edge_litert import schema_py_generated as fb
-    from ai_edge_litert.tools import flatbuffer_utils
 
-    model = read_tflite(data)
     sg = model.subgraphs[0]
     tensors = sg.tensors
     densify = None
@@ -163,13 +193,10 @@ def _sparse(data: bytes) -> bytes:
         shape = [int(d) for d in t.shape]
         raw = bytes(model.buffers[t.buffer].data)
         q = (np.frombuffer(raw, np.int8) if t.type == INT8
-             else unpack_int4(raw, int(np.prod(shape)))).reshape(-1, shape[-1])
-        nonzero = q != 0
-        nnz = int(nonzero.sum())
-        index_type, index_kind = _smallest_uint(shape[-1] - 1)
-        segment_type, segment_kind = _smallest_uint(nnz)
-        sparse_bytes = nnz * (1 + np.dtype(index_type).itemsize) \
-            + (len(q) + 1) * np.dtype(segment_type).itemsize
+             else unpack_int4(raw, int(np.prod(shape)))).reshape(shape)
+        nnz = int(np.count_nonzero(q))
+        axis, sparse_bytes, segment_type, segment_kind, index_type, index_kind = \
+            _csr_layout(shape, nnz)
         if not nnz or sparse_bytes >= len(raw):
             continue
         if densify is None:
@@ -179,10 +206,13 @@ def _sparse(data: bytes) -> bytes:
             code.version = 1
             model.operatorCodes.append(code)
             densify = len(model.operatorCodes) - 1
+        order = [d for d in range(len(shape)) if d != axis] + [axis]
+        rows = q.transpose(order).reshape(-1, shape[axis])  # in traversal order
+        nonzero = rows != 0
         dims = []
-        for d in shape[:-1]:
+        for d in order[:-1]:
             dense = fb.DimensionMetadataT()
-            dense.format, dense.denseSize = fb.DimensionType.DENSE, d
+            dense.format, dense.denseSize = fb.DimensionType.DENSE, shape[d]
             dims.append(dense)
         csr = fb.DimensionMetadataT()
         csr.format = fb.DimensionType.SPARSE_CSR
@@ -192,20 +222,19 @@ def _sparse(data: bytes) -> bytes:
         csr.arrayIndices = _index_vector(np.nonzero(nonzero)[1], index_kind)
         dims.append(csr)
         sparsity = fb.SparsityParametersT()
-        sparsity.traversalOrder, sparsity.blockMap = list(range(len(shape))), []
+        sparsity.traversalOrder, sparsity.blockMap = order, []
         sparsity.dimMetadata = dims
         out = copy.deepcopy(t)  # the dense int8 tensor DENSIFY gives the DEQUANTIZE
-        out.name, out.buffer, out.type = t.name + b"/dense", 0, INT8
+        out.buffer, out.type = 0, INT8
         tensors.append(out)
         for reader in sg.operators:
             reader.inputs = [len(tensors) - 1 if i == stored else i for i in reader.inputs]
-        t.type, t.sparsity = INT8, sparsity
-        model.buffers[t.buffer].data = np.frombuffer(q[nonzero].tobytes(), np.uint8)
+        t.type, t.sparsity, t.quantization = INT8, sparsity, None
+        model.buffers[t.buffer].data = np.frombuffer(rows[nonzero].tobytes(), np.uint8)
         op_densify = fb.OperatorT()
         op_densify.opcodeIndex, op_densify.inputs = densify, [stored]
         op_densify.outputs = [len(tensors) - 1]
         sg.operators.insert(0, op_densify)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
@@ -214,12 +243,16 @@ def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
     """The TFLite file's bytes for ``model`` (batch fixed to ``len(sample)``) at ``bits``
     (``asymmetric`` levels: ``quantize_channels``; ``sparse``: weight-only quantized weights
     with few non-zeros in TFLite's sparse format, ``_sparse``)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
     float_bytes = _float_tflite(model, sample)
-    if bits == 32:
-        return float_bytes
-    data = _quantize(float_bytes, bits, scheme, keep, calibration)
-    if bits <= 8 and scheme != "static":
-        data = _rewrite_weights(data, float_bytes, bits, asymmetric)
-    if sparse and bits <= 8 and scheme == "weight-only":
-        data = _sparse(data)
-    return data
+    fmodel = read_tflite(float_bytes)
+    out = fmodel
+    if bits != 32:
+        out = read_tflite(_quantize(float_bytes, bits, scheme, keep, calibration))
+        if bits <= 8 and scheme != "static":
+            _rewrite_weights(out, fmodel, bits, asymmetric)
+        if sparse and bits <= 8 and scheme == "weight-only":
+            _sparse(out)
+    _short_names(out)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(out))

@@ -256,63 +256,74 @@ def tflite_weights(model):
 
 
 def _densify(sparsity, values: np.ndarray, shape: list[int]) -> np.ndarray | None:
-    """The dense tensor of TFLite sparse storage in the layout exporters.tflite_format
-    writes (every dimension dense but the last, which is CSR; no blocks, natural order); None
-    for any other layout or inconsistent arrays."""
+    """The dense tensor of TFLite sparse storage in the layouts exporters.tflite_format
+    writes (no blocks; in some traversal order, every dimension dense but the last, which is
+    CSR); None for any other layout or inconsistent arrays."""
     from ai_edge_litert import schema_py_generated as fb
 
     dims = sparsity.dimMetadata or []
-    if list(sparsity.traversalOrder or []) != list(range(len(shape))) or sparsity.blockMap \
-            or len(dims) != len(shape) \
-            or any(d.format != fb.DimensionType.DENSE or d.denseSize != n
-                   for d, n in zip(dims[:-1], shape[:-1], strict=True)) \
+    order = [] if sparsity.traversalOrder is None else [int(d) for d in sparsity.traversalOrder]
+    blocks = sparsity.blockMap is not None and len(sparsity.blockMap) > 0
+    if sorted(order) != list(range(len(shape))) or blocks or len(dims) != len(shape) \
+            or any(d.format != fb.DimensionType.DENSE or d.denseSize != shape[k]
+                   for d, k in zip(dims[:-1], order[:-1], strict=True)) \
             or dims[-1].format != fb.DimensionType.SPARSE_CSR:
         return None
     segments = np.asarray(dims[-1].arraySegments.values, np.int64)
     columns = np.asarray(dims[-1].arrayIndices.values, np.int64)
-    rows = int(np.prod(shape[:-1]))
+    width = shape[order[-1]]
+    rows = int(np.prod(shape)) // width if width else 0
     if len(segments) != rows + 1 or segments[0] != 0 or np.any(np.diff(segments) < 0) \
             or segments[-1] != len(values) or len(columns) != len(values) \
-            or (columns.size and (columns.min() < 0 or columns.max() >= shape[-1])):
+            or (columns.size and (columns.min() < 0 or columns.max() >= width)):
         return None
-    dense = np.zeros((rows, shape[-1]), values.dtype)
+    dense = np.zeros((rows, width), values.dtype)
     dense[np.repeat(np.arange(rows), np.diff(segments)), columns] = values
-    return dense.reshape(shape)
+    return dense.reshape([shape[k] for k in order]).transpose(np.argsort(order))
 
 
-def inspect_tflite(path: Path) -> list[StoredWeight]:
-    """Every conv/linear/embedding weight of the file as stored."""
-    try:
-        model = read_tflite(Path(path).read_bytes())
-        tensors = model.subgraphs[0].tensors
-    except Exception as e:  # flatbuffers raises assorted errors on garbage
-        raise ExportError(f"{path} is not a valid TFLite file ({e})") from e
+def tflite_stored(model) -> list[tuple]:
+    """(name, values, storage, channel axis, scales, sparse) per conv/linear/embedding weight of
+    a parsed TFLite model, as ``record`` takes them: the values decoded from the stored bytes
+    (integer levels for int storage; a sparse tensor densified)."""
+    tensors = model.subgraphs[0].tensors
+    # a sparse weight's quantization is on the dense tensor its DENSIFY gives
+    densified = {op.inputs[0]: tensors[op.outputs[0]] for op in model.subgraphs[0].operators
+                 if tflite_opname(model, op) == "DENSIFY"}
     out = []
     for _, idx, stored in tflite_weights(model):
         t = tensors[stored]
         raw = bytes(model.buffers[t.buffer].data)
         shape = [int(s) for s in t.shape]
         name = tensors[idx].name.decode()
-        if t.type == FLOAT32:
-            out.append(record(name, module_of(name), np.frombuffer(raw, np.float32)
-                              .reshape(shape), "float32"))
-        elif t.type == FLOAT16:
-            out.append(record(name, module_of(name), np.frombuffer(raw, np.float16)
-                              .reshape(shape), "float16"))
+        if t.type in (FLOAT32, FLOAT16):
+            storage = "float32" if t.type == FLOAT32 else "float16"
+            out.append((name, np.frombuffer(raw, storage).reshape(shape), storage, None, None,
+                        False))
         elif t.type == INT8 and t.sparsity is not None:
             q = _densify(t.sparsity, np.frombuffer(raw, np.int8), shape)
-            if q is not None:
-                out.append(record(name, module_of(name), q, "int8",
-                                  t.quantization.quantizedDimension,
-                                  np.asarray(t.quantization.scale), sparse=True))
+            quant = densified[stored].quantization if stored in densified else None
+            if q is not None and quant is not None and quant.scale is not None:
+                out.append((name, q, "int8", quant.quantizedDimension, np.asarray(quant.scale),
+                            True))
         elif t.type in (INT8, INT4) and t.sparsity is None:
             n = int(np.prod(shape))
             q = (np.frombuffer(raw, np.int8) if t.type == INT8 else unpack_int4(raw, n))
-            out.append(record(name, module_of(name), q.reshape(shape),
-                              "int8" if t.type == INT8 else "int4",
-                              t.quantization.quantizedDimension,
-                              np.asarray(t.quantization.scale)))
+            out.append((name, q.reshape(shape), "int8" if t.type == INT8 else "int4",
+                        t.quantization.quantizedDimension, np.asarray(t.quantization.scale),
+                        False))
     return out
+
+
+def inspect_tflite(path: Path) -> list[StoredWeight]:
+    """Every conv/linear/embedding weight of the file as stored."""
+    try:
+        model = read_tflite(Path(path).read_bytes())
+        model.subgraphs[0].tensors  # noqa: B018 - garbage fails here, not later
+    except Exception as e:  # flatbuffers raises assorted errors on garbage
+        raise ExportError(f"{path} is not a valid TFLite file ({e})") from e
+    return [record(name, module_of(name), values, storage, axis, scale, sparse=sparse)
+            for name, values, storage, axis, scale, sparse in tflite_stored(model)]
 
 
 # ---------------------------------------------------------------- a file against its claims
