@@ -41,15 +41,18 @@ def quantize_channels(w: np.ndarray, bits: int, axis: int,
     bases = [np.abs(flat).max(axis=1) / top]
     if asymmetric:
         bases.append(np.maximum(-flat.min(axis=1), 0) / -low)
+    peak = np.abs(flat).max(axis=1)
+    # the clip ratios' scales, then those putting the largest |w| exactly on each level: weights
+    # already on a grid (fine-tuned with learnt scales, qat) are stored exactly on that grid
+    candidates = [np.where(base > 0, ratio * base, 1.0) for base in bases for ratio in _RATIOS]
+    candidates += [np.where(peak > 0, peak / m, 1.0) for m in range(1, -low + 1)]
     best_err = np.full(len(flat), np.inf)
     best_scale = np.ones(len(flat))
-    for base in bases:
-        for ratio in _RATIOS:
-            scale = np.where(base > 0, ratio * base, 1.0)
-            q = np.clip(np.rint(flat / scale[:, None]), low, top)
-            err = ((q * scale[:, None] - flat) ** 2).sum(axis=1)
-            better = err < best_err
-            best_err[better], best_scale[better] = err[better], scale[better]
+    for scale in candidates:
+        q = np.clip(np.rint(flat / scale[:, None]), low, top)
+        err = ((q * scale[:, None] - flat) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err[better], best_scale[better] = err[better], scale[better]
     scale = best_scale.astype(np.float32)
     q = np.clip(np.rint(flat / scale[:, None].astype(np.float64)), low, top).astype(np.int8)
     return np.moveaxis(q.reshape(moved.shape), 0, axis), scale

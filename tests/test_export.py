@@ -19,7 +19,7 @@ from safeexport.data.splits import Splits
 from safeexport.errors import ConfigError, ExportError
 from safeexport.rundir import RunDir, load_tensors, save_tensors, sha256_file, write_json
 from safeexport.runtimes import open_runtime
-from safeexport.stored import INSPECT, storage_problems, unpack_int4
+from safeexport.stored import INSPECT, read_tflite, storage_problems, tflite_stored, unpack_int4
 from tests.conftest import cli, one_error_line, tiny_config, write_agnews_csv, write_tabular_npz
 
 FAST = dict(parity_samples=64, calibration=32, min_agreement=0.0)
@@ -80,6 +80,24 @@ def test_asymmetric_levels_use_every_code_and_never_add_error(bits):
     err = ((q * scale[:, None] - w) ** 2).sum(1)
     sym_err = ((sym_q * sym_s[:, None] - w) ** 2).sum(1)
     assert np.all(err <= sym_err + 1e-12) and err.sum() < sym_err.sum()
+
+
+@pytest.mark.parametrize("bits,asymmetric", [(8, False), (4, False), (3, True), (2, True)])
+def test_weights_on_a_grid_are_stored_on_that_grid(bits, asymmetric):
+    """Learnt scales (qat) leave each channel on its own grid, whose largest level need not be
+    the code's largest: the quantizer finds a grid holding every weight exactly, instead of
+    rounding again."""
+    from exporters.quantize import lowest
+
+    rng = np.random.default_rng(bits)
+    low, top = lowest(bits, asymmetric), qmax(bits)
+    levels = rng.integers(low, top + 1, (12, 30)).astype(np.int8)
+    levels[:, 0] = rng.integers(1, top + 1, 12)  # no channel all zero; peaks below top too
+    levels[:, 1:][np.abs(levels[:, 1:]) > np.abs(levels[:, :1])] = 0
+    scale = rng.uniform(0.01, 0.2, 12).astype(np.float32)
+    w = (levels * scale[:, None]).astype(np.float32)
+    q, s = quantize_channels(w, bits, axis=0, asymmetric=asymmetric)
+    np.testing.assert_allclose(q * s[:, None], w, rtol=1e-6, atol=0)
 
 
 def test_quantizer_axis_and_int4_packing():
@@ -225,9 +243,9 @@ def test_sparse_encoding_round_trips_through_long_runs_of_zeros():
 
 
 @pytest.mark.parametrize("model,fmt,bits", [
-    *(("cnn", "onnx", b) for b in (32, 16, 8, 4, 2)), *(("mlp", "tflite", b) for b in (8, 4, 2))])
+    *(("cnn", "onnx", b) for b in (32, 16, 8, 4, 2)), *(("mlp", "tflite", b) for b in (8, 4, 2)),
+    ("cnn", "tflite", 4)])
 def test_sparse_storage_holds_the_same_weights_in_fewer_bytes(runs, model, fmt, bits, tmp_path):
-    # TFLite's row-wise format pays per row: the MLP's wide layers show it, the tiny CNN's not
     files = {sparse: export(ExportConfig(format=fmt, bits=bits, sparse_storage=sparse,
                                          **FAST), runs[model], out=tmp_path / f"{sparse}.{fmt}")
              for sparse in (True, False)}
@@ -243,6 +261,15 @@ def test_sparse_storage_holds_the_same_weights_in_fewer_bytes(runs, model, fmt, 
     assert stored[True] == stored[False]
     assert {w.name for w in INSPECT[fmt](files[True].path) if w.sparse} == \
         set(on["sparse_storage"]["tensors"])
+    if fmt == "tflite":  # level by level, scale by scale (a CNN's convolutions are compressed
+        # along their output channels, in another traversal order than the natural one)
+        read = {s: tflite_stored(read_tflite(f.path.read_bytes())) for s, f in files.items()}
+        for a, b in zip(read[True], read[False], strict=True):
+            assert a[0] == b[0] and a[3] == b[3]
+            np.testing.assert_array_equal(a[1], b[1])
+            np.testing.assert_array_equal(a[4], b[4])
+        # each weight named after its module (not litert-torch's whole scope)
+        assert all(w.name == w.module for w in INSPECT[fmt](files[True].path))
     shape = (1, 8, 8) if model == "cnn" else (30,)
     inputs = np.random.default_rng(0).random((8, *shape)).astype(np.float32)
     logits = {s: open_runtime(f.path)(inputs) for s, f in files.items()}
