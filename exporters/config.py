@@ -48,7 +48,8 @@ class ExportConfig(StageConfig):
                       "{-4..3} at 3), weight-only or dynamic", choices=names.LEVELS)
     finetune_epochs: int = opt(0, "epochs of quantization-aware fine-tuning on the run's "
                                "members before an 8/4/3/2-bit weight-only or dynamic export "
-                               "(the stored levels in the forward pass, pruned weights held "
+                               "(the stored levels with learnt scales in the forward pass, "
+                               "the run's model's outputs as the target, pruned weights held "
                                "at zero); 0: round the run's weights as they are")
     finetune_lr: float = opt(3e-4, "Adam learning rate of --finetune-epochs")
     sparse_storage: bool = opt(True, "store each weight whose non-zeros are few enough "

@@ -231,7 +231,7 @@ def _finetuned(src: Source, cfg: ExportConfig, keep: set[str]) -> qat.FineTuned:
     """The run's model fine-tuned against ``cfg``'s stored weights (``qat.finetune``) on its
     members, with the run's batch size and seed."""
     rc = src.run.read_config()["config"]
-    return qat.finetune(src.model, lambda idx: inputs_of(src.data, idx), src.data.y,
+    return qat.finetune(src.model, lambda idx: inputs_of(src.data, idx),
                         src.members, src.inputs, cfg.bits, cfg.finetune_epochs, cfg.finetune_lr,
                         rc["batch_size"], rc["seed"], keep, _asymmetric(cfg))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from compressor import compress
 from exporters import export, onnx_format, tflite_format
@@ -202,12 +203,15 @@ def test_finetuning_trains_against_the_stored_levels_with_pruned_weights_held_at
     zero = {k.removesuffix(".weight"): v == 0
             for k, v in load_tensors(run / "model.safetensors").items()
             if k.endswith(".weight")}
-    steps = []
+    steps, scales = [], []
 
     def on_step(model: torch.nn.Module) -> None:
         for name, m in qat.quantized_modules(model, set()):  # those left float too
             assert not qat.float_weight(m)[zero[name]].any(), name
         steps.append(1)
+        scales.append([m.parametrizations.weight[0].scale.detach().clone()
+                       for _, m in qat.quantized_modules(model, set())
+                       if parametrize.is_parametrized(m, "weight")])
 
     finetune = qat.finetune
     monkeypatch.setattr(qat, "finetune", lambda *a, **kw: finetune(*a, **kw, on_step=on_step))
@@ -218,6 +222,9 @@ def test_finetuning_trains_against_the_stored_levels_with_pruned_weights_held_at
     record = tuned.manifest["finetune"]
     members = record["samples"]["count"]
     assert len(steps) == 3 * -(-members // 32) > 0  # every step of 3 epochs, batch 32
+    # the step sizes are learnt: every quantized layer's scales moved
+    assert scales[0] and all(not torch.equal(a, b) for a, b in zip(scales[0], scales[-1],
+                                                                   strict=True))
     # fine-tuned against exactly the layers the file stores as integers
     stored = INSPECT[fmt](tuned.path)
     assert set(record["layers"]) == {w.module for w in stored if w.storage.startswith("int")}
