@@ -133,7 +133,8 @@ def write_seeds_csv(path: Path, rows: list[Row], cols: list[Column]) -> None:
 def plot_study(path: Path, rows: list[Row], title: str) -> None:
     """Train and test accuracy (0 to 1) beside MIA accuracy on its own axis, zoomed on the
     readings with the chance line, so a few points of membership risk are not flattened by
-    the accuracy scale; error bars are the std over seeds."""
+    the accuracy scale: the run's attack and the strongest attack of each row. Error bars: the
+    std over seeds, or with one seed the 95% bootstrap interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,15 +147,23 @@ def plot_study(path: Path, rows: list[Row], title: str) -> None:
     width = 0.8 / len(keys)
     for i, (key, name) in enumerate(keys):
         acc_ax.bar(x + (i - (len(keys) - 1) / 2) * width, _means(rows, key), width,
-                   yerr=_stds(rows, key), label=name, capsize=3)
+                   yerr=_errors(rows, key), label=name, capsize=3)
     acc_ax.set_ylim(0, 1.05)
     acc_ax.set_title("task accuracy", fontsize=10)
     acc_ax.legend(fontsize=8)
-    mia = _means(rows, "mia_acc")
-    mia_ax.errorbar(x, mia, yerr=_stds(rows, "mia_acc"), fmt="o", capsize=4, color="C3")
+    shown = []
+    for i, (key, name, colour) in enumerate((("mia_acc", "the run's attack", "C3"),
+                                             ("strongest_mia_acc", "strongest attack", "C4"))):
+        if not any(key in r.figures for r in rows):
+            continue
+        means, errors = _means(rows, key), _errors(rows, key)
+        mia_ax.errorbar(x + (i - 0.5) * 0.2, means, yerr=errors, fmt="o", capsize=4,
+                        color=colour, label=name)
+        shown += [m + e for m, e in zip(means, errors[1], strict=True)]
+        shown += [m - e for m, e in zip(means, errors[0], strict=True)]
     mia_ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
-    finite = [m for m in mia if np.isfinite(m)] or [0.5]
-    mia_ax.set_ylim(min(0.48, min(finite) - 0.02), max(finite) + 0.03)
+    finite = [m for m in shown if np.isfinite(m)] or [0.5]
+    mia_ax.set_ylim(min(0.48, min(finite) - 0.01), max(finite) + 0.01)
     mia_ax.set_title("membership-inference accuracy (its own scale)", fontsize=10)
     mia_ax.legend(fontsize=8)
     for ax in (acc_ax, mia_ax):
@@ -164,12 +173,23 @@ def plot_study(path: Path, rows: list[Row], title: str) -> None:
     save_figure(fig, path)
 
 
+def _errors(rows: list[Row], key: str) -> np.ndarray:
+    """Error bars (below, above) of each row's ``key``: the std over seeds, or with one seed
+    the distance to the ends of the 95% interval (0 where a row has neither)."""
+    out = np.zeros((2, len(rows)))
+    for i, r in enumerate(rows):
+        if key not in r.figures:
+            continue
+        if len(r.figures[key]) > 1:
+            out[:, i] = r.std(key)
+        elif key in r.intervals and np.isfinite(r.mean(key)):
+            lo, hi = r.intervals[key]
+            out[:, i] = max(0.0, r.mean(key) - lo), max(0.0, hi - r.mean(key))
+    return out
+
+
 def _means(rows: list[Row], key: str) -> list[float]:
     return [r.mean(key) if key in r.figures else np.nan for r in rows]
-
-
-def _stds(rows: list[Row], key: str) -> list[float]:
-    return [r.std(key) if key in r.figures else 0.0 for r in rows]
 
 
 def plot_tradeoff(path: Path, rows: list[Row], title: str) -> None:

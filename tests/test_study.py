@@ -297,12 +297,19 @@ def test_study_plots_give_mia_its_own_axis_and_never_overlap_labels(tmp_path, mo
     rows = []
     for label, mia in (("original", 0.56), ("pruned", 0.53), ("retrained", 0.55)):
         rows.append(Row(label))
-        rows[-1].add({"train_acc": 0.99, "task_acc": 0.88, "mia_acc": mia})
+        rows[-1].add({"train_acc": 0.99, "task_acc": 0.88, "mia_acc": mia,
+                      "strongest_mia_acc": mia + 0.01},
+                     {"mia_acc": [mia - 0.02, mia + 0.03]})
     tables.plot_study(tmp_path / "s.png", rows, "t")
     acc_ax, mia_ax = figures[0].axes
     assert acc_ax.get_ylim() == (0, 1.05)
     lo, hi = mia_ax.get_ylim()
-    assert lo <= 0.5 and hi >= 0.56 and hi - lo < 0.15
+    assert lo <= 0.5 and hi >= 0.59 and hi - lo < 0.15  # the intervals' ends are in view
+    # both attacks, the run's with its one-seed 95% interval as error bars
+    assert {t.get_text() for t in mia_ax.get_legend().get_texts()} == \
+        {"the run's attack", "strongest attack", "chance"}
+    errors = tables._errors(rows, "mia_acc")
+    np.testing.assert_allclose(errors, [[0.02] * 3, [0.03] * 3])
     tables.plot_tradeoff(tmp_path / "c.png", rows, "t")
     ax = figures[1].axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [r.label for r in rows]
