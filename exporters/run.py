@@ -202,9 +202,20 @@ def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
     if parity["agreement"] < cfg.min_agreement:
         return [f"top-1 agreement with PyTorch is {parity['agreement']:.3f}, below the floor "
                 f"{cfg.min_agreement} (accuracy {parity['acc_before']:.3f} -> "
-                f"{parity['acc_after']:.3f}); --min-agreement lowers the floor, --warn-only "
-                "keeps the file"]
+                f"{parity['acc_after']:.3f}); " + _recovery(cfg)
+                + "--min-agreement lowers the floor, --warn-only keeps the file"]
     return []
+
+
+def _recovery(cfg: ExportConfig) -> str:
+    """What may win the agreement back at ``cfg``'s width, where this export did not try it."""
+    tries = []
+    if cfg.bits <= 3 and cfg.levels == "symmetric" and cfg.scheme != "static":
+        tries.append("--levels asymmetric (all 2^k codes)")
+    if cfg.bits <= 4 and not cfg.finetune_epochs and cfg.scheme != "static":
+        tries.append(f"--finetune-epochs {10 if cfg.bits == 2 else 3} (quantization-aware "
+                     "fine-tuning)")
+    return f"{' and '.join(tries)} may recover it; " if tries else ""
 
 
 def _convert(fmt: ModuleType, model: torch.nn.Module, sample: np.ndarray, cfg: ExportConfig,
