@@ -6,8 +6,9 @@ exporter quantizes replaced, in the forward pass, by per-output-channel levels t
 (distillation: the KL divergence from its softmax), not the labels.
 
 - **Learnt step sizes** (LSQ, Esser et al. 2020): each channel's scale is a parameter, started
-  at the exporter's MSE-searched scale (``quantize_channels``) and trained with the weights, its
-  gradient scaled by 1/sqrt(non-zeros × largest level) as LSQ prescribes.
+  at the exporter's MSE-searched scale (``quantize_channels``) and trained with the weights, at
+  the learning rate divided by the largest level (under Adam, LSQ's gradient scale would have no
+  effect; see ``finetune``).
 - **The run's model as the target.** An export is checked against that model (agreement), the
   model the audit measured; matching its outputs on the members keeps what it learnt of them
   instead of fitting their labels further. On the README's Fashion-MNIST run it also gave the
@@ -25,7 +26,6 @@ asymmetric codes) and scale search for its start.
 """
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,11 +44,6 @@ METHOD = ("distillation from the run's model with straight-through rounding to s
 WEIGHT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the conv/linear weights both formats store
 
 
-def _scaled_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` in the forward pass, its gradient times ``factor`` in the backward pass."""
-    return (x - x * factor).detach() + x * factor
-
-
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest integer, with the identity for the gradient."""
     return x + (torch.round(x) - x).detach()
@@ -57,20 +52,19 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class _FakeQuant(nn.Module):
     """``w`` as the exporter stores it at ``bits`` (levels × per-output-channel scale) in the
     forward pass, with the scales learnt (LSQ): each starts at the exporter's MSE-searched scale
-    of the weights it is given, and moves with its gradient, scaled by 1/sqrt(non-zeros × the
-    largest level) as LSQ prescribes; the identity for the weights' gradient inside the levels'
-    range, zero outside it (those weights are clipped)."""
+    of the weights it is given (and is kept above a thousandth of that). The identity for the
+    weights' gradient inside the levels' range, zero outside it (those weights are clipped)."""
 
     def __init__(self, w: torch.Tensor, bits: int, asymmetric: bool) -> None:
         super().__init__()
         _, scale = quantize_channels(w.detach().cpu().numpy(), bits, 0, asymmetric)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        self.scale = nn.Parameter(torch.from_numpy(scale).to(w).reshape(shape))
+        start = torch.from_numpy(scale).to(w).reshape((-1,) + (1,) * (w.dim() - 1))
+        self.scale = nn.Parameter(start.clone())
+        self.register_buffer("floor", start * 1e-3)
         self.low, self.top = lowest(bits, asymmetric), qmax(bits)
-        self.grad_factor = 1.0 / math.sqrt(max(1, int(w.count_nonzero())) * self.top)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale = _scaled_grad(self.scale, self.grad_factor).clamp_min(1e-12)
+        scale = torch.maximum(self.scale, self.floor)
         return _round_ste(torch.clamp(w / scale, self.low, self.top)) * scale
 
 
@@ -103,8 +97,8 @@ def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], membe
              batch_size: int, seed: int, keep: set[str], asymmetric: bool = False,
              progress: bool | None = None,
              on_step: Callable[[nn.Module], None] | None = None) -> FineTuned:
-    """``epochs`` epochs of Adam (``lr`` annealed to 0 on a cosine, for the weights and the
-    scales) on the ``members`` (``inputs(idx)``) with the quantized weights in the forward
+    """``epochs`` epochs of Adam (``lr`` annealed to 0 on a cosine; the scales lr / largest
+    level) on the ``members`` (``inputs(idx)``) with the quantized weights in the forward
     pass, from a copy of ``model``, towards ``model``'s own outputs. Batch norm keeps its
     running statistics and dropout is off (the model is fine-tuned as it is deployed).
     ``on_step(model)`` is called after every step, pruned weights already zeroed. The returned
@@ -116,7 +110,16 @@ def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], membe
     layers = quantized_modules(model, keep)
     for _, m in layers:
         parametrize.register_parametrization(m, "weight", _FakeQuant(m.weight, bits, asymmetric))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    # Adam steps a parameter by about its learning rate whatever the gradient's size, so LSQ's
+    # gradient scale for the step sizes would have no effect: the scales take lr / (largest
+    # level) instead, so a step moves a scale by the same fraction as it moves a weight as
+    # large as the channel's largest level, at every width (at 8 bits, lr itself moved scales
+    # of about 1e-3 several-fold)
+    scales = [m.parametrizations.weight[0].scale for _, m in layers]
+    learnt = {id(p) for p in scales}
+    optimizer = torch.optim.Adam(
+        [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in learnt]},
+         {"params": scales, "lr": lr / qmax(bits)}], lr=lr)
     steps = epochs * -(-len(members) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     gen = generator(seed, "quantization-aware fine-tuning", bits)

@@ -32,9 +32,11 @@ def lowest(bits: int, asymmetric: bool) -> int:
 def quantize_channels(w: np.ndarray, bits: int, axis: int,
                       asymmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Integer levels (int8 array, same shape as ``w``) and float32 per-channel scales along
-    ``axis`` with ``w ≈ levels * scale``; zeros map to level 0 exactly. ``asymmetric`` adds
-    the level −2^(k−1) (``lowest``) and also tries the scales that put the most negative
-    weight on it; the symmetric scales stay candidates, so its error is never larger."""
+    ``axis`` with ``w ≈ levels * scale``; zeros map to level 0 exactly. The candidate scales:
+    clip ratios of max |w| / qmax, and max |w| / m for every level m (a channel already on a
+    grid, as fine-tuning leaves it, is then stored exactly). ``asymmetric`` adds the level
+    −2^(k−1) (``lowest``) and also tries the scales that put the most negative weight on it;
+    the symmetric scales stay candidates, so its error is never larger."""
     top, low = qmax(bits), lowest(bits, asymmetric)
     moved = np.moveaxis(np.asarray(w, np.float64), axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
@@ -56,13 +58,6 @@ def quantize_channels(w: np.ndarray, bits: int, axis: int,
     scale = best_scale.astype(np.float32)
     q = np.clip(np.rint(flat / scale[:, None].astype(np.float64)), low, top).astype(np.int8)
     return np.moveaxis(q.reshape(moved.shape), 0, axis), scale
-
-
-def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
-    """float32 weights from levels and per-channel scales along ``axis``."""
-    shape = [1] * q.ndim
-    shape[axis] = -1
-    return (q.astype(np.float32) * scale.reshape(shape)).astype(np.float32)
 
 
 def pack_int4(q: np.ndarray) -> bytes:

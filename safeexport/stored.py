@@ -264,10 +264,12 @@ def _densify(sparsity, values: np.ndarray, shape: list[int]) -> np.ndarray | Non
     dims = sparsity.dimMetadata or []
     order = [] if sparsity.traversalOrder is None else [int(d) for d in sparsity.traversalOrder]
     blocks = sparsity.blockMap is not None and len(sparsity.blockMap) > 0
-    if sorted(order) != list(range(len(shape))) or blocks or len(dims) != len(shape) \
+    if not shape or sorted(order) != list(range(len(shape))) or blocks \
+            or len(dims) != len(shape) \
             or any(d.format != fb.DimensionType.DENSE or d.denseSize != shape[k]
                    for d, k in zip(dims[:-1], order[:-1], strict=True)) \
-            or dims[-1].format != fb.DimensionType.SPARSE_CSR:
+            or dims[-1].format != fb.DimensionType.SPARSE_CSR \
+            or dims[-1].arraySegments is None or dims[-1].arrayIndices is None:
         return None
     segments = np.asarray(dims[-1].arraySegments.values, np.int64)
     columns = np.asarray(dims[-1].arrayIndices.values, np.int64)
@@ -296,7 +298,7 @@ def tflite_stored(model) -> list[tuple]:
         raw = bytes(model.buffers[t.buffer].data)
         shape = [int(s) for s in t.shape]
         name = tensors[idx].name.decode()
-        if t.type in (FLOAT32, FLOAT16):
+        if t.type in (FLOAT32, FLOAT16) and t.sparsity is None:
             storage = "float32" if t.type == FLOAT32 else "float16"
             out.append((name, np.frombuffer(raw, storage).reshape(shape), storage, None, None,
                         False))
@@ -318,12 +320,12 @@ def tflite_stored(model) -> list[tuple]:
 def inspect_tflite(path: Path) -> list[StoredWeight]:
     """Every conv/linear/embedding weight of the file as stored."""
     try:
-        model = read_tflite(Path(path).read_bytes())
-        model.subgraphs[0].tensors  # noqa: B018 - garbage fails here, not later
-    except Exception as e:  # flatbuffers raises assorted errors on garbage
-        raise ExportError(f"{path} is not a valid TFLite file ({e})") from e
-    return [record(name, module_of(name), values, storage, axis, scale, sparse=sparse)
-            for name, values, storage, axis, scale, sparse in tflite_stored(model)]
+        return [record(name, module_of(name), values, storage, axis, scale, sparse=sparse)
+                for name, values, storage, axis, scale, sparse
+                in tflite_stored(read_tflite(Path(path).read_bytes()))]
+    except Exception as e:  # flatbuffers and a malformed graph raise assorted errors
+        raise ExportError(f"{path} is not a valid TFLite file ({type(e).__name__}: {e})") \
+            from e
 
 
 # ---------------------------------------------------------------- a file against its claims

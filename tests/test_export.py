@@ -299,6 +299,39 @@ def test_a_sparse_decoding_that_does_not_compute_what_it_claims_is_not_read(runs
     assert not read & set(res.manifest["sparse_storage"]["tensors"])
 
 
+def test_a_malformed_tflite_sparse_weight_is_refused_in_one_error(runs, tmp_path):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    res = export(ExportConfig(format="tflite", bits=8, **FAST), runs["mlp"],
+                 out=tmp_path / "m.tflite")
+    sparse = set(res.manifest["sparse_storage"]["tensors"])
+    assert sparse
+
+    def tampered(change) -> Path:
+        model = read_tflite(res.path.read_bytes())
+        change(model)
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.tflite"
+        path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+        return path
+
+    def no_segments(model):
+        for t in model.subgraphs[0].tensors:
+            if t.sparsity is not None:
+                t.sparsity.dimMetadata[-1].arraySegments = None
+
+    # a layout it cannot decode is not read as a weight at all
+    assert not {w.name for w in INSPECT["tflite"](tampered(no_segments))} & sparse
+
+    def densify_without_output(model):
+        for op in model.subgraphs[0].operators:
+            if op.inputs is not None and len(op.inputs) == 1 and len(op.outputs) == 1 \
+                    and model.subgraphs[0].tensors[op.inputs[0]].sparsity is not None:
+                op.outputs = []
+
+    with pytest.raises(ExportError, match="is not a valid TFLite file"):
+        INSPECT["tflite"](tampered(densify_without_output))
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_asymmetric_exports_store_every_code_in_int4(runs, fmt, tmp_path):
     """3 and 2 bits with asymmetric levels: int4 containers holding up to 8 and 4 levels per
