@@ -17,6 +17,9 @@ exporter quantizes replaced, in the forward pass, by per-output-channel levels t
   their grids (levels × learnt scale), and the exporter's quantizer finds a grid holding every
   weight exactly (it tries the scales that put a channel's largest weight on each level), also
   after the batch-norm folding, which scales whole output channels.
+- **Asymmetric levels survive the folding:** a batch norm with a negative factor negates its
+  channel when folded, which would turn the level −2^(k−1) into +2^(k−1); those channels
+  (``folded_signs``) are fine-tuned with the levels mirrored.
 - **The mask is fixed:** pruned weights are set back to exactly zero after every step (a zero
   weight is a zero level at any scale).
 
@@ -26,6 +29,7 @@ asymmetric codes) and scale search for its start.
 """
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,19 +57,39 @@ class _FakeQuant(nn.Module):
     """``w`` as the exporter stores it at ``bits`` (levels × per-output-channel scale) in the
     forward pass, with the scales learnt (LSQ): each starts at the exporter's MSE-searched scale
     of the weights it is given (and is kept above a thousandth of that). The identity for the
-    weights' gradient inside the levels' range, zero outside it (those weights are clipped)."""
+    weights' gradient inside the levels' range, zero outside it (those weights are clipped).
+    ``flipped`` channels (asymmetric levels only) take the levels mirrored, −top … top+1: a
+    batch norm folded into them negates them, and the file's code holds −(top+1), not top+1."""
 
-    def __init__(self, w: torch.Tensor, bits: int, asymmetric: bool) -> None:
+    def __init__(self, w: torch.Tensor, bits: int, asymmetric: bool,
+                 flipped: torch.Tensor | None = None) -> None:
         super().__init__()
         _, scale = quantize_channels(w.detach().cpu().numpy(), bits, 0, asymmetric)
-        start = torch.from_numpy(scale).to(w).reshape((-1,) + (1,) * (w.dim() - 1))
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        start = torch.from_numpy(scale).to(w).reshape(shape)
         self.scale = nn.Parameter(start.clone())
         self.register_buffer("floor", start * 1e-3)
-        self.low, self.top = lowest(bits, asymmetric), qmax(bits)
+        low = torch.full((len(scale),) + shape[1:], float(lowest(bits, asymmetric)))
+        high = torch.full_like(low, float(qmax(bits)))
+        if asymmetric and flipped is not None:
+            low[flipped], high[flipped] = -qmax(bits), qmax(bits) + 1
+        self.register_buffer("low", low.to(w))
+        self.register_buffer("high", high.to(w))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale = torch.maximum(self.scale, self.floor)
-        return _round_ste(torch.clamp(w / scale, self.low, self.top)) * scale
+        return _round_ste(torch.clamp(w / scale, self.low, self.high)) * scale
+
+
+def folded_signs(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Per conv/linear module (by id): which output channels the batch norm that directly
+    follows it (the next module registered, with as many features) scales by a negative
+    factor, gamma / sqrt(var + eps): the exporters fold that factor into the weight."""
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    return {id(a): (b.weight.detach() / torch.sqrt(b.running_var + b.eps)) < 0
+            for a, b in itertools.pairwise(leaves)
+            if isinstance(a, WEIGHT_MODULES) and isinstance(b, nn.modules.batchnorm._BatchNorm)
+            and b.affine and b.running_var is not None and b.num_features == a.weight.shape[0]}
 
 
 def quantized_modules(model: nn.Module, keep: set[str]) -> list[tuple[str, nn.Module]]:
@@ -108,8 +132,10 @@ def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], membe
     every = quantized_modules(model, set())  # the kept ones are fine-tuned too, in float
     masks = [m.weight.detach() != 0 for _, m in every]
     layers = quantized_modules(model, keep)
+    flipped = folded_signs(model)
     for _, m in layers:
-        parametrize.register_parametrization(m, "weight", _FakeQuant(m.weight, bits, asymmetric))
+        parametrize.register_parametrization(
+            m, "weight", _FakeQuant(m.weight, bits, asymmetric, flipped.get(id(m))))
     # Adam steps a parameter by about its learning rate whatever the gradient's size, so LSQ's
     # gradient scale for the step sizes would have no effect: the scales take lr / (largest
     # level) instead, so a step moves a scale by the same fraction as it moves a weight as

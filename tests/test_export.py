@@ -236,6 +236,32 @@ def test_finetuning_trains_against_the_stored_levels_with_pruned_weights_held_at
     assert cfg.name().endswith("-ft3") and plain.manifest["finetune"] is None
 
 
+@pytest.mark.parametrize("bits", [3, 2])
+def test_asymmetric_finetuning_leaves_folded_channels_storable(bits):
+    """A batch norm with a negative gamma negates its channel when the exporter folds it, so
+    the level -2^(k-1) would become +2^(k-1), which the code cannot hold: fine-tuning mirrors
+    those channels' levels, and the folded weights are stored exactly."""
+    import exporters.qat as qat
+
+    torch.manual_seed(bits)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(6 * 36, 4))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, -1.0, 0.5, -2.0, 1.5, -0.5]))
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    assert qat.folded_signs(model)[id(model[0])].tolist() == [False, True, False, True, False,
+                                                              True]
+    x = np.random.default_rng(0).random((64, 1, 8, 8)).astype(np.float32)
+    tuned = qat.finetune(model, lambda idx: x[idx], np.arange(64), x[:8], bits, 2, 1e-2, 16,
+                         0, set(), asymmetric=True, progress=False)
+    conv, bn = tuned.model[0], tuned.model[1]
+    factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    folded = (conv.weight.detach() * factor[:, None, None, None]).numpy()
+    q, scale = quantize_channels(folded, bits, 0, asymmetric=True)
+    np.testing.assert_allclose(q * scale[:, None, None, None], folded, rtol=1e-5, atol=1e-7)
+
+
 def test_sparse_encoding_round_trips_through_long_runs_of_zeros():
     from safeexport.stored import sparse_positions
 
