@@ -69,9 +69,9 @@ class Source:
     labels: np.ndarray
     reference: np.ndarray  # PyTorch logits of the parity sample
     calibration: np.ndarray  # training samples (known members) for static schemes
-    layers: list[dict]  # the run's masked layers: name, size and nnz (its weights' non-zeros,
+    layers: list[dict]  # the run's masked layers: name, size, nnz (its weights' non-zeros,
     #                     which can be fewer than the mask's active count: a weight grown at
-    #                     the last update may still be exactly zero)
+    #                     the last update may still be exactly zero) and output channels
     params: dict[str, int]  # parameter name -> count
     fingerprint: str  # the dataset's, as the run recorded it
     data: ArrayDataset  # the run's data, and its members (training split): --finetune-epochs
@@ -93,7 +93,8 @@ class Source:
             raise ConfigError(f"{rd.report} lists layers the model does not have "
                               f"({', '.join(unknown[:3])})")
         layers = [{"name": layer["name"], "size": layer["size"],
-                   "nnz": int(torch.count_nonzero(params[layer["name"]]))}
+                   "nnz": int(torch.count_nonzero(params[layer["name"]])),
+                   "channels": int(params[layer["name"]].shape[0])}
                   for layer in rd.read_report()["layers"]]
         return cls(rd, model, inputs, ds.y[test], reference,
                    inputs_of(ds, splits.known_members[:calibration]), layers,
@@ -151,10 +152,13 @@ def _asymmetric(cfg: ExportConfig) -> bool:
 
 def _floor(src: Source, bits: int, asymmetric: bool = False) -> float:
     """Information-theoretic size of the run's model at ``bits``: positions and values of the
-    masked layers' non-zeros, plus the dense parameters at float width."""
+    masked layers' non-zeros, below 16 bits their float32 scale per output channel (the
+    weight's first dimension, as both exporters quantize), plus the dense parameters at float
+    width."""
     masked = {layer["name"] for layer in src.layers}
+    scale_bytes = 4 if bits <= 8 else 0
     total = sum(floor_bytes(layer["size"], layer["nnz"], nonzero_value_bits(bits, asymmetric))
-                for layer in src.layers)
+                + scale_bytes * layer["channels"] for layer in src.layers)
     dense_bits = 16 if bits == 16 else 32
     return total + sum(n for k, n in src.params.items() if k not in masked) * dense_bits / 8
 

@@ -111,21 +111,21 @@ def _rewrite_weights(model, fmodel, bits: int, asymmetric: bool) -> None:
         levels, scale = quantize_channels(w, bits, axis, asymmetric)
         model.buffers[t.buffer].data = np.frombuffer(
             levels.tobytes() if t.type == INT8 else pack_int4(levels), np.uint8)
-        t.quantization.scale = scale.tolist()
-        t.quantization.zeroPoint = [0] * len(scale)
+        t.quantization.scale = scale.astype(np.float32)
+        t.quantization.zeroPoint = np.zeros(len(scale), np.int64)
 
 
 def _short_names(model) -> None:
     """Name each weight after its PyTorch module (``features.4``) and leave every other inner
-    tensor unnamed: litert-torch's names spell out each op's whole module scope (hundreds of
-    bytes a tensor, a fifth of a small sparse file). The model's inputs and outputs keep theirs.
-    Empty quantization tables are dropped too (a few bytes each)."""
+    tensor without a name: litert-torch's names spell out each op's whole module scope
+    (hundreds of bytes a tensor, a fifth of a small sparse file). The model's inputs and outputs
+    keep theirs. Empty quantization tables are dropped too (a few bytes each)."""
     sg = model.subgraphs[0]
     weights = {idx: module_of(sg.tensors[idx].name.decode()) for _, idx, _ in tflite_weights(model)}
     io = set(sg.inputs) | set(sg.outputs)
     for i, t in enumerate(sg.tensors):
         if i not in io:
-            t.name = weights.get(i, "").encode()
+            t.name = weights[i].encode() if i in weights else None
         q = t.quantization
         if q is not None and all(getattr(q, f) is None or len(getattr(q, f)) == 0
                                  for f in ("scale", "zeroPoint", "min", "max")):
@@ -146,10 +146,11 @@ def _smallest_uint(top: int) -> tuple[type, int]:
 def _index_vector(values: np.ndarray, kind: int):
     from ai_edge_litert import schema_py_generated as fb
 
-    vector = {fb.SparseIndexVector.Uint8Vector: fb.Uint8VectorT,
-              fb.SparseIndexVector.Uint16Vector: fb.Uint16VectorT,
-              fb.SparseIndexVector.Int32Vector: fb.Int32VectorT}[kind]()
-    vector.values = values.tolist()
+    vector, dtype = {fb.SparseIndexVector.Uint8Vector: (fb.Uint8VectorT, np.uint8),
+                     fb.SparseIndexVector.Uint16Vector: (fb.Uint16VectorT, np.uint16),
+                     fb.SparseIndexVector.Int32Vector: (fb.Int32VectorT, np.int32)}[kind]
+    vector = vector()
+    vector.values = np.asarray(values, dtype)
     return vector
 
 
@@ -243,8 +244,6 @@ def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
     """The TFLite file's bytes for ``model`` (batch fixed to ``len(sample)``) at ``bits``
     (``asymmetric`` levels: ``quantize_channels``; ``sparse``: weight-only quantized weights
     with few non-zeros in TFLite's sparse format, ``_sparse``)."""
-    from ai_edge_litert.tools import flatbuffer_utils
-
     float_bytes = _float_tflite(model, sample)
     fmodel = read_tflite(float_bytes)
     out = fmodel
@@ -255,4 +254,28 @@ def convert(model: torch.nn.Module, sample: np.ndarray, bits: int, scheme: str,
         if sparse and bits <= 8 and scheme == "weight-only":
             _sparse(out)
     _short_names(out)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(out))
+    return _serialised(out)
+
+
+def _serialised(model) -> bytes:
+    """The bytes of a parsed TFLite ``model``, each distinct vector stored once: FlatBuffers
+    lets any number of tables point at one vector, but the schema's writer
+    (``flatbuffer_utils.convert_object_to_bytearray``) writes one per table. Every per-channel
+    quantization carries a run of int64 zero points (8 bytes a channel, a seventh of a 2-bit
+    sparse file), so layers with as many channels share one; equal shapes share too."""
+    import flatbuffers
+
+    class SharedVectors(flatbuffers.Builder):
+        def __init__(self):
+            super().__init__(1024)
+            self.written = {}
+
+        def CreateNumpyVector(self, x):  # noqa: N802 - the Builder method it overrides
+            key = (x.dtype.str, x.tobytes())
+            if key not in self.written:
+                self.written[key] = super().CreateNumpyVector(x)
+            return self.written[key]
+
+    builder = SharedVectors()
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -297,7 +297,7 @@ def tflite_stored(model) -> list[tuple]:
         t = tensors[stored]
         raw = bytes(model.buffers[t.buffer].data)
         shape = [int(s) for s in t.shape]
-        name = tensors[idx].name.decode()
+        name = (tensors[idx].name or b"").decode()
         if t.type in (FLOAT32, FLOAT16) and t.sparsity is None:
             storage = "float32" if t.type == FLOAT32 else "float16"
             out.append((name, np.frombuffer(raw, storage).reshape(shape), storage, None, None,

@@ -111,6 +111,23 @@ def test_quantizer_axis_and_int4_packing():
     assert pack_int4(np.array([1, 2], np.int8)) == bytes([0x21])  # first value, low nibble
 
 
+def test_information_floor_counts_positions_values_scales_and_dense_parameters():
+    import math
+    from types import SimpleNamespace
+
+    from exporters.run import _floor
+
+    # a 4x2 weight with 2 non-zeros (one scale per output row) and a 2-value bias; a non-zero
+    # 4-bit level is one of 14 (-7..7 but 0), a non-zero asymmetric 2-bit one of 3
+    src = SimpleNamespace(layers=[{"name": "w", "size": 8, "nnz": 2, "channels": 4}],
+                          params={"w": 8, "b": 2})
+    positions = math.log2(math.comb(8, 2))
+    assert _floor(src, 4) == pytest.approx((positions + 2 * math.log2(14)) / 8 + 4 * 4 + 2 * 4)
+    assert _floor(src, 2, asymmetric=True) == pytest.approx(
+        (positions + 2 * math.log2(3)) / 8 + 4 * 4 + 2 * 4)
+    assert _floor(src, 32) == pytest.approx((positions + 2 * 32) / 8 + 2 * 4)  # no scales
+
+
 def test_config_rejects_what_a_format_cannot_store():
     with pytest.raises(ConfigError, match="onnx cannot store 4-bit weights with the dynamic "
                                           "scheme; supported: .*tflite dynamic: 8,4,3,2"):
@@ -303,6 +320,13 @@ def test_sparse_storage_holds_the_same_weights_in_fewer_bytes(runs, model, fmt, 
             np.testing.assert_array_equal(a[4], b[4])
         # each weight named after its module (not litert-torch's whole scope)
         assert all(w.name == w.module for w in INSPECT[fmt](files[True].path))
+        if model == "cnn":  # each distinct vector stored once, where the schema's own writer
+            # repeats them: the last convolution's and the first linear layer's 128 zero points
+            from ai_edge_litert.tools import flatbuffer_utils
+
+            ours = files[True].path.read_bytes()
+            stock = flatbuffer_utils.convert_object_to_bytearray(read_tflite(ours))
+            assert len(ours) <= len(stock) - 128 * 8
     shape = (1, 8, 8) if model == "cnn" else (30,)
     inputs = np.random.default_rng(0).random((8, *shape)).astype(np.float32)
     logits = {s: open_runtime(f.path)(inputs) for s, f in files.items()}
