@@ -74,7 +74,7 @@ class ExportConfig(StageConfig):
         if self.float_tolerance <= 0:
             out.append("float_tolerance must be positive")
         # bits is compared only once it is one of its choices (choice_problems reports the rest)
-        not_own_levels = valid and (self.bits > 8 or self.scheme == "static")
+        not_own_levels = valid and not self.own_levels
         if self.finetune_epochs < 0:
             out.append("finetune_epochs must be >= 0")
         elif self.finetune_epochs and not_own_levels:
@@ -87,6 +87,13 @@ class ExportConfig(StageConfig):
         if self.finetune_lr <= 0:
             out.append("finetune_lr must be positive")
         return out
+
+    @property
+    def own_levels(self) -> bool:
+        """Whether safeexport's quantizer sets the weights' levels (8 bits and below, not the
+        static scheme, whose weights come from the runtime's own quantizer): what asymmetric
+        levels and fine-tuning act on."""
+        return self.bits <= 8 and self.scheme != "static"
 
     def name(self) -> str:
         """The export's file stem, e.g. ``model-tflite-w4-weight-only`` (``-asym`` after it:

@@ -28,6 +28,7 @@ and nn.Embedding only, and the training must use this exporter's own levels (zer
 asymmetric codes) and scale search for its start.
 """
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Callable
@@ -85,7 +86,7 @@ def folded_signs(model: nn.Module) -> dict[int, torch.Tensor]:
     """Per conv/linear module (by id): which output channels the batch norm that directly
     follows it (the next module registered, with as many features) scales by a negative
     factor, gamma / sqrt(var + eps): the exporters fold that factor into the weight."""
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
     return {id(a): (b.weight.detach() / torch.sqrt(b.running_var + b.eps)) < 0
             for a, b in itertools.pairwise(leaves)
             if isinstance(a, WEIGHT_MODULES) and isinstance(b, nn.modules.batchnorm._BatchNorm)
@@ -104,6 +105,17 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     if parametrize.is_parametrized(module, "weight"):
         return module.parametrizations.weight.original
     return module.weight
+
+
+@contextlib.contextmanager
+def _in_eval_mode(module: nn.Module):
+    """``module`` in eval mode, and back in its own mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 @dataclass
@@ -127,8 +139,7 @@ def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], membe
     running statistics and dropout is off (the model is fine-tuned as it is deployed).
     ``on_step(model)`` is called after every step, pruned weights already zeroed. The returned
     model's weights lie on their grids."""
-    teacher = copy.deepcopy(model).eval()
-    model = copy.deepcopy(model).eval()
+    teacher, model = model, copy.deepcopy(model).eval()
     every = quantized_modules(model, set())  # the kept ones are fine-tuned too, in float
     masks = [m.weight.detach() != 0 for _, m in every]
     layers = quantized_modules(model, keep)
@@ -150,8 +161,8 @@ def finetune(model: nn.Module, inputs: Callable[[np.ndarray], np.ndarray], membe
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     gen = generator(seed, "quantization-aware fine-tuning", bits)
     losses = []
-    with tqdm(total=steps, desc=f"fine-tune {bits}-bit", unit="step",
-              disable=None if progress is None else not progress) as bar:
+    with _in_eval_mode(teacher), tqdm(total=steps, desc=f"fine-tune {bits}-bit", unit="step",
+                                      disable=None if progress is None else not progress) as bar:
         for _ in range(epochs):
             order = members[torch.randperm(len(members), generator=gen).numpy()]
             total = 0.0

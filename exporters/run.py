@@ -214,9 +214,9 @@ def _parity_problems(parity: dict, cfg: ExportConfig) -> list[str]:
 def _recovery(cfg: ExportConfig) -> str:
     """What may win the agreement back at ``cfg``'s width, where this export did not try it."""
     tries = []
-    if cfg.bits <= 3 and cfg.levels == "symmetric" and cfg.scheme != "static":
+    if cfg.own_levels and cfg.bits <= 3 and cfg.levels == "symmetric":
         tries.append("--levels asymmetric (all 2^k codes)")
-    if cfg.bits <= 4 and not cfg.finetune_epochs and cfg.scheme != "static":
+    if cfg.own_levels and cfg.bits <= 4 and not cfg.finetune_epochs:
         tries.append(f"--finetune-epochs {10 if cfg.bits == 2 else 3} (quantization-aware "
                      "fine-tuning)")
     return f"{' and '.join(tries)} may recover it; " if tries else ""

@@ -270,8 +270,12 @@ def test_asymmetric_finetuning_leaves_folded_channels_storable(bits):
     assert qat.folded_signs(model)[id(model[0])].tolist() == [False, True, False, True, False,
                                                               True]
     x = np.random.default_rng(0).random((64, 1, 8, 8)).astype(np.float32)
+    given = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # the caller's model (the teacher) comes back as given: values and mode
     tuned = qat.finetune(model, lambda idx: x[idx], np.arange(64), x[:8], bits, 2, 1e-2, 16,
                          0, set(), asymmetric=True, progress=False)
+    assert model.training and tuned.model is not model
+    assert all(torch.equal(v, given[k]) for k, v in model.state_dict().items())
     conv, bn = tuned.model[0], tuned.model[1]
     factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
     folded = (conv.weight.detach() * factor[:, None, None, None]).numpy()
