@@ -51,7 +51,7 @@ class ExportConfig(StageConfig):
                                "(the stored levels with learnt scales in the forward pass, "
                                "the run's model's outputs as the target, pruned weights held "
                                "at zero); 0: round the run's weights as they are")
-    finetune_lr: float = opt(3e-4, "Adam learning rate of --finetune-epochs")
+    finetune_lr: float = opt(1e-3, "Adam learning rate of --finetune-epochs")
     sparse_storage: bool = opt(True, "store each weight whose non-zeros are few enough "
                                "sparse where that is smaller than the dense tensor: ONNX as "
                                "one-byte gaps and its values, decoded in the graph when the "
