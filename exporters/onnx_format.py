@@ -2,9 +2,10 @@
 
 - 32 bits: as exported (batch norm folded into the convolutions by the exporter).
 - 16 bits: every float initializer stored as float16, cast back to float32 in the graph.
-- 8/4/3/2 bits, weight-only: each conv/linear weight replaced by int8 (8 bits) or int4 (4, 3, 2
-  bits) levels from ``quantize_channels`` and a per-output-channel DequantizeLinear (opset 21
-  is the first with int4). Activations stay float.
+- 8/4/3/2 bits, weight-only: each conv/linear weight replaced by int8 (8 bits), int4 (4 and 3
+  bits) or int2 (2 bits) levels from ``quantize_channels`` and a per-output-channel
+  DequantizeLinear (opset 21 is the first with int4; a 2-bit file is raised to opset 25, the
+  first with int2, which onnxruntime loads). Activations stay float.
 - sparse storage (``--sparse-storage``, any width and scheme): a weight with few enough
   non-zeros stored as (one-byte gaps, values), decoded in the graph (``_sparse``).
 - 8 bits, static: onnxruntime's quantize_static (QDQ, int8 activations calibrated with min/max
@@ -19,11 +20,12 @@ import numpy as np
 import torch
 
 from exporters.failures import conversion_error
-from exporters.quantize import quantize_channels
+from exporters.quantize import container_bits, quantize_channels
 from safeexport.stored import ONNX_WEIGHT_OPS, onnx_module
 from safeexport.stored import inspect_onnx as inspect  # noqa: F401 - the format's reader
 
 OPSET = 21
+INT2_OPSET = 25
 SUFFIX = ".onnx"
 
 
@@ -83,7 +85,7 @@ def _weight_only(proto, bits: int, keep: set[str], asymmetric: bool) -> None:
             continue
         axis = _axis(node, w)
         q, scale = quantize_channels(w, bits, axis, asymmetric)
-        dtype = np.int8 if bits == 8 else ml_dtypes.int4
+        dtype = {8: np.int8, 4: ml_dtypes.int4, 2: ml_dtypes.int2}[container_bits(bits)]
         zp = np.zeros(len(scale), dtype)
         _replace(graph, inits[name],
                  [numpy_helper.from_array(q.astype(dtype), f"{name}_q"),
@@ -93,6 +95,18 @@ def _weight_only(proto, bits: int, keep: set[str], asymmetric: bool) -> None:
                                                        f"{name}_zero_point"], [name], axis=axis,
                                   name=f"{name}_dequantize"))
         done.add(name)
+    if done and container_bits(bits) == 2:
+        _raise_opset(proto, INT2_OPSET)
+
+
+def _raise_opset(proto, opset: int) -> None:
+    """Declare the default domain at ``opset``: the exporter's opset 21 has no int2. Every op
+    torch.onnx emits keeps its meaning from 21 to 25 (the newer versions add types), which
+    onnx's version converter confirms op by op; the parity check runs the result."""
+    import onnx
+
+    converted = onnx.version_converter.convert_version(proto, opset)
+    proto.CopyFrom(converted)
 
 
 # The sparse storage's stepping stones: a gap is stored in one byte, so a run of zeros longer
@@ -122,9 +136,10 @@ def _sparse(proto) -> None:
     gap, the values in their own type. Written by hand: ONNX's sparse_initializer costs an
     int64 index per value, more than the dense int8 tensor unless over 8/9 of it is zero. A
     decoding (Cast, Add, CumSum, Sub, ScatterND into ConstantOfShape zeros, Reshape; int4
-    values scattered as int8 and cast back) outputs the original name, so consumers are
-    unchanged; onnxruntime folds it into a dense constant when the session loads (measured:
-    the optimized graph holds no ScatterND)."""
+    values scattered as int8 and cast back, int2 ones scattered as int8 for an int8
+    DequantizeLinear) outputs the original name, so consumers are unchanged; onnxruntime folds
+    it into a dense constant when the session loads (measured: the optimized graph holds no
+    ScatterND)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -136,15 +151,18 @@ def _sparse(proto) -> None:
         if len(init.dims) < 2:
             continue
         w = numpy_helper.to_array(init)
-        int4 = init.data_type == TensorProto.INT4
+        packed = {TensorProto.INT4: 0.5, TensorProto.INT2: 0.25}.get(init.data_type)
         gaps, values = sparse_encode(w)
-        value_bytes = 0.5 if int4 else w.dtype.itemsize
+        value_bytes = packed or w.dtype.itemsize
         if not len(values) or len(values) * (1 + value_bytes) >= w.size * value_bytes:
             continue
         n, t = init.name, f"sparse{len(done)}_"  # t: short names for the decoding's tensors
         stored = numpy_helper.from_array(values, f"{n}_values")  # keeps int4, float16 ...
-        scatter_type = TensorProto.INT8 if int4 else init.data_type
-        scattered = f"{t}values8" if int4 else stored.name
+        scatter_type = TensorProto.INT8 if packed else init.data_type
+        # int2 levels stay int8 once scattered, for an int8 DequantizeLinear: onnxruntime
+        # (1.32) fails to load a file whose constant folding computes an int2 tensor
+        cast_back = init.data_type == TensorProto.INT4
+        scattered = f"{t}values8" if packed else stored.name
         nodes = [
             helper.make_node("Cast", [f"{n}_gaps"], [f"{t}gaps"], to=TensorProto.INT64),
             helper.make_node("Add", [f"{t}gaps", "sparse_one"], [f"{t}steps"]),
@@ -155,11 +173,14 @@ def _sparse(proto) -> None:
                              value=helper.make_tensor("zero", scatter_type, [1], [0])),
             helper.make_node("ScatterND", [f"{t}zeros", f"{t}index", scattered], [f"{t}flat"]),
             helper.make_node("Reshape", [f"{t}flat", f"{n}_shape"],
-                             [f"{t}dense" if int4 else n])]
-        if int4:
+                             [f"{t}dense" if cast_back else n])]
+        if packed:
             nodes.insert(0, helper.make_node("Cast", [stored.name], [scattered],
                                              to=TensorProto.INT8))
-            nodes.append(helper.make_node("Cast", [f"{t}dense"], [n], to=TensorProto.INT4))
+        if cast_back:
+            nodes.append(helper.make_node("Cast", [f"{t}dense"], [n], to=init.data_type))
+        else:
+            _int8_zero_points(graph, n)
         graph.initializer.remove(init)
         graph.initializer.extend([
             numpy_helper.from_array(gaps, f"{n}_gaps"), stored,
@@ -171,6 +192,19 @@ def _sparse(proto) -> None:
     if done:
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
         onnx.checker.check_model(proto)
+
+
+def _int8_zero_points(graph, name: str) -> None:
+    """The zero points of the DequantizeLinear nodes reading ``name``, as int8 (a zero point
+    has its input's type)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] == name and len(node.input) > 2:
+            zp = inits[node.input[2]]
+            zp.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(zp).astype(np.int8),
+                                                zp.name))
 
 
 def _float16(proto, keep: set[str]) -> None:

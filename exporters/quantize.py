@@ -60,13 +60,22 @@ def quantize_channels(w: np.ndarray, bits: int, axis: int,
     return np.moveaxis(q.reshape(moved.shape), 0, axis), scale
 
 
-def pack_int4(q: np.ndarray) -> bytes:
-    """Two's-complement 4-bit values, two per byte, the first in the low nibble (TFLite's and
-    ONNX's layout); an odd count is padded with 0."""
-    flat = (q.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-    if len(flat) % 2:
-        flat = np.append(flat, np.uint8(0))
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+def container_bits(bits: int) -> int:
+    """Bits per stored level of a ``bits``-bit weight: int8, int4 (4 and 3 bits: no format has
+    a 3-bit integer) or int2."""
+    return 8 if bits > 4 else 4 if bits > 2 else 2
+
+
+def pack_ints(q: np.ndarray, width: int) -> bytes:
+    """Two's-complement ``width``-bit values (4 or 2), 8 // width per byte, the first in the
+    lowest bits (TFLite's and ONNX's layout); the last byte is padded with 0."""
+    per = 8 // width
+    flat = (q.reshape(-1).astype(np.int16) & ((1 << width) - 1)).astype(np.uint8)
+    flat = np.concatenate([flat, np.zeros(-len(flat) % per, np.uint8)])
+    packed = np.zeros(len(flat) // per, np.uint8)
+    for k in range(per):
+        packed |= flat[k::per] << (k * width)
+    return packed.tobytes()
 
 
 def floor_bytes(numel: int, nnz: int, value_bits: float) -> float:

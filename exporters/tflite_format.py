@@ -6,8 +6,9 @@ quantization, DEQUANTIZE ops for weight-only, hybrid kernels for dynamic), but i
 give an all-zero (pruned) channel scale 0, which XNNPACK refuses, and it ignores 3- and 2-bit
 requests. So for weight-only and dynamic schemes every quantized weight is rewritten from the
 float file: levels and scales from ``quantize_channels`` on the stored layout (batch norm already
-folded), 3 and 2 bits in int4 containers. Static int8 keeps the quantizer's own weights (their
-scales are tied to the int32 biases) and is checked like every export.
+folded), 3 bits in int4 containers, 2 bits in int2 (weight-only; dynamic: int4). Static int8
+keeps the quantizer's own weights (their scales are tied to the int32 biases) and is checked
+like every export.
 """
 
 import re
@@ -18,15 +19,17 @@ import numpy as np
 import torch
 
 from exporters.failures import conversion_error
-from exporters.quantize import pack_int4, quantize_channels
+from exporters.quantize import container_bits, pack_ints, quantize_channels
 from safeexport.errors import ExportError
 from safeexport.stored import (
+    INT2,
     INT4,
     INT8,
+    INT_WIDTH,
     module_of,
     read_tflite,
     tflite_weights,
-    unpack_int4,
+    unpack_ints,
 )
 from safeexport.stored import inspect_tflite as inspect  # noqa: F401 - the format's reader
 
@@ -98,10 +101,12 @@ def _quantize(float_bytes: bytes, bits: int, scheme: str, keep: set[str],
 
 def _rewrite_weights(model, fmodel, bits: int, asymmetric: bool) -> None:
     """Replace every int8/int4 weight's levels and scales in ``model`` by ``quantize_channels``
-    of the float model ``fmodel``'s same tensor."""
+    of the float model ``fmodel``'s same tensor; 2-bit levels that a DEQUANTIZE reads
+    (weight-only) go into int2 (LiteRT loads them; the dynamic scheme's hybrid kernels read
+    their weights themselves and keep int4)."""
     ftensors = {t.name: t for t in fmodel.subgraphs[0].tensors}
     tensors = model.subgraphs[0].tensors
-    for _, _, stored in tflite_weights(model):
+    for _, idx, stored in tflite_weights(model):
         t = tensors[stored]
         if t.type not in (INT8, INT4) or t.name not in ftensors:
             continue
@@ -109,8 +114,10 @@ def _rewrite_weights(model, fmodel, bits: int, asymmetric: bool) -> None:
         w = np.frombuffer(bytes(fmodel.buffers[ft.buffer].data), np.float32).reshape(ft.shape)
         axis = t.quantization.quantizedDimension
         levels, scale = quantize_channels(w, bits, axis, asymmetric)
+        width = 8 if t.type == INT8 else container_bits(bits) if stored != idx else 4
+        t.type = {8: INT8, 4: INT4, 2: INT2}[width]
         model.buffers[t.buffer].data = np.frombuffer(
-            levels.tobytes() if t.type == INT8 else pack_int4(levels), np.uint8)
+            levels.tobytes() if width == 8 else pack_ints(levels, width), np.uint8)
         t.quantization.scale = scale.astype(np.float32)
         t.quantization.zeroPoint = np.zeros(len(scale), np.int64)
 
@@ -176,8 +183,8 @@ def _sparse(model) -> None:
     """Store every quantized weight of ``model`` that a DEQUANTIZE reads, whose non-zeros are
     few enough, in TFLite's own sparse format: one dimension compressed (CSR: each dense row's
     segment and its non-zeros' indices, in the smallest unsigned types that hold them;
-    ``_csr_layout``), the others dense, the values as int8 (int4 levels too: LiteRT's DENSIFY
-    takes float32, float16 and int8), and a DENSIFY op giving the dense tensor, which alone
+    ``_csr_layout``), the others dense, the values as int8 (int4 and int2 levels too: LiteRT's
+    DENSIFY takes float32, float16 and int8), and a DENSIFY op giving the dense tensor, which alone
     carries the quantization, to the DEQUANTIZE. Only where that is smaller than the dense
     tensor. LiteRT densifies a constant once, on the first run."""
     import copy
@@ -189,12 +196,11 @@ def _sparse(model) -> None:
     densify = None
     for _, idx, stored in tflite_weights(model):
         t = tensors[stored]
-        if stored == idx or t.type not in (INT8, INT4) or t.sparsity is not None:
+        if stored == idx or t.type not in INT_WIDTH or t.sparsity is not None:
             continue  # only a quantized weight feeding its DEQUANTIZE
         shape = [int(d) for d in t.shape]
         raw = bytes(model.buffers[t.buffer].data)
-        q = (np.frombuffer(raw, np.int8) if t.type == INT8
-             else unpack_int4(raw, int(np.prod(shape)))).reshape(shape)
+        q = unpack_ints(raw, int(np.prod(shape)), INT_WIDTH[t.type]).reshape(shape)
         nnz = int(np.count_nonzero(q))
         axis, sparse_bytes, segment_type, segment_kind, index_type, index_kind = \
             _csr_layout(shape, nnz)

@@ -15,8 +15,9 @@ from safeexport.errors import ExportError
 ONNX_WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 TFLITE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL",
                      "TRANSPOSE_CONV", "EMBEDDING_LOOKUP", "GATHER")
-# TFLite's tensor type codes (schema.fbs)
-FLOAT32, FLOAT16, INT8, INT4 = 0, 1, 9, 17
+# TFLite's tensor type codes (schema.fbs), and the integer ones' widths
+FLOAT32, FLOAT16, INT8, INT4, INT2 = 0, 1, 9, 17, 19
+INT_WIDTH = {INT8: 8, INT4: 4, INT2: 2}
 
 
 @dataclass
@@ -26,7 +27,7 @@ class StoredWeight:
     name: str
     module: str  # the PyTorch module it came from (``features.0``), as far as names tell
     shape: list[int]
-    storage: str  # float32, float16, int8 or int4
+    storage: str  # float32, float16, int8, int4 or int2
     container_bits: int  # bits per stored value
     effective_bits: int  # bits of the smallest two's-complement integer holding its levels
     #                     (= container bits for floats)
@@ -54,19 +55,23 @@ def effective_bits(values: np.ndarray) -> int:
     return max(1, (max(hi, -lo - 1)).bit_length() + 1)
 
 
-def unpack_int4(data: bytes | np.ndarray, count: int) -> np.ndarray:
-    """``count`` int8 values from two's-complement 4-bit values packed two per byte, the first
-    in the low nibble (TFLite's and ONNX's layout)."""
+def unpack_ints(data: bytes | np.ndarray, count: int, width: int) -> np.ndarray:
+    """``count`` int8 values from two's-complement ``width``-bit values (8, 4 or 2) packed
+    8 // width per byte, the first in the lowest bits (TFLite's and ONNX's layout)."""
     raw = np.frombuffer(bytes(data), np.uint8)
-    nib = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
-    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
+    if width == 8:
+        return raw[:count].view(np.int8)
+    mask, per = (1 << width) - 1, 8 // width
+    v = np.stack([(raw >> (k * width)) & mask for k in range(per)], axis=1).reshape(-1)
+    v = v[:count].astype(np.int16)
+    return np.where(v >= 1 << (width - 1), v - (1 << width), v).astype(np.int8)
 
 
 def record(name: str, module: str, values: np.ndarray, storage: str, axis: int | None = None,
            scale: np.ndarray | None = None, sparse: bool = False) -> StoredWeight:
     """A StoredWeight from decoded values (integer levels for int storage, with their channel
     ``axis`` and scales; floats otherwise)."""
-    container = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}[storage]
+    container = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int2": 2}[storage]
     if storage.startswith("int"):
         levels = levels_per_channel(values, axis)
         eff = effective_bits(values)
@@ -128,7 +133,7 @@ class _OnnxConstants:
     def _sparse(self, name: str):
         from onnx import TensorProto
 
-        cast = self._node(name, "Cast")  # int4: scattered as int8, cast back
+        cast = self._node(name, "Cast")  # int4 and int2: scattered as int8, cast back
         reshape = self._node(cast.input[0] if cast is not None else name, "Reshape")
         scatter = reshape and self._node(reshape.input[0], "ScatterND")
         zeros = scatter and self._node(scatter.input[0], "ConstantOfShape")
@@ -148,7 +153,8 @@ class _OnnxConstants:
         fill = next((a.t for a in zeros.attribute if a.name == "value"), None)
         if any(v is None for v in (gaps, values, size, shape)) or gaps.dtype != np.uint8 \
                 or fill is None or self.to_array(fill).any() or len(gaps) != len(values) \
-                or (cast is not None and _cast_to(cast) != TensorProto.INT4):
+                or (cast is not None and _cast_to(cast) not in (TensorProto.INT4,
+                                                                TensorProto.INT2)):
             return None
         positions = sparse_positions(gaps)
         if positions.size and positions[-1] >= int(size[0]):
@@ -197,7 +203,8 @@ def inspect_onnx(path: Path) -> list[StoredWeight]:
             x, q, sparse = inner
             scale = numpy_helper.to_array(inits[src.input[1]])
             axis = next((a.i for a in src.attribute if a.name == "axis"), 1)
-            storage = "int4" if x.data_type == TensorProto.INT4 else "int8"
+            storage = {TensorProto.INT4: "int4", TensorProto.INT2: "int2"}.get(x.data_type,
+                                                                               "int8")
             out.append(record(name, onnx_module(name), q.astype(np.int8), storage,
                               axis % q.ndim, scale, sparse))
     return out
@@ -308,10 +315,9 @@ def tflite_stored(model) -> list[tuple]:
             if q is not None and quant is not None and quant.scale is not None:
                 out.append((name, q, "int8", quant.quantizedDimension, np.asarray(quant.scale),
                             True))
-        elif t.type in (INT8, INT4) and t.sparsity is None:
-            n = int(np.prod(shape))
-            q = (np.frombuffer(raw, np.int8) if t.type == INT8 else unpack_int4(raw, n))
-            out.append((name, q.reshape(shape), "int8" if t.type == INT8 else "int4",
+        elif t.type in INT_WIDTH and t.sparsity is None:
+            q = unpack_ints(raw, int(np.prod(shape)), INT_WIDTH[t.type])
+            out.append((name, q.reshape(shape), f"int{INT_WIDTH[t.type]}",
                         t.quantization.quantizedDimension, np.asarray(t.quantization.scale),
                         False))
     return out
