@@ -6,7 +6,7 @@ from safeexport import names
 from safeexport.config import StageConfig, opt
 
 # (format, scheme) -> bit widths it can express. 32 and 16 are float storage (weight-only);
-# 3 and 2 bits are 7 and 3 levels stored in int4 containers.
+# 3 bits are 7 levels in int4 containers, 2 bits 3 levels in int2 (int4 with tflite dynamic).
 SUPPORTED = {
     ("onnx", "weight-only"): (32, 16, 8, 4, 3, 2),
     ("onnx", "static"): (8,),
@@ -26,8 +26,8 @@ class ExportConfig(StageConfig):
     """Everything that decides what ``safeexport export`` writes."""
 
     format: str = opt("onnx", "onnx or tflite", choices=names.FORMATS)
-    bits: int = opt(8, "weight bits: 32 (float32), 16 (float16), 8, 4 (int8/int4), 3 or 2 "
-                    "(7 or 3 levels in int4 containers)", choices=names.BITS)
+    bits: int = opt(8, "weight bits: 32 (float32), 16 (float16), 8, 4 (int8/int4), 3 (7 "
+                    "levels in int4) or 2 (3 levels in int2)", choices=names.BITS)
     scheme: str = opt("weight-only", "weight-only (float activations), dynamic (activations "
                       "quantized at run time, tflite) or static (int8 activations calibrated "
                       "on training samples)", choices=names.SCHEMES)
