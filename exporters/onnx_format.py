@@ -21,6 +21,7 @@ import torch
 
 from exporters.failures import conversion_error
 from exporters.quantize import container_bits, quantize_channels
+from safeexport.errors import ExportError
 from safeexport.stored import ONNX_WEIGHT_OPS, onnx_module
 from safeexport.stored import inspect_onnx as inspect  # noqa: F401 - the format's reader
 
@@ -100,12 +101,19 @@ def _weight_only(proto, bits: int, keep: set[str], asymmetric: bool) -> None:
 
 
 def _raise_opset(proto, opset: int) -> None:
-    """Declare the default domain at ``opset``: the exporter's opset 21 has no int2. Every op
-    torch.onnx emits keeps its meaning from 21 to 25 (the newer versions add types), which
-    onnx's version converter confirms op by op; the parity check runs the result."""
+    """Declare the default domain at ``opset`` (the exporter's opset 21 has no int2), with
+    onnx's version converter, which adapts op by op, and the IR version that opset and int2
+    need (the converter keeps the old one); the parity check runs the result."""
     import onnx
+    from onnx import helper
 
-    converted = onnx.version_converter.convert_version(proto, opset)
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+    except Exception as e:  # the converter raises its own C++ error types
+        raise ExportError(f"onnx's version converter cannot raise this model to opset {opset} "
+                          f"for int2 weights ({e}); export 3 or more bits") from e
+    converted.ir_version = max(converted.ir_version,
+                               helper.find_min_ir_version_for(converted.opset_import))
     proto.CopyFrom(converted)
 
 
@@ -179,7 +187,7 @@ def _sparse(proto) -> None:
                                              to=TensorProto.INT8))
         if cast_back:
             nodes.append(helper.make_node("Cast", [f"{t}dense"], [n], to=init.data_type))
-        else:
+        elif init.data_type == TensorProto.INT2:
             _int8_zero_points(graph, n)
         graph.initializer.remove(init)
         graph.initializer.extend([

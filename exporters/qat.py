@@ -109,13 +109,14 @@ def float_weight(module: nn.Module) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _in_eval_mode(module: nn.Module):
-    """``module`` in eval mode, and back in its own mode afterwards."""
-    was_training = module.training
+    """``module`` in eval mode, and every submodule back in its own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass

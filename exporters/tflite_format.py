@@ -22,7 +22,6 @@ from exporters.failures import conversion_error
 from exporters.quantize import container_bits, pack_ints, quantize_channels
 from safeexport.errors import ExportError
 from safeexport.stored import (
-    INT2,
     INT4,
     INT8,
     INT_WIDTH,
@@ -115,7 +114,7 @@ def _rewrite_weights(model, fmodel, bits: int, asymmetric: bool) -> None:
         axis = t.quantization.quantizedDimension
         levels, scale = quantize_channels(w, bits, axis, asymmetric)
         width = 8 if t.type == INT8 else container_bits(bits) if stored != idx else 4
-        t.type = {8: INT8, 4: INT4, 2: INT2}[width]
+        t.type = next(code for code, w in INT_WIDTH.items() if w == width)
         model.buffers[t.buffer].data = np.frombuffer(
             levels.tobytes() if width == 8 else pack_ints(levels, width), np.uint8)
         t.quantization.scale = scale.astype(np.float32)
@@ -268,7 +267,10 @@ def _serialised(model) -> bytes:
     lets any number of tables point at one vector, but the schema's writer
     (``flatbuffer_utils.convert_object_to_bytearray``) writes one per table. Every per-channel
     quantization carries a run of int64 zero points (8 bytes a channel, a seventh of a 2-bit
-    sparse file), so layers with as many channels share one; equal shapes share too."""
+    sparse file), so layers with as many channels share one. (Only numpy vectors are shared:
+    the parsed model holds shapes and operator inputs as lists.)"""
+    import hashlib
+
     import flatbuffers
 
     class SharedVectors(flatbuffers.Builder):
@@ -277,7 +279,8 @@ def _serialised(model) -> bytes:
             self.written = {}
 
         def CreateNumpyVector(self, x):  # noqa: N802 - the Builder method it overrides
-            key = (x.dtype.str, x.tobytes())
+            data = np.ascontiguousarray(x)  # keyed by digest: no second copy of the weights
+            key = (data.dtype.str, data.size, hashlib.sha256(data.data).digest())
             if key not in self.written:
                 self.written[key] = super().CreateNumpyVector(x)
             return self.written[key]

@@ -133,7 +133,7 @@ class _OnnxConstants:
     def _sparse(self, name: str):
         from onnx import TensorProto
 
-        cast = self._node(name, "Cast")  # int4 and int2: scattered as int8, cast back
+        cast = self._node(name, "Cast")  # int4: scattered as int8, cast back (int2 is not)
         reshape = self._node(cast.input[0] if cast is not None else name, "Reshape")
         scatter = reshape and self._node(reshape.input[0], "ScatterND")
         zeros = scatter and self._node(scatter.input[0], "ConstantOfShape")
@@ -153,8 +153,7 @@ class _OnnxConstants:
         fill = next((a.t for a in zeros.attribute if a.name == "value"), None)
         if any(v is None for v in (gaps, values, size, shape)) or gaps.dtype != np.uint8 \
                 or fill is None or self.to_array(fill).any() or len(gaps) != len(values) \
-                or (cast is not None and _cast_to(cast) not in (TensorProto.INT4,
-                                                                TensorProto.INT2)):
+                or (cast is not None and _cast_to(cast) != TensorProto.INT4):
             return None
         positions = sparse_positions(gaps)
         if positions.size and positions[-1] >= int(size[0]):
@@ -172,13 +171,21 @@ def inspect_onnx(path: Path) -> list[StoredWeight]:
     """Every conv/linear weight of the file as stored (following DequantizeLinear and Cast, and
     sparse storage's decoding)."""
     import onnx
-    from onnx import TensorProto, numpy_helper
 
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and friends
         raise ExportError(f"{path} is not a valid ONNX file ({e})") from e
-    graph = proto.graph
+    try:
+        return _onnx_weights(proto.graph)
+    except Exception as e:  # numpy_helper and a malformed graph raise assorted errors
+        raise ExportError(f"{path} is not a valid ONNX file ({type(e).__name__}: {e})") \
+            from e
+
+
+def _onnx_weights(graph) -> list[StoredWeight]:
+    from onnx import TensorProto, numpy_helper
+
     constants = _OnnxConstants(graph)
     inits, producer = constants.inits, constants.producer
     out, seen = [], set()

@@ -101,7 +101,7 @@ def test_weights_on_a_grid_are_stored_on_that_grid(bits, asymmetric):
     np.testing.assert_allclose(q * s[:, None], w, rtol=1e-6, atol=0)
 
 
-def test_quantizer_axis_and_int4_packing():
+def test_quantizer_axis_and_int4_and_int2_packing():
     w = np.arange(-12, 12, dtype=np.float32).reshape(4, 6)
     q0, s0 = quantize_channels(w, 4, axis=1)
     assert s0.shape == (6,)
@@ -181,8 +181,10 @@ def _check_export(res, run: Path, cfg: ExportConfig) -> None:
         # kernels read int4)
         container = max(container_bits(cfg.bits), 4 if cfg.scheme == "dynamic" else 2)
         # a TFLite weight in sparse storage holds its levels as int8 (LiteRT's DENSIFY)
-        sparse = {w.storage for w in ints if w.sparse and cfg.format == "tflite"}
-        assert {w.storage for w in ints} - sparse == {f"int{container}"} or sparse == {"int8"}
+        tflite_sparse = [w for w in ints if w.sparse and cfg.format == "tflite"]
+        sparse = {w.storage for w in tflite_sparse}
+        assert sparse <= {"int8"}
+        assert {w.storage for w in ints if w not in tflite_sparse} <= {f"int{container}"}
         assert m["container_bits"] == (8 if sparse else container)
         assert m["effective_bits"] <= cfg.bits
         codes = 2 ** cfg.bits - (0 if cfg.levels == "asymmetric" else 1)
@@ -277,10 +279,12 @@ def test_asymmetric_finetuning_leaves_folded_channels_storable(bits):
                                                               True]
     x = np.random.default_rng(0).random((64, 1, 8, 8)).astype(np.float32)
     given = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()  # the caller's model (the teacher) comes back as given: values and mode
+    model.train()  # the caller's model (the teacher) comes back as given: values and modes
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
     tuned = qat.finetune(model, lambda idx: x[idx], np.arange(64), x[:8], bits, 2, 1e-2, 16,
                          0, set(), asymmetric=True, progress=False)
-    assert model.training and tuned.model is not model
+    assert [m.training for m in model.modules()] == modes and tuned.model is not model
     assert all(torch.equal(v, given[k]) for k, v in model.state_dict().items())
     conv, bn = tuned.model[0], tuned.model[1]
     factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
@@ -362,6 +366,20 @@ def test_a_sparse_decoding_that_does_not_compute_what_it_claims_is_not_read(runs
     assert not read & set(res.manifest["sparse_storage"]["tensors"])
 
 
+def test_a_malformed_onnx_weight_is_refused_in_one_error(runs, tmp_path):
+    import onnx
+
+    res = export(ExportConfig(format="onnx", bits=2, sparse_storage=False, **FAST), runs["cnn"],
+                 out=tmp_path / "m.onnx")
+    proto = onnx.load(str(res.path))
+    for init in proto.graph.initializer:
+        if init.name.endswith("_q"):  # int2 levels: fewer bytes than their shape needs
+            init.raw_data = init.raw_data[:1]
+    onnx.save(proto, str(tmp_path / "t.onnx"))
+    with pytest.raises(ExportError, match="t.onnx is not a valid ONNX file"):
+        onnx_format.inspect(tmp_path / "t.onnx")
+
+
 def test_a_malformed_tflite_sparse_weight_is_refused_in_one_error(runs, tmp_path):
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -408,6 +426,13 @@ def test_asymmetric_exports_store_every_code_in_the_smallest_container(runs, fmt
         assert {w.storage for w in ints} == {f"int{container_bits(bits)}"}
         assert res.manifest["container_bits"] == container_bits(bits)
         assert res.manifest["effective_bits"] == bits
+        if fmt == "onnx" and bits == 2:  # int2: opset 25, and the IR version it needs
+            import onnx
+
+            proto = onnx.load(str(res.path))
+            assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} \
+                == {25}
+            assert proto.ir_version >= onnx.helper.find_min_ir_version_for(proto.opset_import)
         assert max(w.levels for w in ints) > 2 ** bits - 1  # the extra code is used
         assert res.manifest["weight_quantizer"].endswith("asymmetric levels")
 
