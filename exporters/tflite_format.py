@@ -22,6 +22,7 @@ from exporters.failures import conversion_error
 from exporters.quantize import container_bits, pack_ints, quantize_channels
 from safeexport.errors import ExportError
 from safeexport.stored import (
+    INT2,
     INT4,
     INT8,
     INT_WIDTH,
@@ -113,8 +114,10 @@ def _rewrite_weights(model, fmodel, bits: int, asymmetric: bool) -> None:
         w = np.frombuffer(bytes(fmodel.buffers[ft.buffer].data), np.float32).reshape(ft.shape)
         axis = t.quantization.quantizedDimension
         levels, scale = quantize_channels(w, bits, axis, asymmetric)
-        width = 8 if t.type == INT8 else container_bits(bits) if stored != idx else 4
-        t.type = next(code for code, w in INT_WIDTH.items() if w == width)
+        width = INT_WIDTH[t.type]
+        if width == 4 and stored != idx:  # a DEQUANTIZE reads it: 2 bits go into int2
+            width = container_bits(bits)
+            t.type = INT2 if width == 2 else INT4
         model.buffers[t.buffer].data = np.frombuffer(
             levels.tobytes() if width == 8 else pack_ints(levels, width), np.uint8)
         t.quantization.scale = scale.astype(np.float32)
